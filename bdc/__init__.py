@@ -1,0 +1,1 @@
+"""BDC: Boost, Disentangle, and Customize (arXiv 2502.12492)."""

@@ -1,0 +1,103 @@
+"""``params.yaml`` as typed configuration.
+
+Every setting of every stage lives in ``params.yaml`` (DVC tracks it per key); this module is
+its schema. Unknown keys and wrong types are errors that name the key path, because a typo in
+a sweep (``dvc exp run -S sandbox.timeot=5``) must not silently run with the default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SandboxSettings(Strict):
+    """Limits for untrusted programs. Per test unless noted."""
+
+    workers: int = Field(2, ge=1, description="warm isolated worker processes")
+    timeout: float = Field(3.0, gt=0, description="seconds per test (per call for snippets)")
+    memory_mb: int = Field(1024, ge=64, description="address space per process")
+    worker_memory_mb: int = Field(2048, ge=128, description="cgroup memory ceiling per worker")
+    worker_pids: int = Field(128, ge=8, description="cgroup process ceiling per worker")
+    nproc: int = Field(32, ge=2, description="processes per worker uid (RLIMIT_NPROC)")
+    file_mb: int = Field(16, ge=1, description="largest file a program may write")
+    nofile: int = Field(64, ge=8, description="open file descriptors")
+    output_bytes: int = Field(1 << 20, ge=1024, description="stdout bytes per run")
+    tmp_mb: int = Field(64, ge=1, description="scratch space per run")
+    isolate: bool = Field(True, description="use namespaces for filesystem, network and PIDs")
+    cgroup: bool = Field(True, description="put each worker in a cgroup when running as root")
+    strict: bool = Field(False, description="refuse to run when any isolation is unavailable")
+    uid_base: int = Field(1_500_000_000, ge=1000, description="first uid for workers (root)")
+
+
+class SplitSettings(Strict):
+    """The paper protocol: first half of each problem's tests public, the rest hidden."""
+
+    min_tests: int = Field(2, ge=1, description="problems with fewer tests are dropped")
+
+
+class SourceSettings(Strict):
+    name: Literal["humaneval", "apps", "codecontests", "mbpp", "jsonl"]
+    path: str | None = Field(None, description="local file or folder; hub when empty")
+    slice: str | None = Field(None, description="APPS slice or CodeContests difficulty band")
+    limit: int | None = Field(None, ge=1)
+    min_tests: int | None = Field(None, ge=1, description="overrides split.min_tests")
+
+
+class ProblemsSettings(Strict):
+    split: SplitSettings = SplitSettings()
+    explore: list[SourceSettings] = [SourceSettings(name="humaneval", min_tests=1)]
+    test: list[SourceSettings] = [SourceSettings(name="humaneval", min_tests=1)]
+
+
+class TinyModelSettings(Strict):
+    """Shape of the locally built Llama-architecture models."""
+
+    hidden_size: int = Field(192, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    vocab_size: int = Field(1024, ge=300)
+    max_positions: int = Field(512, ge=16)
+
+
+class Params(Strict):
+    profile: Literal["mini", "paper"] = "mini"
+    seed: int = 0
+    sandbox: SandboxSettings = SandboxSettings()
+    problems: ProblemsSettings = ProblemsSettings()
+    tiny_model: TinyModelSettings = TinyModelSettings()
+
+
+class ConfigError(ValueError):
+    """A configuration file is unreadable or invalid; the message names file and key."""
+
+
+def _key_path(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: file not found") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{_key_path(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(problems)) from exc

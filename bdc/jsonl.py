@@ -1,0 +1,84 @@
+"""JSON Lines in and out: errors name file and line; writes are atomic.
+
+A stage that dies halfway must never leave a file that a later stage (or DVC) could take for
+a complete output, so every writer goes through a temporary file and one ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T")
+
+
+class RecordError(ValueError):
+    """A record is malformed; the message starts with ``file:line:``."""
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        parts.append(f"{loc.lstrip('.') or 'record'}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def read_jsonl(path: str | Path, parse: Callable[[dict], T]) -> Iterator[T]:
+    """Yield ``parse(obj)`` for each non-blank line; any failure names ``path:line``."""
+    path = Path(path)
+    try:
+        f = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise RecordError(f"{path}: {exc.strerror or exc}") from exc
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RecordError(f"{path}:{lineno}: invalid JSON: {exc.msg}") from exc
+            if not isinstance(obj, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object")
+            try:
+                yield parse(obj)
+            except ValidationError as exc:
+                raise RecordError(f"{path}:{lineno}: {_describe(exc)}") from exc
+            except (ValueError, TypeError, KeyError) as exc:
+                raise RecordError(f"{path}:{lineno}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Write to a temp file beside ``path``; rename over it only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
+    n = 0
+    with atomic_open(path) as f:
+        for rec in records:
+            obj = rec.model_dump(mode="json") if isinstance(rec, BaseModel) else rec
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n

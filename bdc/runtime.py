@@ -1,0 +1,63 @@
+"""Where runtime state lives, and the switches that keep a run offline and quiet.
+
+Everything a run writes besides its DVC outputs (MLflow store, Prefect home, caches, temp
+files) goes under ``<project>/var`` so that a checkout is self-contained and a user can delete
+one folder to reset. Called explicitly by entry points; importing ``bdc`` changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OFFLINE_SWITCHES = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder holding ``params.yaml`` (or ``BDC_PROJECT``), else the cwd."""
+    if os.environ.get("BDC_PROJECT"):
+        return Path(os.environ["BDC_PROJECT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").exists():
+            return folder
+    return here
+
+
+def state_dir(root: Path | None = None) -> Path:
+    return (root or project_root()) / "var"
+
+
+def configure_environment(root: Path | None = None, offline: bool | None = None) -> Path:
+    """Point every tool's state at the project and set the telemetry switches.
+
+    Values already in the environment win, so users and CI can override any of them
+    (``HF_HUB_OFFLINE=0`` to allow downloads on a machine that reaches the hub).
+    """
+    var = state_dir(root)
+    defaults = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{var / 'mlflow' / 'mlflow.db'}",
+        "PREFECT_HOME": str(var / "prefect"),
+        "HF_HOME": str(var / "hf"),
+        "TMPDIR": str(var / "tmp"),
+        **OFFLINE_SWITCHES,
+    }
+    if offline is False:
+        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            defaults.pop(key)
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    for sub in ("mlflow", "prefect", "hf", "tmp"):
+        (var / sub).mkdir(parents=True, exist_ok=True)
+    return var

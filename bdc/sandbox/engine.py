@@ -1,0 +1,440 @@
+"""Host side of the sandbox: warm isolated workers in, trustworthy test outcomes out.
+
+The host keeps every expected output. It sends a worker only a program and call arguments
+(function tests) or stdin (stdio tests), receives plain data back, and compares here. Assertion
+snippets (``{"code": ...}`` tests) are executed here too, against proxies whose every call runs
+inside the sandbox, so a program never sees the values it is compared with.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import queue
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from bdc.config import SandboxSettings
+from bdc.problems.format import CallTest, CodeTest, StdioTest, Test
+from bdc.sandbox import protocol
+
+log = logging.getLogger(__name__)
+
+WORKER_SCRIPT = Path(__file__).with_name("worker.py")
+GRACE_S = 5.0  # host watchdog on top of the in-sandbox timeout
+Status = Literal["passed", "failed", "error", "timeout"]
+FEATURES = {
+    "private_filesystem": "private read-only filesystem view (host files hidden)",
+    "network_namespace": "no network",
+    "pid_namespace": "per-run PID namespace (every spawned process dies with the program)",
+    "unprivileged_uid": "unprivileged user",
+    "cgroup": "worker memory and process ceiling (cgroup)",
+}
+ALWAYS = ("scrubbed environment, scratch working directory, rlimits (memory, CPU, processes, "
+          "file size, open files), wall-clock timeouts, output cap, comparison outside the "
+          "program's process")
+
+
+class IsolationError(RuntimeError):
+    """Strict isolation was requested and this machine cannot provide it."""
+
+
+class WorkerLost(RuntimeError):
+    """The worker stopped answering or died; it is replaced."""
+
+
+@dataclass
+class TestOutcome:
+    status: Status
+    actual: object = None  # what the program produced (function return value or stdout)
+    detail: str = ""  # error message, timeout or mismatch description
+
+
+@dataclass
+class ExecutionResult:
+    """All test outcomes of one program."""
+
+    outcomes: list[TestOutcome] = field(default_factory=list)
+
+    @property
+    def passed(self) -> int:
+        return sum(o.status == "passed" for o in self.outcomes)
+
+    @property
+    def total(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def pass_rate(self) -> float:
+        return self.passed / self.total if self.total else 0.0
+
+    @property
+    def status(self) -> Status:
+        statuses = {o.status for o in self.outcomes}
+        if statuses <= {"passed"} and self.outcomes:
+            return "passed"
+        for s in ("timeout", "error"):
+            if s in statuses:
+                return s
+        return "failed"
+
+
+# --------------------------------------------------------------------------- workers
+
+_isolation_reported = threading.Event()
+
+
+def _report_isolation(features: dict, strict: bool) -> None:
+    missing = [desc for key, desc in FEATURES.items() if not features.get(key)]
+    if missing and strict:
+        raise IsolationError(
+            "sandbox isolation unavailable: " + "; ".join(missing)
+            + f" (details: {json.dumps({k: v for k, v in features.items() if 'error' in k})})")
+    if missing and not _isolation_reported.is_set():
+        _isolation_reported.set()
+        log.warning("SANDBOX ISOLATION REDUCED on this machine. Not available: %s. "
+                    "Still enforced: %s. Set sandbox.strict: true to refuse to run instead.",
+                    "; ".join(missing), ALWAYS)
+
+
+class WorkerProcess:
+    """One warm fork server inside the isolation, and the frames it sends back."""
+
+    def __init__(self, settings: SandboxSettings, index: int, scratch: Path) -> None:
+        self.settings, self.index, self.scratch = settings, index, scratch
+        self.proc: subprocess.Popen | None = None
+        self.features: dict = {}
+
+    def start(self) -> None:
+        s = self.settings
+        newroot = tempfile.mkdtemp(prefix="root-", dir=self.scratch)
+        os.chmod(newroot, 0o755)
+        tag = f"{os.getpid()}-{self.index}-{time.monotonic_ns() % 10**6}"
+        cfg = {
+            "isolate": s.isolate, "newroot": newroot,
+            "uid": s.uid_base + (os.getpid() * 16 + self.index) % 1_000_000,
+            "cgroup": f"bdc-sandbox-{tag}" if s.cgroup else None,
+            "worker_memory_mb": s.worker_memory_mb, "worker_pids": s.worker_pids,
+            "memory_mb": s.memory_mb, "nproc": s.nproc, "file_mb": s.file_mb,
+            "nofile": s.nofile, "output_bytes": s.output_bytes, "tmp_mb": s.tmp_mb,
+        }
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": str(self.scratch)}
+        self.newroot = newroot
+        self.proc = subprocess.Popen(
+            [sys.executable, "-E", "-s", "-S", str(WORKER_SCRIPT), json.dumps(cfg)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, cwd="/", close_fds=True, start_new_session=True)
+        self.buffer = protocol.FrameBuffer()
+        self.frames: list[dict] = []
+        hello = self.recv(30.0)
+        if hello.get("error"):
+            raise IsolationError(f"sandbox worker failed to start: {hello['error']}")
+        self.features = hello["features"]
+        _report_isolation(self.features, self.settings.strict)
+
+    def send(self, obj: dict) -> None:
+        try:
+            self.proc.stdin.write(protocol.pack(obj))
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise WorkerLost(f"worker {self.index} is gone: {exc}") from exc
+
+    def recv(self, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while not self.frames:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerLost(f"worker {self.index} did not answer within {timeout:.1f}s")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                data = os.read(fd, 1 << 20)
+                if not data:
+                    raise WorkerLost(f"worker {self.index} exited")
+                self.frames += self.buffer.feed(data)
+        return self.frames.pop(0)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            f.close()
+        self.proc = None
+        for path in str(self.features.get("cgroup") or "").split(","):
+            for _ in range(50):  # the kernel empties a cgroup shortly after its last exit
+                try:
+                    os.rmdir(path) if path else None
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        shutil.rmtree(self.newroot, ignore_errors=True)
+
+
+class ProgramProcess:
+    """A program defined once inside the sandbox, answering calls until it ends."""
+
+    def __init__(self, worker: WorkerProcess, program: str, timeout: float, calls: int) -> None:
+        self.worker, self.timeout = worker, timeout
+        self.alive, self.names, self.error = False, [], ""
+        worker.send({"mode": "serve", "program": program, "timeout": timeout,
+                     "cpu_seconds": timeout * (calls + 1)})
+        event = worker.recv(timeout + GRACE_S)
+        if event["event"] == "done":
+            self.status: Status = "timeout" if event["reason"] == "timeout" else "error"
+            self.error = _describe_end(event)
+        elif event.get("error"):
+            self.status, self.error = "error", event["error"]
+            self._close()
+        else:
+            self.status, self.alive, self.names = "passed", True, event["names"]
+
+    def call(self, name: str, args: list) -> object:
+        """Run ``name(*args)`` in the program; raises CallFailed unless it returned data."""
+        if not self.alive:
+            raise CallFailed("error", "the program process has ended")
+        self.worker.send({"op": "call", "name": name, "args": protocol.encode(args)})
+        event = self.worker.recv(self.timeout + GRACE_S)
+        if event["event"] == "return":
+            if event.get("error") is not None:
+                raise CallFailed("error", str(event["error"]))
+            try:
+                return protocol.decode(event["value"])
+            except protocol.ProtocolError as exc:
+                raise CallFailed("error", f"malformed return value: {exc}") from exc
+        self.alive = False
+        raise CallFailed("timeout" if event.get("reason") == "timeout" else "error",
+                         _describe_end(event))
+
+    def _close(self) -> None:
+        self.worker.send({"op": "end"})
+        while self.worker.recv(self.timeout + GRACE_S)["event"] != "done":
+            pass
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            self._close()
+
+
+class CallFailed(Exception):
+    def __init__(self, status: Status, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _describe_end(event: dict) -> str:
+    reason = event.get("reason") or "ended"
+    text = {"timeout": "time limit exceeded", "output limit": "output limit exceeded",
+            "exited": f"program exited (code {event.get('exit_code')})"}.get(reason, reason)
+    tail = (event.get("stderr") or event.get("error") or "").strip().splitlines()[-3:]
+    return text + (": " + " | ".join(tail) if tail else "")
+
+
+# --------------------------------------------------------------------------- judging
+
+def outputs_match(actual: str, expected: str) -> bool:
+    """Stdio comparison: line by line, trailing spaces and trailing blank lines ignored."""
+    def lines(text: str) -> list[str]:
+        out = [ln.rstrip() for ln in text.replace("\r\n", "\n").split("\n")]
+        while out and not out[-1]:
+            out.pop()
+        return out
+    return lines(actual) == lines(expected)
+
+
+def _as_json_data(value: object) -> object:
+    """Tuples become lists: a JSON problem file cannot hold tuples."""
+    if type(value) in (list, tuple):
+        return [_as_json_data(v) for v in value]
+    if type(value) is dict:
+        return {k: _as_json_data(v) for k, v in value.items()}
+    return value
+
+
+def _short(value: object, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _judge_call(proc: ProgramProcess, test: CallTest, entry_point: str) -> TestOutcome:
+    try:
+        actual = proc.call(entry_point, list(test.input))
+    except CallFailed as exc:
+        return TestOutcome(exc.status, detail=exc.detail)
+    if _as_json_data(actual) == test.output:
+        return TestOutcome("passed", actual=actual)
+    return TestOutcome("failed", actual=actual,
+                       detail=f"expected {_short(test.output)}, got {_short(actual)}")
+
+
+def _judge_code(proc: ProgramProcess, test: CodeTest, entry_point: str | None) -> TestOutcome:
+    def proxy(name: str) -> Callable:
+        return lambda *args: proc.call(name, list(args))
+
+    namespace: dict = {"__builtins__": builtins, "__name__": "__check__"}
+    namespace.update({name: proxy(name) for name in proc.names})
+    if entry_point:
+        namespace["candidate"] = proxy(entry_point)
+    try:
+        exec(compile(test.code, "<test>", "exec"), namespace)
+    except CallFailed as exc:
+        return TestOutcome(exc.status, detail=exc.detail)
+    except AssertionError as exc:
+        return TestOutcome("failed", detail=f"assertion failed {exc}".strip())
+    except Exception as exc:  # noqa: BLE001 - the check rejected the program's values
+        return TestOutcome("failed", detail=f"{type(exc).__name__}: {exc}")
+    return TestOutcome("passed")
+
+
+# --------------------------------------------------------------------------- the sandbox
+
+@dataclass
+class Execution:
+    """One program and the tests to run it on."""
+
+    program: str
+    kind: Literal["function", "stdio"]
+    entry_point: str | None
+    tests: list[Test]
+    key: object = None  # caller's handle, returned with the result
+
+
+class Sandbox:
+    """A pool of warm isolated workers. Thread-safe; use as a context manager."""
+
+    def __init__(self, settings: SandboxSettings, scratch: Path | None = None) -> None:
+        self.settings = settings
+        self._own_scratch = scratch is None
+        self.scratch = Path(tempfile.mkdtemp(prefix="bdc-sandbox-")) if scratch is None \
+            else scratch
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        self._idle: queue.Queue[WorkerProcess] = queue.Queue()
+        self._all: list[WorkerProcess] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def features(self) -> dict:
+        worker = self._checkout()
+        self._idle.put(worker)
+        return dict(worker.features)
+
+    def close(self) -> None:
+        with self._lock:
+            for worker in self._all:
+                worker.stop()
+            self._all.clear()
+        if self._own_scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def _checkout(self) -> WorkerProcess:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if len(self._all) < self.settings.workers:
+                worker = WorkerProcess(self.settings, len(self._all), self.scratch)
+                self._all.append(worker)
+            else:
+                worker = None
+        if worker is None:
+            return self._idle.get()
+        try:
+            worker.start()
+        except BaseException:
+            with self._lock:
+                self._all.remove(worker)
+            worker.stop()
+            raise
+        return worker
+
+    def _replace(self, worker: WorkerProcess) -> WorkerProcess:
+        worker.stop()
+        worker.start()
+        return worker
+
+    def run(self, execution: Execution, timeout: float | None = None) -> ExecutionResult:
+        """Run one program on its tests. Timeouts are per test (per call for snippets)."""
+        timeout = timeout or self.settings.timeout
+        worker = self._checkout()
+        outcomes: list[TestOutcome] = []
+        try:
+            if execution.kind == "stdio":
+                for test in execution.tests:
+                    outcomes.append(self._run_stdio(worker, execution.program, test, timeout))
+            else:
+                self._run_function(worker, execution, timeout, outcomes)
+        except WorkerLost as exc:
+            log.warning("%s; restarting it", exc)
+            self._replace(worker)
+            outcomes += [TestOutcome("timeout", detail=str(exc))] * (
+                len(execution.tests) - len(outcomes))
+        finally:
+            self._idle.put(worker)
+        return ExecutionResult(outcomes)
+
+    def map(self, executions: Iterable[Execution], timeout: float | None = None,
+            ) -> Iterator[tuple[Execution, ExecutionResult]]:
+        """Run many programs on all workers; results in input order."""
+        with ThreadPoolExecutor(self.settings.workers) as pool:
+            futures = [(e, pool.submit(self.run, e, timeout)) for e in executions]
+            for execution, future in futures:
+                yield execution, future.result()
+
+    def _run_stdio(self, worker: WorkerProcess, program: str, test: Test,
+                   timeout: float) -> TestOutcome:
+        if not isinstance(test, StdioTest):
+            return TestOutcome("error", detail="stdio problems take stdin/stdout tests only")
+        worker.send({"mode": "stdio", "program": program, "stdin": test.input,
+                     "timeout": timeout, "cpu_seconds": timeout})
+        event = worker.recv(timeout + GRACE_S)
+        while event["event"] != "done":
+            event = worker.recv(timeout + GRACE_S)
+        reason, stdout = event["reason"], event.get("stdout") or ""
+        if reason == "timeout":
+            return TestOutcome("timeout", actual=stdout, detail="time limit exceeded")
+        if reason != "exited" or event.get("exit_code") != 0:
+            return TestOutcome("error", actual=stdout, detail=_describe_end(event))
+        if outputs_match(stdout, test.output):
+            return TestOutcome("passed", actual=stdout)
+        return TestOutcome("failed", actual=stdout,
+                           detail=f"expected {_short(test.output)}, got {_short(stdout)}")
+
+    def _run_function(self, worker: WorkerProcess, execution: Execution, timeout: float,
+                      outcomes: list[TestOutcome]) -> None:
+        pending = list(execution.tests)
+        while pending:
+            proc = ProgramProcess(worker, execution.program, timeout, len(pending))
+            if not proc.alive:  # the program itself failed to load: every test fails with it
+                outcomes += [TestOutcome(proc.status, detail=proc.error)] * len(pending)
+                break
+            # A timeout or crash ends the process; the remaining tests get a fresh one.
+            while pending and proc.alive:
+                test = pending.pop(0)
+                if isinstance(test, CallTest):
+                    outcomes.append(_judge_call(proc, test, execution.entry_point))
+                elif isinstance(test, CodeTest):
+                    outcomes.append(_judge_code(proc, test, execution.entry_point))
+                else:
+                    outcomes.append(TestOutcome("error", detail="stdio test on a function"))
+            proc.close()

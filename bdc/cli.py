@@ -87,6 +87,24 @@ def problems_export(
                      else ""))
 
 
+@app.command("prepare")
+def prepare_cmd(
+    out_dir: Path = typer.Option(Path("data/problems"), "--out-dir", help="where explore.jsonl "
+                                 "and test.jsonl go"),
+    metrics: Path = typer.Option(Path("data/metrics/prepare.json"), "--metrics",
+                                 help="metrics JSON to write"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage prepare: build the explore and test problem pools from params.problems."""
+    from bdc.prepare import prepare
+
+    result = prepare(_params(params), out_dir, metrics)
+    for pool in ("explore", "test"):
+        m = result[pool]
+        console.print(f"{pool}: {m['problems']} problems, {m['tests_per_problem']:.1f} tests "
+                      f"each, by source {m['by_source']}")
+
+
 @app.command("evaluate")
 def evaluate(
     problems: Path = typer.Option(..., "--problems", help="problems JSONL"),

@@ -52,9 +52,11 @@ class SourceSettings(Strict):
 
 
 class ProblemsSettings(Strict):
+    """Sources of the two disjoint pools: ``explore`` (search and training) and ``test``."""
+
     split: SplitSettings = SplitSettings()
-    explore: list[SourceSettings] = [SourceSettings(name="humaneval", min_tests=1)]
-    test: list[SourceSettings] = [SourceSettings(name="humaneval", min_tests=1)]
+    explore: list[SourceSettings] = [SourceSettings(name="humaneval", slice="0-99", min_tests=1)]
+    test: list[SourceSettings] = [SourceSettings(name="humaneval", slice="100-163", min_tests=1)]
 
 
 class TinyModelSettings(Strict):

@@ -12,22 +12,14 @@ import json
 from pathlib import Path
 
 from bdc.problems.format import CallTest, Problem, Sample, StdioTest, Test, split_tests
-from bdc.problems.sources import SourceData, SourceError, hub_rows
+from bdc.problems.sources import SourceData, SourceError, hub_rows, parse_range
 
 # The paper's test slices (problem indices of the APPS test split).
 SLICES = {"interview": (0, 99), "competition": (3000, 3099), "introductory": (4000, 4099)}
 
 
 def parse_slice(spec: str | None) -> tuple[int, int] | None:
-    if spec in (None, "", "all"):
-        return None
-    if spec in SLICES:
-        return SLICES[spec]
-    try:
-        lo, hi = (int(x) for x in spec.split("-"))
-    except ValueError as exc:
-        raise SourceError(f"APPS slice {spec!r}: use {', '.join(SLICES)}, all, or LO-HI") from exc
-    return lo, hi
+    return parse_range(spec, "APPS", SLICES)
 
 
 def _text(value: object) -> str:

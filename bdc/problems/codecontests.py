@@ -12,22 +12,14 @@ import json
 from pathlib import Path
 
 from bdc.problems.format import Problem, Sample, StdioTest, Test, split_tests
-from bdc.problems.sources import SourceData, SourceError, hub_rows
+from bdc.problems.sources import SourceData, SourceError, hub_rows, parse_range
 
 BANDS = {"easy": (0, 10), "hard": (11, 25)}  # the paper's difficulty bands
 PYTHON3 = 3  # CodeContests language enum
 
 
 def parse_band(spec: str | None) -> tuple[int, int] | None:
-    if spec in (None, "", "all"):
-        return None
-    if spec in BANDS:
-        return BANDS[spec]
-    try:
-        lo, hi = (int(x) for x in spec.split("-"))
-    except ValueError as exc:
-        raise SourceError(f"CodeContests band {spec!r}: use easy, hard, all or LO-HI") from exc
-    return lo, hi
+    return parse_range(spec, "CodeContests", BANDS)
 
 
 def _tests(row: dict, key: str, where: str) -> list[Test]:

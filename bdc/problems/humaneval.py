@@ -10,7 +10,7 @@ import os
 from bdc.problems.assertions import split_assertions
 from bdc.problems.format import Problem, split_tests
 from bdc.problems.format import Sample as Reference
-from bdc.problems.sources import SourceData
+from bdc.problems.sources import SourceData, parse_range
 
 
 def _dataset_path() -> str:
@@ -27,13 +27,20 @@ def split_check(test_source: str, entry_point: str) -> list:
     return split_assertions(check.body, "candidate", setup)
 
 
-def load(min_tests: int = 1, limit: int | None = None, path: str | None = None) -> SourceData:
+def load(min_tests: int = 1, limit: int | None = None, path: str | None = None,
+         slice: str | None = None) -> SourceData:
+    """``slice`` selects task indices ``LO-HI`` (inclusive), e.g. ``0-99``."""
     path = path or _dataset_path()
+    bounds = parse_range(slice, "HumanEval")
     opener = gzip.open if path.endswith(".gz") else open
     data = SourceData()
     with opener(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    for row in rows[:limit]:
+    for index, row in enumerate(rows):
+        if bounds and not bounds[0] <= index <= bounds[1]:
+            continue
+        if limit and len(data.problems) >= limit:
+            break
         tests = split_tests(split_check(row["test"], row["entry_point"]), min_tests)
         if tests is None:
             data.dropped += 1

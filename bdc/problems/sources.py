@@ -28,10 +28,28 @@ def load_source(name: str, path: str | None = None, slice: str | None = None,
     module = importlib.import_module(f"bdc.problems.{name}")
     kwargs = {"min_tests": min_tests, "limit": limit, "path": path}
     if slice is not None:
-        if name not in ("apps", "codecontests"):
+        if name not in ("apps", "codecontests", "humaneval"):
             raise SourceError(f"source {name!r} has no slices")
         kwargs["slice"] = slice
     return module.load(**kwargs)
+
+
+def parse_range(spec: str | None, what: str, named: dict | None = None,
+                ) -> tuple[int, int] | None:
+    """``None``/``all`` (everything), a named range, or ``LO-HI`` inclusive."""
+    named = named or {}
+    if spec in (None, "", "all"):
+        return None
+    if spec in named:
+        return named[spec]
+    try:
+        lo, hi = (int(x) for x in spec.split("-"))
+    except ValueError as exc:
+        choices = ", ".join([*named, "all", "LO-HI"])
+        raise SourceError(f"{what} slice {spec!r}: use {choices}") from exc
+    if lo > hi:
+        raise SourceError(f"{what} slice {spec!r}: LO must not exceed HI")
+    return lo, hi
 
 
 def hub_rows(dataset: str, split: str, config: str | None = None) -> list[dict]:

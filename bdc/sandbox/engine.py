@@ -13,8 +13,10 @@ import json
 import logging
 import os
 import queue
+import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,8 +123,8 @@ def _warn_isolation(features: dict) -> None:
 class WorkerProcess:
     """One warm fork server inside the isolation, and the frames it sends back."""
 
-    def __init__(self, settings: SandboxSettings, index: int, scratch: Path) -> None:
-        self.settings, self.index, self.scratch = settings, index, scratch
+    def __init__(self, settings: SandboxSettings, index: int, scratch: Path, uid: int) -> None:
+        self.settings, self.index, self.scratch, self.uid = settings, index, scratch, uid
         self.proc: subprocess.Popen | None = None
         self.features: dict = {}
 
@@ -133,7 +135,7 @@ class WorkerProcess:
         tag = f"{os.getpid()}-{self.index}-{time.monotonic_ns() % 10**6}"
         cfg = {
             "isolate": s.isolate, "newroot": newroot,
-            "uid": s.uid_base + (os.getpid() * 16 + self.index) % 1_000_000,
+            "uid": self.uid,
             "cgroup": f"bdc-sandbox-{tag}" if s.cgroup else None,
             "worker_memory_mb": s.worker_memory_mb, "worker_pids": s.worker_pids,
             "memory_mb": s.memory_mb, "nproc": s.nproc, "file_mb": s.file_mb,
@@ -179,11 +181,16 @@ class WorkerProcess:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.kill()
-        self.proc.wait()
-        for f in (self.proc.stdin, self.proc.stdout):
-            f.close()
+        try:  # end of input: the worker kills and reaps its own program processes
+            self.proc.stdin.close()
+            self.proc.wait(timeout=2.0)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
         self.proc = None
+        if self.features.get("unprivileged_uid") == self.uid:
+            _kill_uid(self.uid)  # anything that outlived its worker (the uid is ours alone)
         for path in str(self.features.get("cgroup") or "").split(","):
             for _ in range(500):  # the kernel empties a cgroup shortly after its last exit
                 try:
@@ -199,6 +206,17 @@ class CallResult:
     status: Literal["ok", "error", "timeout"]
     value: object = None
     detail: str = ""
+
+
+def _kill_uid(uid: int) -> None:
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == uid:
+                os.kill(int(entry), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            continue
 
 
 class ProgramProcess:
@@ -383,6 +401,9 @@ class Sandbox:
         self._all: list[WorkerProcess] = []
         self._lock = threading.Lock()
         self._warned = False  # reduced isolation is reported once per sandbox
+        # Each sandbox's workers get uids of their own: separate process limits, and
+        # cleanup by uid can never touch anything else.
+        self._uid_block = settings.uid_base + secrets.randbelow(1 << 20) * 64
 
     def __enter__(self) -> Sandbox:
         return self
@@ -411,7 +432,9 @@ class Sandbox:
             pass
         with self._lock:
             if len(self._all) < self.settings.workers:
-                worker = WorkerProcess(self.settings, len(self._all), self.scratch)
+                index = len(self._all)
+                worker = WorkerProcess(self.settings, index, self.scratch,
+                                       self._uid_block + index)
                 self._all.append(worker)
             else:
                 worker = None

@@ -242,6 +242,7 @@ def _run_program(cfg: dict, isolated: bool, base: str) -> None:
     """
     code = 1
     try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the worker gone: so are we
         os.setsid()
         if isolated:
             _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,

@@ -1,0 +1,1 @@
+"""Prefect flows that orchestrate the DVC stages (orchestration only, no ML logic)."""

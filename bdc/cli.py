@@ -25,7 +25,7 @@ app = typer.Typer(help="BDC: Boost, Disentangle, and Customize — System-2 to S
 problems_app = typer.Typer(help="Problem data in the BDC interchange format.",
                            no_args_is_help=True)
 app.add_typer(problems_app, name="problems")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: project's)")
 

@@ -363,7 +363,6 @@ def test_no_stray_processes_after_close():
         worker_pids = [w.proc.pid for w in sb._all]
     time.sleep(0.3)
     for pid in worker_pids:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/status").read().find("zombie") >= 0
+        assert not os.path.exists(f"/proc/{pid}")
     for uid in uids:
         assert processes_of_uid(uid) == []

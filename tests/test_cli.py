@@ -1,0 +1,105 @@
+"""The `bdc` command as users run it: subprocesses, real files, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BDC = str(Path(sys.executable).parent / "bdc")
+COMMANDS = [[], ["problems"], ["problems", "export"], ["evaluate"], ["tiny-model"],
+            ["sandbox-info"], ["prepare"]]
+
+
+def bdc(*args, cwd=None, check=True, timeout=300):
+    proc = subprocess.run([BDC, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bdc {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "bdc")
+def test_help_on_every_command(command):
+    out = bdc(*command, "--help").stdout
+    assert "Usage:" in out
+
+
+@pytest.mark.slow
+def test_export_and_evaluate_canonical_humaneval(tmp_path):
+    out = bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--references",
+              "canonical.jsonl", cwd=tmp_path)
+    assert "wrote 164 problems" in out.stderr
+    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
+               "--out", "results.jsonl", "--split", "all", "--workers", "2", cwd=tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    assert len(rows) == 164 and all(r["status"] == "passed" for r in rows)
+    assert {"problem_id", "sample_index", "status", "passed", "total", "pass_rate"} <= set(rows[0])
+    assert "strict_accuracy" in proc.stdout and "1.0000" in proc.stdout
+
+
+def test_evaluate_several_samples_reports_pass_at_k(tmp_path):
+    bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--limit", "3", cwd=tmp_path)
+    ids = [json.loads(line)["id"] for line in (tmp_path / "he.jsonl").open()]
+    with (tmp_path / "s.jsonl").open("w") as f:
+        for pid in ids:
+            for body in ("    return None\n", "    pass\n", "    return 1\n"):
+                f.write(json.dumps({"problem_id": pid, "completion": body}) + "\n")
+    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out",
+               "r.jsonl", "--timeout", "2", cwd=tmp_path)
+    assert "pass@1" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "r.jsonl").open()]
+    assert [r["sample_index"] for r in rows[:3]] == [0, 1, 2]
+
+
+def test_bad_input_exits_2_naming_file_and_line(tmp_path):
+    bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--limit", "2", cwd=tmp_path)
+    (tmp_path / "s.jsonl").write_text('{"problem_id": "HumanEval/0", "program": "x"}\n{oops\n')
+    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "s.jsonl:2: invalid JSON" in proc.stderr
+    assert not (tmp_path / "r.jsonl").exists()  # no half-written output
+    (tmp_path / "s.jsonl").write_text('{"problem_id": "nope", "program": "x"}\n')
+    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unknown problems" in proc.stderr
+    (tmp_path / "params.yaml").write_text("sandbox:\n  workerz: 3\n")
+    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "sandbox.workerz" in proc.stderr
+
+
+def test_export_native_source(tmp_path):
+    fixtures = Path(__file__).parent / "fixtures"
+    bdc("problems", "export", "codecontests", "--path", str(fixtures / "code_contests.jsonl"),
+        "--slice", "easy", "--out", "cc.jsonl", cwd=tmp_path)
+    (row,) = [json.loads(line) for line in (tmp_path / "cc.jsonl").open()]
+    assert row["kind"] == "stdio" and row["meta"]["band"] == "easy"
+    proc = bdc("problems", "export", "apps", "--path", str(tmp_path / "missing"),
+               "--out", "a.jsonl", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "missing: no such file or folder" in proc.stderr
+
+
+def test_runtime_state_stays_in_the_project(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    bdc("sandbox-info", cwd=tmp_path)
+    assert (tmp_path / "var" / "tmp").is_dir() and (tmp_path / "var" / "mlflow").is_dir()
+    leftovers = list((tmp_path / "var" / "tmp").iterdir())
+    assert leftovers == []  # the sandbox cleaned its scratch
+
+
+def test_offline_and_telemetry_switches_are_set():
+    code = ("from bdc.runtime import configure_environment\nimport os, json\n"
+            "configure_environment()\nprint(json.dumps(dict(os.environ)))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", "DVC_NO_ANALYTICS")}
+    out = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                    text=True, check=True).stdout)
+    assert out["HF_HUB_OFFLINE"] == "1" and out["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert out["DVC_NO_ANALYTICS"] == "1" and out["GX_ANALYTICS_ENABLED"] == "false"
+    assert out["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"

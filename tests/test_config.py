@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bdc.config import ConfigError, Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_project_params_load():
+    params = load_params(ROOT / "params.yaml")
+    assert params.profile == "mini" and params.sandbox.workers >= 1
+
+
+def test_defaults_match_params_yaml():
+    """params.yaml states every default explicitly; the schema must agree with it."""
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("sandbox:\n  timeot: 3\n", "sandbox.timeot: Extra inputs are not permitted"),
+    ("sandbox:\n  timeout: fast\n", "sandbox.timeout: Input should be a valid number"),
+    ("problems:\n  explore:\n    - {name: apps, limt: 3}\n", "problems.explore[0].limt"),
+    ("problems:\n  explore:\n    - {name: nope}\n", "problems.explore[0].name"),
+    ("profile: huge\n", "profile: Input should be 'mini' or 'paper'"),
+])
+def test_bad_params_name_the_key(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\nsandbox: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:\d+: invalid YAML"):
+        load_params(path)

@@ -24,8 +24,8 @@ def humaneval_data():
     return load_source("humaneval", min_tests=1)
 
 
-def processes_of_uid(uid: int) -> list[int]:
-    """PIDs owned by ``uid`` (real uid), read from /proc."""
+def processes_of_uid(uid: int, live_only: bool = False) -> list[int]:
+    """PIDs owned by ``uid`` (real uid), read from /proc; ``live_only`` skips zombies."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -33,6 +33,8 @@ def processes_of_uid(uid: int) -> list[int]:
         try:
             with open(f"/proc/{entry}/status") as f:
                 for line in f:
+                    if live_only and line.startswith("State:") and "Z" in line.split()[1]:
+                        break
                     if line.startswith("Uid:"):
                         if int(line.split()[1]) == uid:
                             pids.append(int(entry))

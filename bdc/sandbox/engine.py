@@ -1,14 +1,17 @@
 """Host side of the sandbox: warm isolated workers in, trustworthy test outcomes out.
 
-The host keeps every expected output. It sends a worker only a program and call arguments
-(function tests) or stdin (stdio tests), receives plain data back, and compares here. Assertion
-snippets (``{"code": ...}`` tests) are executed here too, against proxies whose every call runs
-inside the sandbox, so a program never sees the values it is compared with.
+The host keeps every expected output. A worker (see ``worker.py``) hands the host prepared
+program processes; the host sends each one only its program and call arguments (function
+tests) or stdin (stdio tests), reads plain data back, and compares here. Assertion snippets
+(``{"code": ...}`` tests) run here too, against proxies whose every call runs in the sandbox,
+so a program never sees the values it is compared with. The host also supervises: deadlines,
+output caps, and kills through a pidfd.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +20,7 @@ import secrets
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +40,7 @@ from bdc.sandbox import protocol
 log = logging.getLogger(__name__)
 
 WORKER_SCRIPT = Path(__file__).with_name("worker.py")
-GRACE_S = 5.0  # host watchdog on top of the in-sandbox timeout
+STDERR_TAIL = 4096
 Status = Literal["passed", "failed", "error", "timeout"]
 FEATURES = {
     "private_filesystem": "private read-only filesystem view (host files hidden)",
@@ -98,7 +102,7 @@ class ExecutionResult:
         return "failed"
 
 
-# --------------------------------------------------------------------------- workers
+# --------------------------------------------------------------------------- isolation report
 
 def missing_isolation(features: dict) -> list[str]:
     return [desc for key, desc in FEATURES.items() if not features.get(key)]
@@ -120,8 +124,10 @@ def _warn_isolation(features: dict) -> None:
                     "; ".join(missing), ALWAYS)
 
 
+# --------------------------------------------------------------------------- workers
+
 class WorkerProcess:
-    """One warm fork server inside the isolation, and the frames it sends back."""
+    """One warm zygote inside the isolation, reached over a Unix socket."""
 
     def __init__(self, settings: SandboxSettings, index: int, scratch: Path, uid: int) -> None:
         self.settings, self.index, self.scratch, self.uid = settings, index, scratch, uid
@@ -130,64 +136,65 @@ class WorkerProcess:
 
     def start(self) -> None:
         s = self.settings
-        newroot = tempfile.mkdtemp(prefix="root-", dir=self.scratch)
-        os.chmod(newroot, 0o755)
+        self.newroot = tempfile.mkdtemp(prefix="root-", dir=self.scratch)
+        os.chmod(self.newroot, 0o755)
         tag = f"{os.getpid()}-{self.index}-{time.monotonic_ns() % 10**6}"
         cfg = {
-            "isolate": s.isolate, "newroot": newroot,
-            "uid": self.uid,
+            "isolate": s.isolate, "newroot": self.newroot, "uid": self.uid,
             "cgroup": f"bdc-sandbox-{tag}" if s.cgroup else None,
             "worker_memory_mb": s.worker_memory_mb, "worker_pids": s.worker_pids,
             "memory_mb": s.memory_mb, "nproc": s.nproc, "file_mb": s.file_mb,
-            "nofile": s.nofile, "output_bytes": s.output_bytes, "tmp_mb": s.tmp_mb,
-            "preload": PRELOAD,
+            "nofile": s.nofile, "tmp_mb": s.tmp_mb, "preload": PRELOAD,
         }
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": str(self.scratch)}
-        self.newroot = newroot
         self.proc = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-S", str(WORKER_SCRIPT), json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, cwd="/", close_fds=True, start_new_session=True)
-        self.buffer = protocol.FrameBuffer()
-        self.frames: list[dict] = []
-        hello = self.recv(30.0)
+            [sys.executable, "-E", "-s", "-S", str(WORKER_SCRIPT), str(theirs.fileno()),
+             json.dumps(cfg)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd="/", pass_fds=[theirs.fileno()], start_new_session=True)
+        theirs.close()
+        hello = self._request(None, timeout=30.0)
         if hello.get("error"):
             raise IsolationError(f"sandbox worker failed to start: {hello['error']}")
         self.features = hello["features"]
         _check_isolation(self.features, self.settings.strict)
 
-    def send(self, obj: dict) -> None:
+    def _request(self, message: dict | None, timeout: float, fds: int = 0):
+        self.sock.settimeout(timeout)
         try:
-            self.proc.stdin.write(protocol.pack(obj))
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError) as exc:
-            raise WorkerLost(f"worker {self.index} is gone: {exc}") from exc
+            if message is not None:
+                self.sock.send(json.dumps(message).encode())
+            data, got, _, _ = socket.recv_fds(self.sock, 1 << 16, fds)
+        except (OSError, TimeoutError) as exc:
+            raise WorkerLost(f"worker {self.index} did not answer: {exc}") from exc
+        if not data:
+            raise WorkerLost(f"worker {self.index} exited")
+        reply = json.loads(data)
+        return (reply, got) if fds else reply
 
-    def recv(self, timeout: float) -> dict:
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while not self.frames:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerLost(f"worker {self.index} did not answer within {timeout:.1f}s")
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if ready:
-                data = os.read(fd, 1 << 20)
-                if not data:
-                    raise WorkerLost(f"worker {self.index} exited")
-                self.frames += self.buffer.feed(data)
-        return self.frames.pop(0)
+    def spawn(self, patience: float) -> tuple[int, list[int]]:
+        """A prepared program process: its pid and the host's ends of its pipes + pidfd."""
+        reply, fds = self._request({"op": "spawn", "patience": patience},
+                                   timeout=patience + 10.0, fds=5)
+        if reply.get("error"):
+            for fd in fds:
+                os.close(fd)
+            raise WorkerLost(reply["error"])
+        return reply["pid"], fds
+
+    def exit_code(self, pid: int) -> int | None:
+        return self._request({"op": "status", "pid": pid}, timeout=10.0).get("exit_code")
 
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:  # end of input: the worker kills and reaps its own program processes
-            self.proc.stdin.close()
+        self.sock.close()  # end of input: the worker kills and reaps what it started
+        try:
             self.proc.wait(timeout=2.0)
-        except (OSError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.proc.stdout.close()
         self.proc = None
         if self.features.get("unprivileged_uid") == self.uid:
             _kill_uid(self.uid)  # anything that outlived its worker (the uid is ours alone)
@@ -201,13 +208,6 @@ class WorkerProcess:
         shutil.rmtree(self.newroot, ignore_errors=True)
 
 
-@dataclass
-class CallResult:
-    status: Literal["ok", "error", "timeout"]
-    value: object = None
-    detail: str = ""
-
-
 def _kill_uid(uid: int) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -219,58 +219,162 @@ def _kill_uid(uid: int) -> None:
             continue
 
 
-class ProgramProcess:
-    """A program defined once inside the sandbox, answering calls until it ends.
+# --------------------------------------------------------------------------- one program
 
-    Calls go in batches (the first one with the program itself) and come back one reply at a
-    time, so a run of call tests costs one round trip while every call keeps its own timeout.
+class ProgramProcess:
+    """One untrusted program process, supervised from the host.
+
+    Function programs are defined once and answer call batches (the first batch goes with
+    the program), one reply per call as it returns, so each call keeps its own deadline.
+    Stdio programs run once on their stdin. ``ended`` says why the process is gone.
     """
 
-    def __init__(self, worker: WorkerProcess, program: str, timeout: float, budget_calls: int,
-                 calls: list[tuple[str, list]], final: bool = False) -> None:
-        self.worker, self.timeout = worker, timeout
-        self.alive, self.names, self.error = False, [], ""
-        self.status: Status = "error"
-        worker.send({"mode": "serve", "program": program, "timeout": timeout,
-                     "cpu_seconds": timeout * (budget_calls + 1),
-                     "calls": [[n, protocol.encode(a)] for n, a in calls], "final": final})
-        self.final = final
-        event = worker.recv(timeout + GRACE_S)
-        if event["event"] == "done":
-            self.status = "timeout" if event["reason"] == "timeout" else "error"
-            self.error = _describe_end(event)
-        elif event.get("error") is not None:
-            self.error = event["error"]
-            self._wait_done()
-        else:
-            self.alive, self.names = True, event["names"]
+    def __init__(self, worker: WorkerProcess, job: dict, output_bytes: int) -> None:
+        self.worker, self.timeout, self.output_bytes = worker, job["timeout"], output_bytes
+        self.serving = job["mode"] == "serve"
+        self.pid, fds = worker.spawn(patience=self.timeout)
+        self.req_w, self.resp_r, self.out_r, self.err_r, self.pidfd = fds
+        for fd in (self.resp_r, self.out_r, self.err_r):
+            os.set_blocking(fd, False)
+        self.replies = protocol.FrameBuffer()
+        self.pending: deque = deque()
+        self.stdout, self.stdout_bytes, self.stderr = bytearray(), 0, bytearray()
+        self.ended: str | None = None
+        self.expected = 1 + len(job.get("calls") or []) if self.serving else 0
+        self.started = False  # has the program said "ready"
+        self.names: list[str] = []
+        self.load_error: str | None = None
+        self._write(job)
+        self.deadline = time.monotonic() + self.timeout
 
-    def submit(self, calls: list[tuple[str, list]], final: bool = False) -> None:
-        """Send calls; ``final`` lets the program end right after the last reply."""
-        if calls:
-            self.final = final
-            self.worker.send({"op": "calls", "final": final,
-                              "calls": [[n, protocol.encode(a)] for n, a in calls]})
+    # ---- plumbing
+    def _write(self, obj: dict) -> None:
+        try:
+            protocol.write_frame(self.req_w, obj)
+        except OSError:
+            self.ended = self.ended or "exited"
+
+    def _drain(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            if fd == self.err_r:
+                self.stderr = (self.stderr + data)[-STDERR_TAIL:]
+                continue
+            self.stdout_bytes += len(data)
+            if not self.serving and len(self.stdout) < self.output_bytes:
+                self.stdout += data[: self.output_bytes - len(self.stdout)]
+            if self.stdout_bytes > self.output_bytes:
+                self.kill("output limit")
+                return
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                data = os.read(self.resp_r, 1 << 20)
+            except (BlockingIOError, OSError):
+                return
+            if not data:
+                return
+            try:
+                self.pending.extend(self.replies.feed(data))
+            except protocol.ProtocolError:
+                self.kill("protocol violation")
+                return
+
+    def _wait(self) -> None:
+        """Block until a reply is pending or the process has ended."""
+        watched = [self.resp_r, self.out_r, self.err_r, self.pidfd]
+        while not self.pending and self.ended is None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill("timeout")
+                break
+            ready, _, _ = select.select(watched, [], [], remaining)
+            for fd in ready:
+                if fd == self.resp_r:
+                    self._read_replies()
+                elif fd == self.pidfd:
+                    self._drain(self.out_r)
+                    self._drain(self.err_r)
+                    self._read_replies()
+                    self.ended = self.ended or "exited"
+                else:
+                    self._drain(fd)
+
+    def kill(self, reason: str) -> None:
+        if self.ended is None or self.ended == "exited":
+            self.ended = reason
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        if not self.worker.features.get("pid_namespace"):
+            # without a PID namespace, its process group is the best we can do
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.ended is None:
+            self.kill("closed")
+        for fd in (self.req_w, self.resp_r, self.out_r, self.err_r, self.pidfd):
+            os.close(fd)
+
+    # ---- protocol: the host, not the program, decides what each reply means
+    def _next_reply(self) -> dict | None:
+        self._wait()
+        if not self.pending:
+            return None
+        frame = self.pending.popleft()
+        if self.expected <= 0 or type(frame) is not dict:
+            self.kill("protocol violation")
+            return None
+        self.expected -= 1
+        self.deadline = time.monotonic() + self.timeout
+        return frame
+
+    def ready(self) -> bool:
+        """Wait for the program to be defined; False (with ``load_error``) if it was not."""
+        frame = self._next_reply()
+        if frame is None:
+            self.load_error = self.describe_end()
+            return False
+        self.started = True
+        error, names = frame.get("error"), frame.get("names")
+        if error is not None:
+            self.load_error = str(error)[:2000]
+            self.kill("load error")
+            return False
+        if not (type(names) is list and all(type(n) is str for n in names)):
+            self.kill("protocol violation")
+            self.load_error = "protocol violation"
+            return False
+        self.names = names
+        return True
+
+    def submit(self, calls: list[tuple[str, list]]) -> None:
+        if calls and self.ended is None:
+            self.expected += len(calls)
+            self.deadline = time.monotonic() + self.timeout
+            self._write({"calls": [[n, protocol.encode(a)] for n, a in calls]})
 
     def results(self, n: int) -> list[CallResult]:
         """Replies to the next ``n`` calls; shorter if the program ended on the last one."""
         out: list[CallResult] = []
-        while len(out) < n and self.alive:
-            event = self.worker.recv(self.timeout + GRACE_S)
-            if event["event"] == "return":
-                out.append(_call_result(event))
-                if self.final and len(out) == n:
-                    self._wait_done()
-                    self.alive = False
-                continue
-            self.alive = False
-            out.append(CallResult("timeout" if event.get("reason") == "timeout" else "error",
-                                  detail=_describe_end(event)))
+        while len(out) < n:
+            frame = self._next_reply()
+            if frame is None:
+                status = "timeout" if self.ended == "timeout" else "error"
+                out.append(CallResult(status, detail=self.describe_end()))
+                break
+            out.append(_call_result(frame))
         return out
 
     def call(self, name: str, args: list) -> object:
         """``name(*args)`` in the program; raises CallFailed unless it returned data."""
-        if not self.alive:
+        if self.ended is not None:
             raise CallFailed("error", "the program process has ended")
         self.submit([(name, args)])
         (result,) = self.results(1)
@@ -278,22 +382,34 @@ class ProgramProcess:
             raise CallFailed(result.status, result.detail)
         return result.value
 
-    def _wait_done(self) -> None:
-        while self.worker.recv(self.timeout + GRACE_S)["event"] != "done":
-            pass
+    def run_to_exit(self) -> int | None:
+        """Stdio: wait for the program to finish; its exit code, or None if it was killed."""
+        self._wait()
+        if self.ended == "exited":
+            self._drain(self.out_r)
+            return self.worker.exit_code(self.pid)
+        return None
 
-    def close(self) -> None:
-        if self.alive:
-            self.alive = False
-            self.worker.send({"op": "end"})
-            self._wait_done()
+    def describe_end(self) -> str:
+        text = {"timeout": "time limit exceeded", "output limit": "output limit exceeded",
+                "exited": "program exited", "protocol violation": "protocol violation"
+                }.get(self.ended or "", self.ended or "ended")
+        tail = self.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+        return text + (": " + " | ".join(tail) if tail else "")
 
 
-def _call_result(event: dict) -> CallResult:
-    if event.get("error") is not None:
-        return CallResult("error", detail=str(event["error"]))
+@dataclass
+class CallResult:
+    status: Literal["ok", "error", "timeout"]
+    value: object = None
+    detail: str = ""
+
+
+def _call_result(frame: dict) -> CallResult:
+    if frame.get("error") is not None:
+        return CallResult("error", detail=str(frame["error"])[:2000])
     try:
-        return CallResult("ok", value=protocol.decode(event["value"]))
+        return CallResult("ok", value=protocol.decode(frame.get("value")))
     except protocol.ProtocolError as exc:
         return CallResult("error", detail=f"malformed return value: {exc}")
 
@@ -302,14 +418,6 @@ class CallFailed(Exception):
     def __init__(self, status: Status, detail: str) -> None:
         super().__init__(detail)
         self.status, self.detail = status, detail
-
-
-def _describe_end(event: dict) -> str:
-    reason = event.get("reason") or "ended"
-    text = {"timeout": "time limit exceeded", "output limit": "output limit exceeded",
-            "exited": f"program exited (code {event.get('exit_code')})"}.get(reason, reason)
-    tail = (event.get("stderr") or event.get("error") or "").strip().splitlines()[-3:]
-    return text + (": " + " | ".join(tail) if tail else "")
 
 
 # --------------------------------------------------------------------------- judging
@@ -347,15 +455,6 @@ def _judge_call(test: CallTest, result: CallResult) -> TestOutcome:
                        detail=f"expected {_short(test.output)}, got {_short(result.value)}")
 
 
-def _leading_calls(tests: deque[Test]) -> list[CallTest]:
-    batch = []
-    for test in tests:
-        if not isinstance(test, CallTest):
-            break
-        batch.append(test)
-    return batch
-
-
 def _judge_code(proc: ProgramProcess, test: CodeTest, entry_point: str | None) -> TestOutcome:
     def proxy(name: str) -> Callable:
         return lambda *args: proc.call(name, list(args))
@@ -373,6 +472,15 @@ def _judge_code(proc: ProgramProcess, test: CodeTest, entry_point: str | None) -
     except Exception as exc:  # noqa: BLE001 - the check rejected the program's values
         return TestOutcome("failed", detail=f"{type(exc).__name__}: {exc}")
     return TestOutcome("passed")
+
+
+def _leading_calls(tests: deque[Test]) -> list[CallTest]:
+    batch = []
+    for test in tests:
+        if not isinstance(test, CallTest):
+            break
+        batch.append(test)
+    return batch
 
 
 # --------------------------------------------------------------------------- the sandbox
@@ -453,11 +561,6 @@ class Sandbox:
             _warn_isolation(worker.features)
         return worker
 
-    def _replace(self, worker: WorkerProcess) -> WorkerProcess:
-        worker.stop()
-        worker.start()
-        return worker
-
     def run(self, execution: Execution, timeout: float | None = None) -> ExecutionResult:
         """Run one program on its tests. Timeouts are per test (per call for snippets)."""
         timeout = timeout or self.settings.timeout
@@ -471,8 +574,9 @@ class Sandbox:
                 self._run_function(worker, execution, timeout, outcomes)
         except WorkerLost as exc:
             log.warning("%s; restarting it", exc)
-            self._replace(worker)
-            outcomes += [TestOutcome("timeout", detail=str(exc))] * (
+            worker.stop()
+            worker.start()
+            outcomes += [TestOutcome("error", detail=str(exc))] * (
                 len(execution.tests) - len(outcomes))
         finally:
             self._idle.put(worker)
@@ -486,20 +590,25 @@ class Sandbox:
             for execution, future in futures:
                 yield execution, future.result()
 
+    def _start(self, worker: WorkerProcess, job: dict) -> ProgramProcess:
+        return ProgramProcess(worker, job, self.settings.output_bytes)
+
     def _run_stdio(self, worker: WorkerProcess, program: str, test: Test,
                    timeout: float) -> TestOutcome:
         if not isinstance(test, StdioTest):
             return TestOutcome("error", detail="stdio problems take stdin/stdout tests only")
-        worker.send({"mode": "stdio", "program": program, "stdin": test.input,
-                     "timeout": timeout, "cpu_seconds": timeout})
-        event = worker.recv(timeout + GRACE_S)
-        while event["event"] != "done":
-            event = worker.recv(timeout + GRACE_S)
-        reason, stdout = event["reason"], event.get("stdout") or ""
-        if reason == "timeout":
+        proc = self._start(worker, {"mode": "stdio", "program": program, "stdin": test.input,
+                                    "timeout": timeout, "cpu_seconds": timeout})
+        try:
+            exit_code = proc.run_to_exit()
+        finally:
+            proc.close()
+        stdout = proc.stdout.decode("utf-8", "replace")
+        if proc.ended == "timeout":
             return TestOutcome("timeout", actual=stdout, detail="time limit exceeded")
-        if reason != "exited" or event.get("exit_code") != 0:
-            return TestOutcome("error", actual=stdout, detail=_describe_end(event))
+        if exit_code != 0:
+            return TestOutcome("error", actual=stdout,
+                               detail=proc.describe_end() + f" (exit code {exit_code})")
         if outputs_match(stdout, test.output):
             return TestOutcome("passed", actual=stdout)
         return TestOutcome("failed", actual=stdout,
@@ -513,19 +622,23 @@ class Sandbox:
             raise ValueError("stdin/stdout tests on a function problem")
         while pending:
             batch = _leading_calls(pending)
-            proc = ProgramProcess(worker, execution.program, timeout, len(pending),
-                                  [(entry, t.input) for t in batch],
-                                  final=len(batch) == len(pending))
-            if not proc.alive:  # the program itself failed to load: every test fails with it
-                outcomes += [TestOutcome(proc.status, detail=proc.error)] * len(pending)
-                return
-            # A timeout or crash ends the process; the remaining tests get a fresh one.
-            while proc.alive and pending:
-                for test, result in zip(batch, proc.results(len(batch)), strict=False):
-                    outcomes.append(_judge_call(test, result))
-                    pending.popleft()
-                if proc.alive and pending and isinstance(pending[0], CodeTest):
-                    outcomes.append(_judge_code(proc, pending.popleft(), entry))
-                batch = _leading_calls(pending) if proc.alive else []
-                proc.submit([(entry, t.input) for t in batch], final=len(batch) == len(pending))
-            proc.close()
+            proc = self._start(worker, {
+                "mode": "serve", "program": execution.program, "timeout": timeout,
+                "cpu_seconds": timeout * (len(pending) + 1),
+                "calls": [[entry, protocol.encode(t.input)] for t in batch]})
+            try:
+                if not proc.ready():  # the program failed to load: every test fails with it
+                    status = "timeout" if proc.ended == "timeout" else "error"
+                    outcomes += [TestOutcome(status, detail=proc.load_error)] * len(pending)
+                    return
+                # A timeout or crash ends the process; the remaining tests get a fresh one.
+                while proc.ended is None and pending:
+                    for test, result in zip(batch, proc.results(len(batch)), strict=False):
+                        outcomes.append(_judge_call(test, result))
+                        pending.popleft()
+                    if proc.ended is None and pending and isinstance(pending[0], CodeTest):
+                        outcomes.append(_judge_code(proc, pending.popleft(), entry))
+                    batch = _leading_calls(pending) if proc.ended is None else []
+                    proc.submit([(entry, t.input) for t in batch])
+            finally:
+                proc.close()

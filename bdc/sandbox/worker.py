@@ -1,16 +1,20 @@
-"""The sandbox worker: a warm fork server that runs untrusted programs in isolation.
+"""The sandbox worker: a warm zygote that prepares isolated processes for untrusted programs.
 
-Run by the host as ``python -E -s -S worker.py CONFIG_JSON`` with a scrubbed environment; it
-imports only the standard library and ``protocol.py`` beside it. Process layout::
+Run by the host as ``python -E -s -S worker.py SOCKET_FD CONFIG_JSON`` with a scrubbed
+environment; it imports only the standard library and ``protocol.py`` beside it::
 
-    host ──frames── worker (fork server and supervisor; isolated once at start-up)
-                      └─ program process (one per run: PID 1 of new PID + mount namespaces,
-                                          own empty /tmp, no capabilities, rlimits)
+    host --unix socket-- worker (zygote: isolated once at start-up, then only clones)
+      |                    +- program process (one per run: PID 1 of new PID + mount
+      +---- pipes + pidfd ---+                  namespaces, own empty /tmp, no capabilities)
 
-Why this shape: cloning a warm interpreter costs well under a millisecond, starting one costs
-tens, and a program that is PID 1 of its own PID namespace takes every process it spawned
-(fork bombs, detached daemons) with it when it is killed. Expected outputs never enter any of these
-processes: the host sends only programs and call arguments and compares results itself.
+The worker prepares a program process ahead of time and passes the host its pipe ends and a
+pidfd (SCM_RIGHTS); the host supervises it directly: it sends the job and calls, reads the
+replies, enforces time and output limits and kills through the pidfd.
+
+Why this shape: cloning a warm interpreter costs well under a millisecond where starting one
+costs tens; a zygote that touches almost no memory per run keeps cloning cheap; and a program
+that is PID 1 of its own PID namespace takes every process it spawned (fork bombs, detached
+daemons) with it when killed. Expected outputs never enter any of these processes.
 """
 
 from __future__ import annotations
@@ -18,13 +22,12 @@ from __future__ import annotations
 import builtins
 import contextlib
 import ctypes
-import io
 import json
 import os
 import resource
-import selectors
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -42,7 +45,6 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECUREBITS, PR_SET_NO_NEW_PRIVS = 1, 4, 28, 38
 SECBIT_LOCKED_NOROOT = 0x0F  # NOROOT + NO_SETUID_FIXUP, both locked
 SYS_CLONE, SYS_PIVOT_ROOT = 56, 155  # x86_64
-STDERR_TAIL = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -255,21 +257,22 @@ def _run_program(cfg: dict, isolated: bool, base: str) -> None:
         os.environ.update({"PATH": "/usr/bin:/bin", "HOME": scratch, "TMPDIR": scratch,
                            "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"})
         _limit(cfg)
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                      line_buffering=True)
+        # sys.std* already wrap fds 0-2 (now this run's pipes) and have never buffered
+        # anything: the zygote's own standard streams are /dev/null and never used.
         job = protocol.read_frame(3)  # ready and waiting: everything above is off the clock
         if job is None:
             os._exit(0)
         cpu = max(1, int(job["cpu_seconds"] + 1))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-        stdin_path = os.path.join(base, "stdin")
-        with open(stdin_path, "w", encoding="utf-8") as f:
-            f.write(job.get("stdin") or "")
+        if job["mode"] == "stdio":
+            stdin_path = os.path.join(base, "stdin")
+            with open(stdin_path, "w", encoding="utf-8") as f:
+                f.write(job.get("stdin") or "")
+        else:
+            stdin_path = os.devnull
         fd = os.open(stdin_path, os.O_RDONLY)
         os.dup2(fd, 0)
         os.close(fd)
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
         if job["mode"] == "stdio":
             code = _run_stdio(job["program"])
         else:
@@ -332,13 +335,13 @@ def _serve(program: str, first_calls: list) -> None:
         calls = request["calls"]
 
 
-# --------------------------------------------------------------------------- supervisor
+# --------------------------------------------------------------------------- zygote
 
 def _spawn(flags: int) -> int:
     """fork(), or with namespace flags a raw clone() that puts the child in new namespaces.
 
-    The raw syscall skips CPython's after-fork hooks; that is safe here because the worker is
-    single-threaded and the child never returns into the worker's code.
+    The raw syscall skips CPython's after-fork hooks; that is safe here because the zygote is
+    single-threaded and the child never returns into the zygote's code.
     """
     if not flags:
         return os.fork()
@@ -350,231 +353,114 @@ def _spawn(flags: int) -> int:
     return pid
 
 
-class _Run:
-    """The worker's view of one program process: pipes, deadline, what it said."""
+class _Program:
+    """A prepared program process and the host's ends of its pipes."""
 
-    def __init__(self, cfg: dict, features: dict) -> None:
-        self.cfg = cfg
-        self.isolated = bool(features.get("pid_namespace"))
-        self.stdout = bytearray()
-        self.stdout_bytes = 0
-        self.stderr = bytearray()
-        self.replies = protocol.FrameBuffer()
-        self.ended: str | None = None  # why the program process ended, once it has
-        self.exit_code: int | None = None
-        self.pid: int | None = None
-        self.spawn()
-
-    def begin(self, job: dict) -> None:
-        """Hand the waiting program process its job; the clock starts now."""
-        self.job = job
-        self.serving = job["mode"] == "serve"
-        self.expected = 1 + len(job.get("calls") or []) if self.serving else 0
-        self.final = bool(job.get("final"))
-        self.started = False  # has the program said "ready" yet
-        self.deadline = time.monotonic() + job["timeout"]
+    def __init__(self, cfg: dict, isolated: bool) -> None:
+        self.base = "/tmp" if isolated else tempfile.mkdtemp(prefix="bdc-run-")
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
-            protocol.write_frame(self.req_w, job)
-        except BrokenPipeError:
-            self.ended = "exited"  # it died while waiting; the watch loop reports it
-
-    def spawn(self) -> None:
-        self.base = "/tmp" if self.isolated else tempfile.mkdtemp(prefix="bdc-run-")
-        req_r, self.req_w = os.pipe()
-        self.resp_r, resp_w = os.pipe()
-        self.out_r, out_w = os.pipe()
-        self.err_r, err_w = os.pipe()
-        self.pid = _spawn(CLONE_NEWPID | CLONE_NEWNS if self.isolated else 0)
+            self.pid = _spawn(CLONE_NEWPID | CLONE_NEWNS if isolated else 0)
+        except OSError:
+            for fd in (req_r, req_w, resp_r, resp_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            raise
         if self.pid == 0:
             for src, dst in ((out_w, 1), (err_w, 2), (req_r, 3), (resp_w, 4)):
                 os.dup2(src, dst + 100)
             for dst in range(1, 5):
                 os.dup2(dst + 100, dst)
             os.closerange(5, 1 << 16)
-            _run_program(self.cfg, self.isolated, self.base)
+            _run_program(cfg, isolated, self.base)
         for fd in (req_r, resp_w, out_w, err_w):
             os.close(fd)
+        self.fds = [req_w, resp_r, out_r, err_r, os.pidfd_open(self.pid)]
 
-    def kill(self) -> None:
-        if self.pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            if self.isolated:
-                os.kill(self.pid, signal.SIGKILL)  # PID 1: the kernel kills its namespace
-            else:
-                os.killpg(self.pid, signal.SIGKILL)
-
-    def reap(self) -> None:
-        if self.pid is not None:
-            os.waitpid(self.pid, 0)
-            self.pid = None
-
-    def close(self) -> None:
-        for fd in (self.req_w, self.resp_r, self.out_r, self.err_r):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if not self.isolated:  # isolated runs' /tmp vanishes with their mount namespace
-            shutil.rmtree(self.base, ignore_errors=True)
-
-    def on_reply(self, frame: object) -> None:
-        """Relay one reply. The worker, not the program, decides what kind of event it is:
-        the first reply of a job is "ready", every later one a "return"."""
-        if self.expected <= 0 or type(frame) is not dict:
-            self.ended = "protocol violation"
-            return
-        first = not self.started
-        self.started = True
-        self.expected -= 1
-        self.deadline = time.monotonic() + self.job["timeout"]
-        error = frame.get("error")
-        if first:
-            names = frame.get("names") if error is None else None
-            if error is None and not (type(names) is list
-                                      and all(type(n) is str for n in names)):
-                self.ended = "protocol violation"
-                return
-            _send({"event": "ready", "error": None if error is None else str(error),
-                   "names": names})
-            if error is not None:
-                self.expected = 0  # the program failed to load: no call replies will come
-        else:
-            _send({"event": "return", "value": frame.get("value"),
-                   "error": None if error is None else str(error)})
-        if self.expected == 0 and self.final:
-            self.ended = "closed"  # the host said these were the last calls
-
-    def on_host(self, msg: dict) -> None:
-        if msg.get("op") == "calls" and self.serving and self.expected == 0:
-            os.set_blocking(self.req_w, True)
-            protocol.write_frame(self.req_w, {"calls": msg["calls"]})
-            self.expected = len(msg["calls"])
-            self.final = bool(msg.get("final"))
-            self.deadline = time.monotonic() + self.job["timeout"]
-        else:
-            self.ended = "closed"
+    def release(self) -> None:
+        """Close the zygote's copies once the host has its own."""
+        for fd in self.fds:
+            os.close(fd)
 
 
-def _send(obj: dict) -> None:
-    protocol.write_frame(1, obj)
-
-
-def supervise(run: _Run, job: dict) -> None:
-    """Run one job to the end: relay calls, enforce time and output limits, report."""
-    run.begin(job)
-    try:
-        _watch(run)
-    finally:
-        run.kill()
-        for fd in (run.out_r, run.err_r):
-            _drain(run, fd)
-        _send({"event": "done", "reason": run.ended, "exit_code": run.exit_code,
-               "stdout": None if run.serving else run.stdout.decode("utf-8", "replace"),
-               "stdout_bytes": run.stdout_bytes,
-               "stderr": run.stderr.decode("utf-8", "replace")})
-        run.close()
-
-
-def _watch(run: _Run) -> None:
-    pidfd = os.pidfd_open(run.pid)
-    sel = selectors.DefaultSelector()
-    try:
-        for fd in (run.resp_r, run.out_r, run.err_r):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
-        sel.register(pidfd, selectors.EVENT_READ)
-        os.set_blocking(0, False)
-        sel.register(0, selectors.EVENT_READ)
-        host = protocol.FrameBuffer()
-        while run.ended is None:
-            waiting = run.expected > 0 or not run.serving
-            timeout = max(0.0, run.deadline - time.monotonic()) if waiting else None
-            events = sel.select(timeout)
-            if waiting and not events and time.monotonic() >= run.deadline:
-                run.ended = "timeout"
-            for key, _ in events:
-                if run.ended:
-                    break
-                if key.fd == pidfd:
-                    _, status = os.waitpid(run.pid, 0)
-                    run.pid, run.ended = None, "exited"
-                    run.exit_code = os.waitstatus_to_exitcode(status)
-                elif key.fd == 0:
-                    data = os.read(0, 1 << 20)
-                    for msg in host.feed(data) if data else [{"op": "end"}]:
-                        run.on_host(msg)
-                elif key.fd == run.resp_r:
-                    for frame in _program_frames(run):
-                        run.on_reply(frame)
-                else:
-                    _drain(run, key.fd)
-    finally:
-        sel.close()
-        os.close(pidfd)
-        os.set_blocking(0, True)
-
-
-def _program_frames(run: _Run) -> list:
-    try:
-        data = os.read(run.resp_r, 1 << 20)
-        return run.replies.feed(data) if data else []
-    except BlockingIOError:
-        return []
-    except protocol.ProtocolError:
-        run.ended = "protocol violation"
-        return []
-
-
-def _drain(run: _Run, fd: int) -> None:
-    """Read what a pipe holds now; stdout counts against the output limit."""
-    limit = run.cfg["output_bytes"]
+def _prepare(cfg: dict, isolated: bool, patience: float = 0.0) -> _Program | None:
+    """A program process waiting for its job, or None if the uid's process budget is spent
+    (a fork bomb not yet reaped); with ``patience``, retry that long."""
+    deadline = time.monotonic() + patience
     while True:
         try:
-            data = os.read(fd, 1 << 16)
-        except (BlockingIOError, OSError):
-            return
-        if not data:
-            return
-        if fd == run.err_r:
-            run.stderr = (run.stderr + data)[-STDERR_TAIL:]
-            continue
-        run.stdout_bytes += len(data)
-        if not run.serving and len(run.stdout) < limit:
-            run.stdout += data[: limit - len(run.stdout)]
-        if run.stdout_bytes > limit:
-            run.ended = run.ended or "output limit"
-            return
+            return _Program(cfg, isolated)
+        except OSError:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
 
 
-# --------------------------------------------------------------------------- fork server
+def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
+    """Hand the host one prepared program process per request, until the host hangs up.
 
-def serve_forever(cfg: dict, features: dict) -> None:
-    """Answer jobs until the host closes the pipe, always keeping one program process ready.
-
-    Killed program processes are reaped lazily: tearing down a PID namespace takes a
-    while, and nobody needs to wait for it.
+    The zygote touches almost no memory per request (so forking it stays cheap), prepares
+    the next program process right after handing one over, and reaps exited ones lazily,
+    remembering exit codes for the host to ask about.
     """
-    spare = _Run(cfg, features)
-    dying: list[int] = []
+    isolated = bool(features.get("pid_namespace"))
+    spare = _prepare(cfg, isolated)
+    exit_codes: dict[int, int] = {}
+    scratch: dict[int, str] = {}
     while True:
-        job = protocol.read_frame(0)
-        if job is None:
-            spare.kill()
-            spare.reap()
-            for pid in dying:
-                os.waitpid(pid, 0)
-            return
-        run, spare = spare, None
         try:
-            supervise(run, job)
-        except Exception as exc:  # noqa: BLE001 - tell the host, never hang it
-            _send({"event": "done", "reason": "supervisor error", "error": _short_error(exc),
-                   "exit_code": None})
-        if run.pid is not None:
-            dying.append(run.pid)
-        dying = [pid for pid in dying if os.waitpid(pid, os.WNOHANG)[0] == 0]
-        while len(dying) > 4:  # bounded: never let killed runs pile up
-            os.waitpid(dying.pop(0), 0)
-        spare = _Run(cfg, features)
+            message = sock.recv(1 << 16)
+        except OSError:
+            break
+        if not message:
+            break
+        request = json.loads(message)
+        _reap(exit_codes, scratch)
+        if request["op"] == "spawn":
+            program = spare or _prepare(cfg, isolated, patience=request.get("patience", 0.0))
+            spare = None
+            if program is None:
+                sock.send(json.dumps({"error": "cannot start a program process: "
+                                               "process limit reached"}).encode())
+                continue
+            socket.send_fds(sock, [json.dumps({"pid": program.pid}).encode()], program.fds)
+            program.release()
+            if not isolated:
+                scratch[program.pid] = program.base
+            spare = _prepare(cfg, isolated)
+        elif request["op"] == "status":
+            pid = request["pid"]
+            if pid not in exit_codes:
+                with contextlib.suppress(ChildProcessError):
+                    _, status = os.waitpid(pid, 0)
+                    exit_codes[pid] = os.waitstatus_to_exitcode(status)
+                    shutil.rmtree(scratch.pop(pid, ""), ignore_errors=True)
+            sock.send(json.dumps({"exit_code": exit_codes.pop(pid, None)}).encode())
+    if spare is not None:
+        os.kill(spare.pid, signal.SIGKILL)
+    while True:  # reap everything before leaving: no zombies for an init that won't
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    for path in scratch.values():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _reap(exit_codes: dict[int, int], scratch: dict[int, str]) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exit_codes[pid] = os.waitstatus_to_exitcode(status)
+        shutil.rmtree(scratch.pop(pid, ""), ignore_errors=True)
+        while len(exit_codes) > 256:  # codes nobody asked for
+            exit_codes.pop(next(iter(exit_codes)))
 
 
 def preload(modules: list[str]) -> None:
@@ -591,7 +477,8 @@ def preload(modules: list[str]) -> None:
 
 
 def main() -> None:
-    cfg = json.loads(sys.argv[1])
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    cfg = json.loads(sys.argv[2])
     preload(cfg.get("preload", []))
     import gc
 
@@ -600,10 +487,10 @@ def main() -> None:
     try:
         features = isolate(cfg)
     except OSError as exc:
-        protocol.write_frame(1, {"event": "hello", "error": _short_error(exc)})
+        sock.send(json.dumps({"error": _short_error(exc)}).encode())
         return
-    protocol.write_frame(1, {"event": "hello", "features": features})
-    serve_forever(cfg, features)
+    sock.send(json.dumps({"features": features}).encode())
+    serve_forever(sock, cfg, features)
 
 
 if __name__ == "__main__":

@@ -93,12 +93,14 @@ def prepare_cmd(
                                  "and test.jsonl go"),
     metrics: Path = typer.Option(Path("data/metrics/prepare.json"), "--metrics",
                                  help="metrics JSON to write"),
+    plots: Path = typer.Option(Path("data/plots/prepare.csv"), "--plots",
+                               help="tests-per-problem CSV (a DVC plot)"),
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage prepare: build the explore and test problem pools from params.problems."""
-    from bdc.prepare import prepare
+    from bdc.prepare import run
 
-    result = prepare(_params(params), out_dir, metrics)
+    result = run(_params(params), out_dir, metrics, plots)
     for pool in ("explore", "test"):
         m = result[pool]
         console.print(f"{pool}: {m['problems']} problems, {m['tests_per_problem']:.1f} tests "
@@ -197,16 +199,39 @@ def sandbox_info(params: Path | None = ParamsOption) -> None:
     Console().print(table)
 
 
+@app.command("ui")
+def ui(
+    stop: bool = typer.Option(False, "--stop", help="stop the services instead"),
+    prefect_port: int = typer.Option(4200, "--prefect-port", help="Prefect server and UI"),
+    mlflow_port: int = typer.Option(5000, "--mlflow-port", help="MLflow server and UI"),
+) -> None:
+    """Start (or --stop) the Prefect server, MLflow server and a worker per pool, on
+    loopback, and deploy the flows: trigger the pipeline from the Prefect UI, compare runs in
+    MLflow. Logs go to var/logs/."""
+    from bdc import services
+
+    root = project_root()
+    if stop:
+        stopped = services.stop(root)
+        console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        return
+    started = services.start(root, prefect_port, mlflow_port)
+    console.print(f"Prefect UI : {started.prefect_url}  (deployment pipeline/pipeline: Run)\n"
+                  f"MLflow UI  : {started.mlflow_url}\n"
+                  f"workers    : {', '.join(services.POOLS)} pools; stop all: bdc ui --stop")
+
+
 def main() -> None:
     from bdc.jsonl import RecordError
     from bdc.models import ModelLoadError
     from bdc.problems.sources import SourceError
     from bdc.sandbox import IsolationError
+    from bdc.services import ServiceError
 
     try:
         app()
     except (UserError, ConfigError, RecordError, SourceError, ModelLoadError, IsolationError,
-            KeyError, ValueError) as exc:
+            ServiceError, KeyError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         sys.exit(2)
 

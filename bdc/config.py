@@ -70,12 +70,24 @@ class TinyModelSettings(Strict):
     max_positions: int = Field(512, ge=16)
 
 
+class OrchestrationSettings(Strict):
+    """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
+
+    gpu_stages: list[str] = Field([], description="stages that need a GPU worker")
+    gpu_pool: str | None = Field(None, description="work pool for GPU stages; none: local")
+    stage_timeout_s: float = Field(6 * 3600, gt=0, description="kill a stage after this")
+    retries: int = Field(1, ge=0, description="retries of a failed stage")
+    retry_delay_s: float = Field(10, ge=0)
+    mlflow_ui: str = Field("http://127.0.0.1:5000", description="links in Prefect artifacts")
+
+
 class Params(Strict):
     profile: Literal["mini", "paper"] = "mini"
     seed: int = 0
     sandbox: SandboxSettings = SandboxSettings()
     problems: ProblemsSettings = ProblemsSettings()
     tiny_model: TinyModelSettings = TinyModelSettings()
+    orchestration: OrchestrationSettings = OrchestrationSettings()
 
 
 class ConfigError(ValueError):

@@ -38,7 +38,8 @@ def pool_metrics(problems: list[Problem]) -> dict:
     }
 
 
-def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
+def prepare(params: Params, out_dir: Path, metrics_path: Path,
+            plots_path: Path | None = None) -> dict:
     min_tests = params.problems.split.min_tests
     explore = load_pool(params.problems.explore, min_tests)
     test = load_pool(params.problems.test, min_tests)
@@ -51,4 +52,44 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path) -> dict:
     metrics = {"explore": pool_metrics(explore), "test": pool_metrics(test)}
     with atomic_open(metrics_path) as f:
         json.dump(metrics, f, indent=2)
+    if plots_path:
+        with atomic_open(plots_path) as f:
+            f.write("problem,pool,tests\n")
+            for pool, problems in (("explore", explore), ("test", test)):
+                for p in problems:
+                    f.write(f"{p.id},{pool},{len(p.tests_for('all'))}\n")
     return metrics
+
+
+def run(params: Params, out_dir: Path, metrics_path: Path, plots_path: Path) -> dict:
+    """The stage with its MLflow run: parameters read, metrics, a table and a plot."""
+    from bdc.tracking import stage_run
+
+    with stage_run("prepare", {"problems": params.problems.model_dump()},
+                   params.profile) as tracked:
+        metrics = prepare(params, out_dir, metrics_path, plots_path)
+        tracked.metrics(metrics)
+        tracked.table([{"pool": pool, "source": source, "problems": n}
+                       for pool in ("explore", "test")
+                       for source, n in metrics[pool]["by_source"].items()],
+                      "problems_by_source.json")
+        tracked.figure(_tests_histogram(plots_path), "tests_per_problem.png")
+        tracked.artifact(metrics_path)
+    return metrics
+
+
+def _tests_histogram(plots_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [line.split(",") for line in plots_path.read_text().splitlines()[1:]]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for pool in ("explore", "test"):
+        ax.hist([int(r[2]) for r in rows if r[1] == pool], bins=20, alpha=0.6, label=pool)
+    ax.set_xlabel("tests per problem")
+    ax.set_ylabel("problems")
+    ax.legend()
+    fig.tight_layout()
+    return fig

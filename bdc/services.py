@@ -1,0 +1,158 @@
+"""The local control room: Prefect server + UI, MLflow server, a worker per work pool.
+
+``bdc ui`` starts them on loopback, creates the ``cpu`` and ``gpu`` process work pools and
+deploys ``prefect.yaml``, so a user can trigger the pipeline from the Prefect UI and compare
+the runs in MLflow; ``bdc ui --stop`` stops them. They are driven through their own command
+lines as separate processes (each in its own session, so stopping one stops its children),
+and their PIDs and logs live under ``var/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bdc.runtime import configure_environment, state_dir
+from bdc.tracking import artifact_root, tracking_uri
+
+POOLS = ("cpu", "gpu")
+
+
+class ServiceError(RuntimeError):
+    """A service did not start, or services are already running."""
+
+
+@dataclass
+class Services:
+    prefect_url: str
+    mlflow_url: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+def _state_file(root: Path) -> Path:
+    return state_dir(root) / "services.json"
+
+
+def _bin(name: str) -> str:
+    """A tool from this environment (the venv's bin), not whatever is first on PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"{url} did not come up: its process exited "
+                               f"({proc.returncode}); see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.5)
+    raise ServiceError(f"{url} did not answer within {timeout:.0f}s; see {log}")
+
+
+def _environment(root: Path, services: Services) -> dict[str, str]:
+    configure_environment(root)
+    return {**os.environ, "PREFECT_API_URL": f"{services.prefect_url}/api",
+            "BDC_MLFLOW_UI": services.mlflow_url, "BDC_PROJECT": str(root),
+            "MLFLOW_TRACKING_URI": tracking_uri(root),
+            "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+
+def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
+          timeout: float = 120.0) -> Services:
+    """Start everything, create the pools, deploy the flows; idempotent per project."""
+    state = _state_file(root)
+    if state.exists():
+        running = Services(**json.loads(state.read_text()))
+        if any(_alive(pid) for pid in running.pids.values()):
+            raise ServiceError(f"services already running ({running.prefect_url}); "
+                               "stop them first with `bdc ui --stop`")
+        state.unlink()
+    services = Services(prefect_url=f"http://127.0.0.1:{prefect_port}",
+                        mlflow_url=f"http://127.0.0.1:{mlflow_port}")
+    env = _environment(root, services)
+    logs = state_dir(root) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def launch(name: str, cmd: list[str]) -> subprocess.Popen:
+        log = (logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        services.pids[name] = proc.pid
+        state.write_text(json.dumps(asdict(services)))  # so --stop works even if we fail
+        return proc
+
+    try:
+        prefect = launch("prefect-server", [_bin("prefect"), "server", "start", "--host",
+                                            "127.0.0.1", "--port", str(prefect_port)])
+        mlflow = launch("mlflow-server", [
+            _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--backend-store-uri", tracking_uri(root),
+            "--default-artifact-root", artifact_root(root)])
+        _wait_http(f"{services.prefect_url}/api/health", timeout, prefect,
+                   logs / "prefect-server.log")
+        _wait_http(f"{services.mlflow_url}/health", timeout, mlflow, logs / "mlflow-server.log")
+        for pool in POOLS:
+            _run([_bin("prefect"), "work-pool", "create", pool, "--type", "process",
+                  "--overwrite"], root, env)
+        for pool in POOLS:
+            launch(f"worker-{pool}", [_bin("prefect"), "worker", "start", "--pool", pool,
+                                      "--type", "process"])
+        _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], root, env)
+    except BaseException:
+        stop(root)
+        raise
+    return services
+
+
+def _run(cmd: list[str], root: Path, env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise ServiceError(f"{' '.join(cmd[1:])} failed:\n{proc.stdout[-2000:]}"
+                           f"\n{proc.stderr[-2000:]}")
+
+
+def stop(root: Path, grace: float = 15.0) -> list[str]:
+    """Stop every service this project started (their whole process groups)."""
+    state = _state_file(root)
+    if not state.exists():
+        return []
+    services = Services(**json.loads(state.read_text()))
+    for pid in services.pids.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in services.pids.values()):
+        time.sleep(0.2)
+    for pid in services.pids.values():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    state.unlink()
+    return list(services.pids)

@@ -1,0 +1,175 @@
+"""One MLflow convention for every stage.
+
+Each stage run is an MLflow run named after the stage, tagged with the stage, git commit, a
+hash of the parameters the stage reads (what DVC tracks for it) and the profile, holding its
+parameters, metrics and key artifacts. When the pipeline runs under Prefect, the flow opens
+one parent run and passes its id to the stage processes through ``BDC_MLFLOW_PARENT_RUN_ID``,
+so stage runs nest under it; under plain ``dvc repro`` they stand alone.
+
+The store defaults to SQLite plus an artifact folder under ``var/mlflow`` (absolute paths,
+so ``mlflow ui`` from the project sees everything); ``MLFLOW_TRACKING_URI`` overrides it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bdc.runtime import project_root, state_dir
+
+EXPERIMENT = "bdc"
+PARENT_ENV = "BDC_MLFLOW_PARENT_RUN_ID"
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{state_dir(root) / 'mlflow' / 'mlflow.db'}"
+
+
+def artifact_root(root: Path | None = None) -> str:
+    return (state_dir(root) / "mlflow" / "artifacts").resolve().as_uri()
+
+
+def setup(root: Path | None = None) -> str:
+    """Point MLflow at the project's store and the ``bdc`` experiment; the experiment id."""
+    import mlflow
+
+    (state_dir(root) / "mlflow").mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(root))
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):  # lost a creation race
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists of mappings get their index."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path | None = None) -> str:
+    root = root or project_root()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+class StageRun:
+    """What a stage logs while it runs; a thin layer over the active MLflow run."""
+
+    def __init__(self, run) -> None:
+        self.run = run
+        self.run_id: str = run.info.run_id
+
+    def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in flatten(metrics).items()
+                   if isinstance(v, int | float) and not isinstance(v, bool)}
+        mlflow.log_metrics(numeric, step=step)
+
+    def table(self, rows: list[dict], name: str) -> None:
+        """A list of records as an MLflow table (``name`` ends in ``.json``)."""
+        import mlflow
+
+        columns = sorted({k for row in rows for k in row})
+        mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file=name)
+
+    def figure(self, figure, name: str) -> None:
+        import mlflow
+
+        mlflow.log_figure(figure, name)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any], profile: str,
+              root: Path | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage, nested under the pipeline's run when there is one."""
+    import mlflow
+
+    setup(root)
+    tags = {"bdc.stage": stage, "bdc.git_commit": git_commit(root),
+            "bdc.params_hash": params_hash(params), "bdc.profile": profile}
+    parent = os.environ.get(PARENT_ENV) or None
+    with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent) as run:
+        flat = {k: json.dumps(v) if isinstance(v, list | dict) else v
+                for k, v in flatten(params).items()}
+        mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
+        yield StageRun(run)
+
+
+@contextlib.contextmanager
+def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
+                 root: Path | None = None) -> Iterator[str]:
+    """The parent run of one pipeline run; yields its id for the stage processes."""
+    import mlflow
+
+    setup(root)
+    run = mlflow.start_run(run_name="pipeline", tags={
+        "bdc.stage": "pipeline", "bdc.git_commit": git_commit(root), "bdc.profile": profile,
+        **(tags or {})})
+    try:
+        yield run.info.run_id
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,
+                   root: Path | None = None):
+    """The newest run of ``stage`` started after ``since_ms`` (under the parent, if any);
+    None when DVC found the stage up to date and did not run it."""
+    import mlflow
+
+    experiment_id = setup(root)
+    query = f"tags.`bdc.stage` = '{stage}' and attributes.start_time >= {since_ms}"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = mlflow.search_runs([experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs[0] if runs else None
+
+
+def run_summary_markdown(stage: str, run, ui_url: str) -> str:
+    """A short human summary of a stage's MLflow run (Prefect artifact)."""
+    if run is None:
+        return (f"### {stage}\n\nUp to date: DVC found nothing changed (or restored the "
+                "outputs from its run cache), so the stage did not run.")
+    link = f"{ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(run.data.metrics.items()))
+    return (f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) "
+            f"({run.info.status.lower()})\n\n| metric | value |\n|---|---|\n{rows}\n")

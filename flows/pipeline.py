@@ -1,0 +1,138 @@
+"""Prefect flows over the DVC pipeline: orchestration only, no ML logic.
+
+Prefect owns execution (order, retries, timeouts, dispatch of GPU stages to the ``gpu`` work
+pool, the UI); DVC decides whether a stage is stale (a task runs ``dvc repro`` for its stage
+and Prefect caches nothing of its own); MLflow holds what each stage logged. One parent MLflow
+run per pipeline run; the stage processes nest their runs under it via the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+
+from bdc import tracking
+from bdc.config import Params, load_params
+from bdc.runtime import configure_environment, project_root
+
+
+class StageFailed(RuntimeError):
+    """A DVC stage exited non-zero or ran past its timeout."""
+
+
+def _project() -> Path:
+    root = project_root()
+    configure_environment(root)
+    return root
+
+
+def _params(root: Path) -> Params:
+    return load_params(root / "params.yaml")
+
+
+def stage_names(root: Path) -> list[str]:
+    """Stages in dvc.yaml order (declared in dependency order)."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False)
+def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
+              timeout_s: float | None = None) -> dict:
+    """``dvc repro`` one stage in its own process group, logging its output as it comes.
+
+    A timeout kills the whole process group, so nothing the stage started lives on.
+    """
+    logger = get_run_logger()
+    root = _project()
+    params = _params(root)
+    timeout_s = timeout_s or params.orchestration.stage_timeout_s
+    cmd = ["dvc", "repro", *(["--single-item"] if single else []), stage]
+    env = {**os.environ, tracking.PARENT_ENV: parent_run_id or ""}
+    started_ms = int(time.time() * 1000)
+    logger.info("running %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    tail: deque[str] = deque(maxlen=40)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            tail.append(line.rstrip())
+            logger.info("[%s] %s", stage, line.rstrip())
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise StageFailed(f"stage {stage} ran past {timeout_s:.0f}s and was killed") from None
+    finally:
+        reader.join(timeout=5)
+    if code != 0:
+        raise StageFailed(f"stage {stage} failed (exit {code}):\n" + "\n".join(tail))
+    run = tracking.find_stage_run(stage, parent_run_id, started_ms, root)
+    ui_url = os.environ.get("BDC_MLFLOW_UI") or params.orchestration.mlflow_ui
+    create_markdown_artifact(
+        tracking.run_summary_markdown(stage, run, ui_url),
+        key=f"stage-{stage}".replace("_", "-"), description=f"DVC stage {stage}")
+    return {"stage": stage, "ran": run is not None,
+            "mlflow_run_id": run.info.run_id if run else None}
+
+
+def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None) -> dict:
+    """Run the stage as a deployment on a worker of the GPU pool and wait for it."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment(f"stage/stage-{pool}", parameters={
+        "stage": stage, "parent_run_id": parent_run_id, "single": True})
+    if not flow_run.state or not flow_run.state.is_completed():
+        raise StageFailed(f"stage {stage} on the {pool} pool ended "
+                          f"{flow_run.state.name if flow_run.state else 'without a state'}")
+    return {"stage": stage, "flow_run_id": str(flow_run.id)}
+
+
+@flow(name="stage")
+def stage_flow(stage: str, parent_run_id: str | None = None, single: bool = False) -> dict:
+    """One DVC stage (with its stale upstream stages unless ``single``)."""
+    root = _project()
+    orchestration = _params(root).orchestration
+    return run_stage.with_options(retries=orchestration.retries,
+                                  retry_delay_seconds=orchestration.retry_delay_s)(
+        stage, parent_run_id, single)
+
+
+@flow(name="pipeline")
+def pipeline(stages: list[str] | None = None) -> list[dict]:
+    """Every DVC stage in order, under one parent MLflow run."""
+    root = _project()
+    params = _params(root)
+    orchestration = params.orchestration
+    names = stages or stage_names(root)
+    flow_run_id = str(get_run_context().flow_run.id)
+    results = []
+    with tracking.pipeline_run(params.profile, {"prefect.flow_run_id": flow_run_id},
+                               root) as parent_run_id:
+        for stage in names:
+            if stage in orchestration.gpu_stages and orchestration.gpu_pool:
+                results.append(_dispatch_gpu(stage, orchestration.gpu_pool, parent_run_id))
+            else:
+                results.append(run_stage.with_options(
+                    retries=orchestration.retries,
+                    retry_delay_seconds=orchestration.retry_delay_s)(stage, parent_run_id))
+    return results
+
+
+if __name__ == "__main__":
+    pipeline()

@@ -1,0 +1,16 @@
+"""A Prefect flow per DVC stage, for running (or deploying) one stage on its own.
+
+Each runs its stage with any stale upstream stages first, as ``dvc repro STAGE`` does.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.pipeline import stage_flow
+
+
+@flow(name="prepare")
+def prepare() -> dict:
+    """Stage prepare: the explore and test problem pools."""
+    return stage_flow("prepare")

@@ -134,19 +134,23 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
 @contextlib.contextmanager
 def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
                  root: Path | None = None) -> Iterator[str]:
-    """The parent run of one pipeline run; yields its id for the stage processes."""
-    import mlflow
+    """The parent run of one pipeline run; yields its id for the stage processes.
 
-    setup(root)
-    run = mlflow.start_run(run_name="pipeline", tags={
+    Made through the client, not ``mlflow.start_run``: the flow process keeps no active
+    run, so nothing else in it can log into the parent by accident."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = setup(root)
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name="pipeline", tags={
         "bdc.stage": "pipeline", "bdc.git_commit": git_commit(root), "bdc.profile": profile,
         **(tags or {})})
     try:
         yield run.info.run_id
     except BaseException:
-        mlflow.end_run("FAILED")
+        client.set_terminated(run.info.run_id, "FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,3 +43,42 @@ def processes_of_uid(uid: int, live_only: bool = False) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
+
+
+def git(*args: str, cwd: Path) -> str:
+    import subprocess
+
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout
+
+
+def make_project_copy(dest: Path) -> Path:
+    """The project's tracked files as a fresh git repo (DVC config included), no outputs."""
+    import shutil
+
+    for rel in git("ls-files", cwd=ROOT).splitlines():
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    git("init", "-q", cwd=dest)
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "copy", cwd=dest)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A throwaway copy of the project; commands run there keep their state there."""
+    root = make_project_copy(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("BDC_PROJECT", str(root))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    for key in ("MLFLOW_TRACKING_URI", "PREFECT_HOME", "HF_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    return root

@@ -132,7 +132,3 @@ def pipeline(stages: list[str] | None = None) -> list[dict]:
                     retries=orchestration.retries,
                     retry_delay_seconds=orchestration.retry_delay_s)(stage, parent_run_id))
     return results
-
-
-if __name__ == "__main__":
-    pipeline()

@@ -38,6 +38,13 @@ def processes_in(folder: Path) -> list[int]:
 
 
 def test_ui_path_end_to_end(project):
+    """Also checks dispatch: `prepare` is marked a GPU stage, so the pipeline (on the cpu
+    worker) must hand it to the gpu pool's worker through the stage-gpu deployment."""
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["orchestration"].update(gpu_stages=["prepare"], gpu_pool="gpu")
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     prefect_port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     started = subprocess.run([str(BIN / "bdc"), "ui", "--prefect-port", str(prefect_port),
@@ -49,12 +56,19 @@ def test_ui_path_end_to_end(project):
         assert set(state["pids"]) == {"prefect-server", "mlflow-server", "worker-cpu",
                                       "worker-gpu"}
         run = subprocess.run([sys.executable, "-c", (
+            "import asyncio\n"
+            "from prefect.client.orchestration import get_client\n"
             "from prefect.deployments import run_deployment\n"
             "fr = run_deployment('pipeline/pipeline', timeout=400, poll_interval=1)\n"
-            "print(fr.state.type.value)\n")],
+            "async def pools():\n"
+            "    async with get_client() as c:\n"
+            "        return sorted((r.work_pool_name or '-', r.state.type.value)\n"
+            "                      for r in await c.read_flow_runs())\n"
+            "print(fr.state.type.value, asyncio.run(pools()))\n")],
             env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"},
             capture_output=True, text=True, timeout=450)
-        assert run.stdout.strip().endswith("COMPLETED"), run.stdout + run.stderr
+        assert run.stdout.startswith("COMPLETED"), run.stdout + run.stderr
+        assert "('gpu', 'COMPLETED')" in run.stdout and "('cpu', 'COMPLETED')" in run.stdout
         assert (project / "data/problems/test.jsonl").exists()
 
         from mlflow.tracking import MlflowClient

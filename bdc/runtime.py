@@ -51,6 +51,7 @@ def configure_environment(root: Path | None = None, offline: bool | None = None)
         "PREFECT_HOME": str(var / "prefect"),
         "HF_HOME": str(var / "hf"),
         "TMPDIR": str(var / "tmp"),
+        "DVC_SITE_CACHE_DIR": str(var / "dvc"),
         **OFFLINE_SWITCHES,
     }
     if offline is False:

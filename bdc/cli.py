@@ -107,6 +107,42 @@ def prepare_cmd(
                       f"each, by source {m['by_source']}")
 
 
+@app.command("pretrain")
+def pretrain_cmd(
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir",
+                                      help="pretrain, explore and test problems"),
+    models_dir: Path = typer.Option(Path("data/models"), "--models-dir",
+                                    help="one Hugging Face folder per model goes here"),
+    metrics: Path = typer.Option(Path("data/metrics/pretrain.json"), "--metrics"),
+    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage pretrain (mini profile): train the tiny agents and base model from scratch and
+    measure their competence in the sandbox."""
+    from bdc.pretrain import run
+
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def tick(name: str, step: int, total: int, loss: float) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(f"training {name}", total=total, info="")
+            progress.update(tasks[name], completed=step, info=f"loss {loss:.3f}")
+
+        result = run(_params(params), problems_dir, models_dir, metrics, plots_dir, tick)
+    table = Table(title="competence: pass@1 on hidden tests")
+    for column in ("model", "explore", "test", "train s"):
+        table.add_column(column)
+    for name, m in result["models"].items():
+        table.add_row(name, f"{m['explore']['pass@1']:.3f}", f"{m['test']['pass@1']:.3f}",
+                      f"{m['train_seconds']:.0f}")
+    Console().print(table)
+    if result.get("boosting"):
+        console.print(f"equal budget of 2 programs: {result['boosting']}")
+    for target, met in (result.get("targets") or {}).items():
+        console.print(f"target {target}: {'met' if met else 'NOT met'}")
+
+
 @app.command("evaluate")
 def evaluate(
     problems: Path = typer.Option(..., "--problems", help="problems JSONL"),

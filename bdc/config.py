@@ -44,19 +44,22 @@ class SplitSettings(Strict):
 
 
 class SourceSettings(Strict):
-    name: Literal["humaneval", "apps", "codecontests", "mbpp", "jsonl"]
+    name: Literal["mini", "humaneval", "apps", "codecontests", "mbpp", "jsonl"]
     path: str | None = Field(None, description="local file or folder; hub when empty")
-    slice: str | None = Field(None, description="APPS slice or CodeContests difficulty band")
-    limit: int | None = Field(None, ge=1)
+    slice: str | None = Field(None, description="mini split, APPS slice, CodeContests band, "
+                              "HumanEval index range")
+    limit: int | None = Field(None, ge=1, description="at most this many (mini: per family)")
     min_tests: int | None = Field(None, ge=1, description="overrides split.min_tests")
 
 
 class ProblemsSettings(Strict):
-    """Sources of the two disjoint pools: ``explore`` (search and training) and ``test``."""
+    """Sources of the disjoint pools: ``explore`` (search and training), ``test`` (scoring
+    only) and, for the mini profile, ``pretrain`` (the tiny models' text corpus)."""
 
     split: SplitSettings = SplitSettings()
-    explore: list[SourceSettings] = [SourceSettings(name="humaneval", slice="0-99", min_tests=1)]
-    test: list[SourceSettings] = [SourceSettings(name="humaneval", slice="100-163", min_tests=1)]
+    pretrain: list[SourceSettings] = [SourceSettings(name="mini", slice="pretrain", limit=500)]
+    explore: list[SourceSettings] = [SourceSettings(name="mini", slice="explore", limit=50)]
+    test: list[SourceSettings] = [SourceSettings(name="mini", slice="test", limit=30)]
 
 
 class TinyModelSettings(Strict):
@@ -68,6 +71,37 @@ class TinyModelSettings(Strict):
     intermediate_size: int = Field(512, ge=8)
     vocab_size: int = Field(1024, ge=300)
     max_positions: int = Field(512, ge=16)
+
+
+class PretrainModel(Strict):
+    """One tiny model: which families it mostly sees, and for how long it trains."""
+
+    role: Literal["agent", "base"]
+    focus: list[str] = Field([], description="families over-represented in its data; "
+                             "empty: all alike")
+    focus_share: float = Field(0.9, ge=0, le=1, description="share of focus families")
+    steps: int = Field(ge=1, description="optimizer steps (fixed: reproducible)")
+
+
+class PretrainSettings(Strict):
+    """The mini profile's tiny agents and System-1 base model, trained from scratch."""
+
+    setting: Literal["default", "ci"] = Field("default", description="ci: tiny and fast")
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, ge=1, description="small: many updates beat big batches here")
+    warmup_steps: int = Field(30, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    bf16: bool = Field(True, description="bfloat16 autocast (faster on CPU)")
+    max_new_tokens: int = Field(128, ge=8, description="generation budget per program")
+    sample_temperature: float = Field(0.8, gt=0, description="second sample, equal budget")
+    eval_batch_size: int = Field(96, ge=1)
+    models: dict[str, PretrainModel] = {
+        "agent_a": PretrainModel(role="agent", focus=["arith", "string", "branch"],
+                                 steps=700),
+        "agent_b": PretrainModel(role="agent", focus=["filter", "sequence", "count"],
+                                 steps=700),
+        "base": PretrainModel(role="base", steps=350),
+    }
 
 
 class OrchestrationSettings(Strict):
@@ -87,6 +121,7 @@ class Params(Strict):
     sandbox: SandboxSettings = SandboxSettings()
     problems: ProblemsSettings = ProblemsSettings()
     tiny_model: TinyModelSettings = TinyModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

@@ -17,11 +17,12 @@ from bdc.problems.format import Problem, write_problems
 from bdc.problems.sources import SourceError, load_source
 
 
-def load_pool(sources: list[SourceSettings], default_min_tests: int) -> list[Problem]:
+def load_pool(sources: list[SourceSettings], default_min_tests: int,
+              seed: int) -> list[Problem]:
     problems: list[Problem] = []
     for src in sources:
         data = load_source(src.name, path=src.path, slice=src.slice, limit=src.limit,
-                           min_tests=src.min_tests or default_min_tests)
+                           min_tests=src.min_tests or default_min_tests, seed=seed)
         problems += data.problems
     return problems
 
@@ -32,6 +33,7 @@ def pool_metrics(problems: list[Problem]) -> dict:
         "problems": len(problems),
         "by_source": dict(Counter(p.source for p in problems)),
         "by_difficulty": dict(Counter(str(p.meta.get("difficulty", "n/a")) for p in problems)),
+        "by_family": dict(Counter(str(p.meta.get("family", "n/a")) for p in problems)),
         "tests_per_problem": statistics.mean(tests) if tests else 0.0,
         "public_tests_per_problem": statistics.mean(len(p.tests.public) for p in problems)
         if problems else 0.0,
@@ -41,15 +43,20 @@ def pool_metrics(problems: list[Problem]) -> dict:
 def prepare(params: Params, out_dir: Path, metrics_path: Path,
             plots_path: Path | None = None) -> dict:
     min_tests = params.problems.split.min_tests
-    explore = load_pool(params.problems.explore, min_tests)
-    test = load_pool(params.problems.test, min_tests)
-    overlap = {p.id for p in explore} & {p.id for p in test}
-    if overlap:
-        raise SourceError(f"problems.explore and problems.test share {len(overlap)} problems, "
-                          f"e.g. {sorted(overlap)[0]!r}: make the pools disjoint")
-    write_problems(out_dir / "explore.jsonl", explore)
-    write_problems(out_dir / "test.jsonl", test)
-    metrics = {"explore": pool_metrics(explore), "test": pool_metrics(test)}
+    pools = {name: load_pool(getattr(params.problems, name), min_tests, params.seed)
+             for name in ("pretrain", "explore", "test")}
+    names = list(pools)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            overlap = {p.id for p in pools[a]} & {p.id for p in pools[b]}
+            if overlap:
+                raise SourceError(f"problems.{a} and problems.{b} share {len(overlap)} "
+                                  f"problems, e.g. {sorted(overlap)[0]!r}: make the pools "
+                                  "disjoint")
+    for name, problems in pools.items():
+        write_problems(out_dir / f"{name}.jsonl", problems)
+    explore, test = pools["explore"], pools["test"]
+    metrics = {name: pool_metrics(problems) for name, problems in pools.items()}
     with atomic_open(metrics_path) as f:
         json.dump(metrics, f, indent=2)
     if plots_path:
@@ -70,7 +77,7 @@ def run(params: Params, out_dir: Path, metrics_path: Path, plots_path: Path) -> 
         metrics = prepare(params, out_dir, metrics_path, plots_path)
         tracked.metrics(metrics)
         tracked.table([{"pool": pool, "source": source, "problems": n}
-                       for pool in ("explore", "test")
+                       for pool in ("pretrain", "explore", "test")
                        for source, n in metrics[pool]["by_source"].items()],
                       "problems_by_source.json")
         tracked.figure(_tests_histogram(plots_path), "tests_per_problem.png")

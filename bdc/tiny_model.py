@@ -50,13 +50,10 @@ def default_corpus() -> list[str]:
     return [r["prompt"] + r["canonical_solution"] for r in rows]
 
 
-def build_tiny_model(out: str | Path, settings: TinyModelSettings, corpus: Iterable[str],
-                     seed: int = 0) -> Path:
-    """Write tokenizer + random Llama weights to ``out`` (atomically: all or nothing)."""
+def new_model(settings: TinyModelSettings, tokenizer, seed: int = 0):
+    """A randomly initialised Llama-architecture model sized by ``settings``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = Path(out)
-    tokenizer = train_tokenizer(list(corpus), settings.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=settings.hidden_size,
         intermediate_size=settings.intermediate_size, num_hidden_layers=settings.layers,
@@ -65,9 +62,15 @@ def build_tiny_model(out: str | Path, settings: TinyModelSettings, corpus: Itera
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    return LlamaForCausalLM(config)
+
+
+def save_model(model, tokenizer, out: str | Path) -> Path:
+    """Standard Hugging Face folder, written atomically: all or nothing."""
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -78,3 +81,10 @@ def build_tiny_model(out: str | Path, settings: TinyModelSettings, corpus: Itera
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def build_tiny_model(out: str | Path, settings: TinyModelSettings, corpus: Iterable[str],
+                     seed: int = 0, tokenizer=None) -> Path:
+    """Write tokenizer (trained on ``corpus`` unless given) + random Llama weights to ``out``."""
+    tokenizer = tokenizer or train_tokenizer(list(corpus), settings.vocab_size)
+    return save_model(new_model(settings, tokenizer, seed), tokenizer, out)

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,6 +67,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def metric_name(key: str) -> str:
+    """MLflow's allowed characters: ``pass@1`` becomes ``pass_at_1``."""
+    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -92,7 +98,7 @@ class StageRun:
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         import mlflow
 
-        numeric = {k: float(v) for k, v in flatten(metrics).items()
+        numeric = {metric_name(k): float(v) for k, v in flatten(metrics).items()
                    if isinstance(v, int | float) and not isinstance(v, bool)}
         mlflow.log_metrics(numeric, step=step)
 

@@ -14,3 +14,9 @@ from flows.pipeline import stage_flow
 def prepare() -> dict:
     """Stage prepare: the explore and test problem pools."""
     return stage_flow("prepare")
+
+
+@flow(name="pretrain")
+def pretrain() -> dict:
+    """Stage pretrain (mini profile): the tiny agents and base model, with competence."""
+    return stage_flow("pretrain")

@@ -57,12 +57,13 @@ def git(*args: str, cwd: Path) -> str:
 
 
 def make_project_copy(dest: Path) -> Path:
-    """The project's tracked files as a fresh git repo (DVC config included), no outputs."""
+    """The project's files (tracked or not ignored) as a fresh git repo, no outputs."""
     import shutil
 
-    for rel in git("ls-files", cwd=ROOT).splitlines():
+    for rel in git("ls-files", "--cached", "--others", "--exclude-standard",
+                   cwd=ROOT).splitlines():
         src = ROOT / rel
-        if src.is_file():
+        if src.is_file() and not rel.startswith("data/"):  # outputs are regenerated
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
@@ -72,10 +73,27 @@ def make_project_copy(dest: Path) -> Path:
     return dest
 
 
+SMALL = {"pretrain": 60, "explore": 10, "test": 10}  # mini problems per family
+
+
+def use_ci_profile(root: Path) -> None:
+    """The mini profile at test size: small pools, the ci pretraining setting."""
+    import yaml
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for pool, limit in SMALL.items():
+        params["problems"][pool][0]["limit"] = limit
+    params["pretrain"]["setting"] = "ci"
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git("commit", "-qam", "ci profile", cwd=root)
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
-    """A throwaway copy of the project; commands run there keep their state there."""
+    """A throwaway copy of the project at test size; commands run there keep their state
+    there."""
     root = make_project_copy(tmp_path / "project")
+    use_ci_profile(root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("BDC_PROJECT", str(root))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -40,10 +40,14 @@ def dvc(*args: str, cwd: Path, env: dict | None = None, check: bool = True):
 
 @pytest.fixture
 def pipeline(project: Path) -> Path:
-    """The project's pipeline plus a second stage (`check`) that reads other params."""
-    from bdc.problems.sources import load_source
+    """The project's pipeline plus a stage (`check`, the test pool's reference solutions in
+    the sandbox) that reads other params, and a slow one to kill."""
+    from bdc.problems import mini
+    from bdc.problems.format import Sample
+    from tests.conftest import SMALL
 
-    refs = load_source("humaneval", slice="100-163", min_tests=1).references
+    refs = [Sample(problem_id=p.id, program=p.meta["reference"]["program"])
+            for p in mini.load(slice="test", limit=SMALL["test"], seed=0).problems]
     (project / "refs.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in refs))
     (project / "slow_writer.py").write_text(SLOW_WRITER)
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
@@ -64,9 +68,9 @@ def test_repro_noop_and_param_change(pipeline):
     out = dvc("repro", "check", cwd=pipeline)
     assert "Running stage 'prepare'" in out and "Running stage 'check'" in out
     rows = [json.loads(line) for line in (pipeline / "data/check.jsonl").open()]
-    assert len(rows) == 64 and all(r["status"] == "passed" for r in rows)
+    assert len(rows) == 60 and all(r["status"] == "passed" for r in rows)
     assert json.loads((pipeline / "data/metrics/prepare.json").read_text())["test"]["problems"] \
-        == 64
+        == 60
     lock = (pipeline / "dvc.lock").read_text()
 
     start = time.monotonic()
@@ -81,12 +85,12 @@ def test_repro_noop_and_param_change(pipeline):
     out = dvc("repro", "check", cwd=pipeline)
     assert "Running stage 'check'" in out and "Running stage 'prepare'" not in out
 
-    params["problems"]["test"][0]["slice"] = "100-149"
+    params["problems"]["test"][0]["limit"] = 5
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc("repro", "prepare", cwd=pipeline)
     assert "Running stage 'prepare'" in out
     assert json.loads((pipeline / "data/metrics/prepare.json").read_text())["test"]["problems"] \
-        == 50
+        == 30
 
 
 def test_exp_run_sets_params(pipeline):
@@ -104,7 +108,7 @@ def test_exp_run_sets_params(pipeline):
 
 def test_bad_params_fail_the_stage_with_the_key(pipeline):
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
-    params["problems"]["explore"][0]["slise"] = "0-9"
+    params["problems"]["explore"][0]["slise"] = "explore"
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = dvc("repro", "prepare", cwd=pipeline, check=False)
     assert "problems.explore[0].slise" in out

@@ -32,7 +32,9 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     from flows.pipeline import pipeline
 
     results = pipeline()
-    assert [r["stage"] for r in results] == ["prepare"] and results[0]["ran"]
+    assert [r["stage"] for r in results] == ["prepare", "pretrain"]
+    assert all(r["ran"] for r in results)
+    assert (project / "data/models/agent_a/model.safetensors").exists()
     assert (project / "data/problems/explore.jsonl").exists()
     (artifact,) = [a for a in asyncio.run(_artifacts("stage-prepare"))
                    if results[0]["mlflow_run_id"] in (a.data or "")]
@@ -40,13 +42,15 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     experiment = tracking.setup(project)
     runs = mlflow.search_runs([experiment], output_format="list")
     (parent,) = [r for r in runs if r.data.tags["bdc.stage"] == "pipeline"]
-    (stage,) = [r for r in runs if r.data.tags["bdc.stage"] == "prepare"]
-    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    for name in ("prepare", "pretrain"):
+        (stage,) = [r for r in runs if r.data.tags["bdc.stage"] == name]
+        assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "models.agent_a.explore.pass_at_1" in stage.data.metrics
     assert parent.info.status == "FINISHED" and "prefect.flow_run_id" in parent.data.tags
 
     # a second run: DVC finds prepare up to date, so no new stage run; the artifact says so
     again = pipeline()
-    assert again[0]["ran"] is False
+    assert [r["ran"] for r in again] == [False, False]
     assert any("Up to date" in (a.data or "") for a in asyncio.run(_artifacts("stage-prepare")))
 
 

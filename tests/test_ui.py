@@ -79,7 +79,9 @@ def test_ui_path_end_to_end(project):
         by_stage = {r.data.tags["bdc.stage"]: r for r in runs}
         assert by_stage["prepare"].data.tags["mlflow.parentRunId"] == \
             by_stage["pipeline"].info.run_id
-        assert by_stage["prepare"].data.metrics["explore.problems"] == 100
+        assert by_stage["prepare"].data.metrics["explore.problems"] == 60
+        assert by_stage["pretrain"].data.tags["mlflow.parentRunId"] == \
+            by_stage["pipeline"].info.run_id
     finally:
         stopped = subprocess.run([str(BIN / "bdc"), "ui", "--stop"], cwd=project, env=env,
                                  capture_output=True, text=True, timeout=120)

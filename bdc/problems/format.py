@@ -21,6 +21,10 @@ from pydantic.functional_validators import BeforeValidator
 
 from bdc.jsonl import read_jsonl, write_jsonl
 
+# Never shown to the method: reference solutions, and the family label that only evaluates
+# clustering.
+PRIVATE_META = ("reference", "family")
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,7 +98,7 @@ class Problem(_Record):
     def public_view(self) -> PublicView:
         return PublicView(id=self.id, source=self.source, prompt=self.prompt, kind=self.kind,
                           entry_point=self.entry_point, public_tests=self.tests.public,
-                          meta=self.meta)
+                          meta={k: v for k, v in self.meta.items() if k not in PRIVATE_META})
 
 
 class PublicView(_Record):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from bdc.problems.format import Problem, Sample
 
-SOURCES = ("humaneval", "apps", "codecontests", "mbpp", "jsonl")
+SOURCES = ("mini", "humaneval", "apps", "codecontests", "mbpp", "jsonl")
 
 
 class SourceError(ValueError):
@@ -22,15 +22,17 @@ class SourceData:
 
 
 def load_source(name: str, path: str | None = None, slice: str | None = None,
-                limit: int | None = None, min_tests: int = 2) -> SourceData:
+                limit: int | None = None, min_tests: int = 2, seed: int = 0) -> SourceData:
     if name not in SOURCES:
         raise SourceError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
     module = importlib.import_module(f"bdc.problems.{name}")
     kwargs = {"min_tests": min_tests, "limit": limit, "path": path}
     if slice is not None:
-        if name not in ("apps", "codecontests", "humaneval"):
+        if name not in ("apps", "codecontests", "humaneval", "mini"):
             raise SourceError(f"source {name!r} has no slices")
         kwargs["slice"] = slice
+    if name == "mini":
+        kwargs["seed"] = seed
     return module.load(**kwargs)
 
 

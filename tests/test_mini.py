@@ -1,0 +1,166 @@
+"""The mini profile: the generated benchmark and a ci-sized pretraining run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from bdc.config import Params, PretrainSettings
+from bdc.problems import mini
+from bdc.problems.format import CallTest, write_problems
+from bdc.sandbox import Sandbox
+from bdc.scoring import score_samples
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return {s: mini.load(slice=s, limit=n, seed=0).problems
+            for s, n in (("pretrain", 60), ("explore", 10), ("test", 10))}
+
+
+def test_families_phrasings_and_problem_shape(splits):
+    problems = splits["explore"]
+    assert set(Counter(p.meta["family"] for p in problems).values()) == {10}
+    assert len(mini.FAMILIES) >= 6
+    for p in problems:
+        ref = p.meta["reference"]
+        assert 1 <= len(ref["thoughts"]) <= 3 and ref["program"].startswith("def f(")
+        tests = p.tests_for("all")
+        assert len(tests) >= 6 and all(isinstance(t, CallTest) for t in tests)
+        assert len(p.tests.public) == len(tests) // 2
+    # several phrasings per family, and solutions of clearly different shapes
+    for family in mini.FAMILIES:
+        starts = {p.prompt.split()[0] for p in splits["pretrain"] if p.meta["family"] == family}
+        assert len(starts) >= 2, family
+    shapes = {p.meta["family"]: p.meta["reference"]["program"] for p in problems}
+    assert "for " in shapes["sequence"] and "if x <" in shapes["branch"]
+    assert "counts" in shapes["count"] and "kept" in shapes["filter"]
+
+
+def test_thousands_of_distinct_problems():
+    prompts = {spec.prompt for spec, _ in mini.generate("pretrain", 500, seed=0)}
+    assert len(prompts) == 3000
+
+
+def test_deterministic_from_the_seed():
+    a = mini.load(slice="explore", limit=5, seed=7).problems
+    b = mini.load(slice="explore", limit=5, seed=7).problems
+    c = mini.load(slice="explore", limit=5, seed=8).problems
+    assert a == b and [p.prompt for p in a] != [p.prompt for p in c]
+
+
+def test_splits_are_disjoint_in_parameters_text_and_solutions():
+    seen = {}
+    for split, n in (("pretrain", 300), ("explore", 50), ("test", 30)):
+        rows = mini.generate(split, n, seed=0)
+        seen[split] = ({(s.family, s.params) for s, _ in rows}, {s.prompt for s, _ in rows},
+                       {s.code for s, _ in rows})
+        assert all(mini.split_of(s.family, s.params, 0) == split for s, _ in rows)
+    for a, b in (("pretrain", "explore"), ("pretrain", "test"), ("explore", "test")):
+        for i in range(3):
+            assert not seen[a][i] & seen[b][i], (a, b, i)
+
+
+def test_every_reference_solution_passes_its_tests_in_the_sandbox(splits):
+    from bdc.config import SandboxSettings
+    from bdc.problems.format import Sample
+
+    problems = {p.id: p for s in ("explore", "test") for p in splits[s]}
+    samples = [Sample(problem_id=p.id, program=p.meta["reference"]["program"])
+               for p in problems.values()]
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        scores = list(score_samples(problems, samples, sandbox, "all"))
+    assert [s.status for s in scores] == ["passed"] * len(samples)
+
+
+def test_public_view_hides_family_and_reference(splits):
+    view = splits["explore"][0].public_view()
+    assert "family" not in view.meta and "reference" not in view.meta
+
+
+def ci_params() -> Params:
+    return Params(pretrain=PretrainSettings(setting="ci"))
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory, splits):
+    from bdc.config import SandboxSettings
+    from bdc.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("mini")
+    for name, problems in splits.items():
+        write_problems(root / "problems" / f"{name}.jsonl", problems)
+    progress = []
+    start = time.monotonic()
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        metrics = pretrain(ci_params(), root / "problems", root / "models", sandbox,
+                           on_progress=lambda *a: progress.append(a))
+    return root, metrics, progress, time.monotonic() - start
+
+
+def test_ci_training_run(ci_run):
+    root, metrics, progress, seconds = ci_run
+    assert seconds < 60, f"ci setting took {seconds:.0f}s"
+    assert set(metrics["models"]) == {"agent_a", "agent_b", "base"}
+    for m in metrics["models"].values():
+        assert m["steps"] == 25 and m["final_loss"] > 0
+        assert set(m["explore"]["by_family"]) == set(mini.FAMILIES)
+        assert 0.0 <= m["explore"]["pass@1"] <= 1.0
+    assert {name for name, *_ in progress} == {"agent_a", "agent_b", "base"}
+    assert set(metrics["boosting"]) == {"alone_budget2", "union_budget2", "union_gain"}
+
+
+def test_ci_models_load_with_the_loader_and_peft(ci_run):
+    from peft import LoraConfig, get_peft_model
+
+    from bdc.models import load_causal_lm
+
+    root = ci_run[0]
+    model, tok = load_causal_lm(root / "models" / "agent_a")
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    batch = tok([mini.render("Write f(x).")], return_tensors="pt")
+    assert lora(**batch, labels=batch["input_ids"]).loss.item() > 0
+
+
+def test_ci_training_is_reproducible(ci_run, splits):
+    from bdc.pretrain import encode, mixture, train, training_text
+    from bdc.tiny_model import new_model, train_tokenizer
+
+    corpus = splits["pretrain"]
+    tok = train_tokenizer([training_text(p)[1] for p in corpus], 512)
+    examples = encode(tok, corpus, 256)
+    spec = ci_params().pretrain.models["agent_a"]
+    from bdc.pretrain import CI_SHAPE
+
+    runs = []
+    for _ in range(2):
+        model = new_model(CI_SHAPE, tok, seed=3)
+        losses = train(model, examples, mixture(examples, spec), 5, 3e-3, 8, 1, 0.1, True, 3,
+                       tok.pad_token_id)
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].values(), runs[1][1].values(),
+                                                 strict=True))
+
+
+def test_mixture_puts_focus_share_on_focus_families(splits):
+    from bdc.config import PretrainModel
+    from bdc.pretrain import Example, mixture
+
+    examples = [Example(ids=[1], prompt_len=1, family=p.meta["family"])
+                for p in splits["pretrain"]]
+    w = mixture(examples, PretrainModel(role="agent", focus=["arith", "string"],
+                                        focus_share=0.8, steps=1))
+    share = sum(wi for wi, e in zip(w, examples, strict=True)
+                if e.family in ("arith", "string"))
+    assert share == pytest.approx(0.8)
+    uniform = mixture(examples, PretrainModel(role="base", steps=1))
+    assert uniform.sum() == pytest.approx(1.0)
+
+
+def test_metrics_are_json(ci_run):
+    json.dumps(ci_run[1])

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from bdc.problems.format import CallTest, Problem, Sample, StdioTest, Test, split_tests
-from bdc.problems.sources import SourceData, SourceError, hub_rows, parse_range
+from bdc.problems.sources import SourceData, SourceError, hub_rows, parse_range, read_rows
 
 # The paper's test slices (problem indices of the APPS test split).
 SLICES = {"interview": (0, 99), "competition": (3000, 3099), "introductory": (4000, 4099)}
@@ -60,21 +60,6 @@ def _rows_from_folder(root: Path) -> list[dict]:
     return rows
 
 
-def _rows_from_file(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
-            rows.append({**row, "_where": f"{path}:{n}"})
-    return rows
-
-
 def load(min_tests: int = 2, limit: int | None = None, path: str | None = None,
          slice: str | None = "interview", split: str = "test") -> SourceData:
     bounds = parse_slice(slice)
@@ -82,7 +67,7 @@ def load(min_tests: int = 2, limit: int | None = None, path: str | None = None,
         p = Path(path)
         if not p.exists():
             raise SourceError(f"{p}: no such file or folder")
-        rows = _rows_from_folder(p) if p.is_dir() else _rows_from_file(p)
+        rows = _rows_from_folder(p) if p.is_dir() else read_rows(p)
     else:
         rows = hub_rows("codeparrot/apps", split)
     data = SourceData()

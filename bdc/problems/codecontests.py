@@ -8,11 +8,8 @@ Local ``path``: a JSONL or Parquet file of rows with ``name``, ``description``,
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from bdc.problems.format import Problem, Sample, StdioTest, Test, split_tests
-from bdc.problems.sources import SourceData, SourceError, hub_rows, parse_range
+from bdc.problems.sources import SourceData, SourceError, local_or_hub, parse_range
 
 BANDS = {"easy": (0, 10), "hard": (11, 25)}  # the paper's difficulty bands
 PYTHON3 = 3  # CodeContests language enum
@@ -30,32 +27,10 @@ def _tests(row: dict, key: str, where: str) -> list[Test]:
     return [StdioTest(input=i, output=o) for i, o in zip(ins, outs, strict=True)]
 
 
-def _read_rows(path: Path) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return [{**r, "_where": f"{path} row {i}"}
-                for i, r in enumerate(pq.read_table(path).to_pylist())]
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append({**json.loads(line), "_where": f"{path}:{n}"})
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
-    return rows
-
-
 def load(min_tests: int = 2, limit: int | None = None, path: str | None = None,
          slice: str | None = None, split: str = "test") -> SourceData:
     band = parse_band(slice)
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise SourceError(f"{p}: no such file")
-        rows = _read_rows(p)
-    else:
-        rows = hub_rows("deepmind/code_contests", split)
+    rows = local_or_hub(path, "deepmind/code_contests", split)
     data = SourceData()
     for index, row in enumerate(rows):
         where = row.get("_where", f"code_contests row {index}")

@@ -7,12 +7,10 @@ Local ``path``: a JSONL (the original ``mbpp.jsonl``) or JSON file of rows with 
 from __future__ import annotations
 
 import ast
-import json
-from pathlib import Path
 
 from bdc.problems.assertions import split_assertions
 from bdc.problems.format import Problem, Sample, split_tests
-from bdc.problems.sources import SourceData, SourceError, hub_rows
+from bdc.problems.sources import SourceData, SourceError, local_or_hub
 
 
 def entry_point(code: str, tests: list[str], where: str) -> str:
@@ -29,29 +27,9 @@ def entry_point(code: str, tests: list[str], where: str) -> str:
     raise SourceError(f"{where}: cannot tell which function test_list tests")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return json.loads(text)
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append({**json.loads(line), "_where": f"{path}:{n}"})
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
-    return rows
-
-
 def load(min_tests: int = 1, limit: int | None = None, path: str | None = None,
          split: str = "test") -> SourceData:
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise SourceError(f"{p}: no such file")
-        rows = _read_rows(p)
-    else:
-        rows = hub_rows("google-research-datasets/mbpp", split, "full")
+    rows = local_or_hub(path, "google-research-datasets/mbpp", split, "full")
     data = SourceData()
     for index, row in enumerate(rows):
         where = row.get("_where", f"mbpp row {index}")

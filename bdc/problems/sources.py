@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bdc.problems.format import Problem, Sample
 
@@ -34,6 +36,38 @@ def load_source(name: str, path: str | None = None, slice: str | None = None,
     if name == "mini":
         kwargs["seed"] = seed
     return module.load(**kwargs)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a native dataset file (JSON list, JSON Lines or Parquet), each tagged with
+    ``_where`` (file and line or row) for error messages."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return [{**r, "_where": f"{path} row {i}"}
+                for i, r in enumerate(pq.read_table(path).to_pylist())]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return [{**r, "_where": f"{path} item {i}"} for i, r in enumerate(json.loads(text))]
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append({**json.loads(line), "_where": f"{path}:{n}"})
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}:{n}: invalid JSON: {exc.msg}") from exc
+    return rows
+
+
+def local_or_hub(path: str | None, dataset: str, split: str,
+                 config: str | None = None) -> list[dict]:
+    """Rows from a local native file when ``path`` is given, else from the hub."""
+    if not path:
+        return hub_rows(dataset, split, config)
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"{p}: no such file")
+    return read_rows(p)
 
 
 def parse_range(spec: str | None, what: str, named: dict | None = None,

@@ -148,9 +148,10 @@ def write_programs(model, tokenizer, problems: list[Problem], max_new_tokens: in
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         enc = tokenizer([render(p.prompt) for p in chunk], return_tensors="pt", padding=True)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens,
-                             do_sample=temperature is not None, temperature=temperature,
-                             top_k=0, eos_token_id=tokenizer.eos_token_id,
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} \
+            if temperature is not None else {"do_sample": False}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling,
+                             eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                        skip_special_tokens=True)

@@ -12,6 +12,7 @@ Competence is measured, not assumed: every model writes programs for the ``explo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -200,6 +201,31 @@ def _per_family(problems: list[Problem], limit: int | None) -> list[Problem]:
     return kept
 
 
+TRAINING_RECORD = "training.json"
+
+
+def fingerprint(shape: TinyModelSettings, spec: PretrainModel, steps: int, params: Params,
+                seed: int, corpus: list[Problem]) -> str:
+    """Everything that determines a model's weights; equal fingerprints, equal models."""
+    pre = params.pretrain
+    blob = json.dumps({
+        "shape": shape.model_dump(), "spec": spec.model_dump(), "steps": steps, "seed": seed,
+        "lr": pre.lr, "batch_size": pre.batch_size, "warmup_steps": pre.warmup_steps,
+        "min_lr_ratio": pre.min_lr_ratio, "bf16": pre.bf16,
+        "corpus": hashlib.sha256("\n".join(training_text(p)[1] for p in corpus).encode())
+        .hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def finished_training(folder: Path, print_: str) -> dict | None:
+    """The training record of a model already trained with this fingerprint, if any."""
+    try:
+        record = json.loads((folder / TRAINING_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == print_ else None
+
+
 def pretrain(params: Params, problems_dir: Path, models_dir: Path, sandbox: Sandbox,
              on_progress: Callable[[str, int, int, float], None] | None = None,
              on_loss: Callable[[str, int, float], None] | None = None) -> dict:
@@ -218,22 +244,36 @@ def pretrain(params: Params, problems_dir: Path, models_dir: Path, sandbox: Sand
     second: dict[str, list[bool]] = {}
     train_seconds = 0.0
     for index, (name, spec) in enumerate(pre.models.items()):
-        model = new_model(shape, tokenizer, seed=params.seed + index)
-        started = time.perf_counter()
+        seed = params.seed + index
+        print_ = fingerprint(shape, spec, steps[name], params, seed, corpus)
+        record = finished_training(models_dir / name, print_)
+        resumed = record is not None
+        if resumed:  # resume: this exact model was trained by an earlier run
+            from bdc.models import load_causal_lm
 
-        def step_done(step: int, loss: float, name: str = name) -> None:
-            if on_progress:
-                on_progress(name, step + 1, steps[name], loss)
-            if on_loss and (step % 10 == 0 or step + 1 == steps[name]):
-                on_loss(name, step, loss)
+            log.info("%s: already trained (fingerprint %s), not retraining", name, print_)
+            model, _ = load_causal_lm(models_dir / name)
+        else:
+            model = new_model(shape, tokenizer, seed=seed)
+            started = time.perf_counter()
 
-        losses = train(model, examples, mixture(examples, spec), steps[name], pre.lr,
-                       pre.batch_size, min(pre.warmup_steps, steps[name] // 4),
-                       pre.min_lr_ratio, pre.bf16, params.seed + index,
-                       tokenizer.pad_token_id, step_done)
-        seconds = time.perf_counter() - started
+            def step_done(step: int, loss: float, name: str = name) -> None:
+                if on_progress:
+                    on_progress(name, step + 1, steps[name], loss)
+
+            losses = train(model, examples, mixture(examples, spec), steps[name], pre.lr,
+                           pre.batch_size, min(pre.warmup_steps, steps[name] // 4),
+                           pre.min_lr_ratio, pre.bf16, seed, tokenizer.pad_token_id,
+                           step_done)
+            record = {"fingerprint": print_, "losses": losses,
+                      "train_seconds": round(time.perf_counter() - started, 1)}
+            save_model(model, tokenizer, models_dir / name, {TRAINING_RECORD: json.dumps(record)})
+        if on_loss:
+            for step, loss in enumerate(record["losses"]):
+                if step % 10 == 0 or step + 1 == len(record["losses"]):
+                    on_loss(name, step, loss)
+        losses, seconds = record["losses"], record["train_seconds"]
         train_seconds += seconds
-        save_model(model, tokenizer, models_dir / name)
         greedy[name] = {
             split: solved(problems, write_programs(model, tokenizer, problems,
                                                    pre.max_new_tokens, pre.eval_batch_size),
@@ -244,7 +284,8 @@ def pretrain(params: Params, problems_dir: Path, models_dir: Path, sandbox: Sand
                 model, tokenizer, explore, pre.max_new_tokens, pre.eval_batch_size,
                 temperature=pre.sample_temperature, seed=params.seed + index), sandbox)
         metrics["models"][name] = {
-            "role": spec.role, "steps": steps[name], "train_seconds": round(seconds, 1),
+            "role": spec.role, "steps": steps[name], "train_seconds": seconds,
+            "resumed": resumed,
             "final_loss": float(np.mean(losses[-10:])),
             "explore": by_family(explore, greedy[name]["explore"]),
             "test": by_family(test, greedy[name]["test"])}

@@ -65,8 +65,9 @@ def new_model(settings: TinyModelSettings, tokenizer, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
-    """Standard Hugging Face folder, written atomically: all or nothing."""
+def save_model(model, tokenizer, out: str | Path,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Standard Hugging Face folder (plus ``extra_files``), written atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -74,6 +75,8 @@ def save_model(model, tokenizer, out: str | Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -164,3 +164,30 @@ def test_mixture_puts_focus_share_on_focus_families(splits):
 
 def test_metrics_are_json(ci_run):
     json.dumps(ci_run[1])
+
+
+def test_pretraining_resumes_without_redoing_finished_models(ci_run):
+    """A second run over the same folder reuses every model (same competence, no training);
+    a changed training setting retrains only the model it concerns."""
+    from bdc.config import PretrainModel, SandboxSettings
+    from bdc.pretrain import pretrain
+
+    root, first, _, _ = ci_run
+    params = ci_params()
+    progress = []
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        again = pretrain(params, root / "problems", root / "models", sandbox,
+                         on_progress=lambda *a: progress.append(a))
+    assert progress == [] and all(m["resumed"] for m in again["models"].values())
+    for name, m in first["models"].items():
+        assert again["models"][name]["explore"] == m["explore"]
+        assert again["models"][name]["train_seconds"] == m["train_seconds"]
+    models = dict(params.pretrain.models)
+    models["base"] = PretrainModel(role="base", steps=1, focus=["arith"])
+    changed = params.model_copy(update={"pretrain": params.pretrain.model_copy(
+        update={"models": models})})
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        third = pretrain(changed, root / "problems", root / "models", sandbox,
+                         on_progress=lambda *a: progress.append(a))
+    assert {name for name, *_ in progress} == {"base"}
+    assert [m["resumed"] for m in third["models"].values()] == [True, True, False]

@@ -60,7 +60,8 @@ def problems_export(
     slice: str | None = typer.Option(None, "--slice", help="APPS: interview | competition | "
                                      "introductory | all | LO-HI; CodeContests: easy | hard | "
                                      "all | LO-HI"),
-    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many problems"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many problems "
+                                     "(mini: per family)"),
     min_tests: int | None = typer.Option(None, "--min-tests", min=1, help="drop problems with "
                                          "fewer tests (default: 2; HumanEval and MBPP: 1)"),
     references: Path | None = typer.Option(None, "--references", help="also write the "
@@ -176,9 +177,11 @@ def evaluate(
     scores = []
     with Sandbox(settings) as sandbox, _progress() as progress:
         task = progress.add_task("evaluating", total=len(rows), info="")
+        passed = 0
 
         def tick(score) -> None:
-            passed = sum(s.status == "passed" for s in scores) + (score.status == "passed")
+            nonlocal passed
+            passed += score.status == "passed"
             progress.update(task, advance=1, info=f"passed {passed}")
 
         for score in score_samples(by_id, rows, sandbox, split, timeout, on_result=tick):

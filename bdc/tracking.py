@@ -92,7 +92,6 @@ class StageRun:
     """What a stage logs while it runs; a thin layer over the active MLflow run."""
 
     def __init__(self, run) -> None:
-        self.run = run
         self.run_id: str = run.info.run_id
 
     def metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:

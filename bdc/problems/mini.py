@@ -256,7 +256,7 @@ def generate(split: str, per_family: int, seed: int = 0,
         rng = random.Random(f"{seed}|{split}|{family}")
         seen: set[str] = set()
         attempts = 0
-        while sum(s.family == family for s, _ in out) < per_family:
+        while len(seen) < per_family:
             attempts += 1
             if attempts > per_family * 200:
                 raise SourceError(f"mini family {family!r} has too few distinct problems in "

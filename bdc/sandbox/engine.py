@@ -574,12 +574,19 @@ class Sandbox:
                 self._run_function(worker, execution, timeout, outcomes)
         except WorkerLost as exc:
             log.warning("%s; restarting it", exc)
-            worker.stop()
-            worker.start()
             outcomes += [TestOutcome("error", detail=str(exc))] * (
                 len(execution.tests) - len(outcomes))
-        finally:
+            worker.stop()
+            try:
+                worker.start()
+            except BaseException:
+                with self._lock:  # gone for good: the next checkout starts a fresh one
+                    self._all.remove(worker)
+                raise
+        except BaseException:
             self._idle.put(worker)
+            raise
+        self._idle.put(worker)
         return ExecutionResult(outcomes)
 
     def map(self, executions: Iterable[Execution], timeout: float | None = None,

@@ -436,7 +436,7 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
                 with contextlib.suppress(ChildProcessError):
                     _, status = os.waitpid(pid, 0)
                     exit_codes[pid] = os.waitstatus_to_exitcode(status)
-                    shutil.rmtree(scratch.pop(pid, ""), ignore_errors=True)
+                    _forget_scratch(scratch, pid)
             sock.send(json.dumps({"exit_code": exit_codes.pop(pid, None)}).encode())
     if spare is not None:
         os.kill(spare.pid, signal.SIGKILL)
@@ -449,6 +449,12 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _forget_scratch(scratch: dict[int, str], pid: int) -> None:
+    """Without namespaces a run's scratch is an ordinary folder: remove it once it is done."""
+    if pid in scratch:
+        shutil.rmtree(scratch.pop(pid), ignore_errors=True)
+
+
 def _reap(exit_codes: dict[int, int], scratch: dict[int, str]) -> None:
     while True:
         try:
@@ -458,7 +464,7 @@ def _reap(exit_codes: dict[int, int], scratch: dict[int, str]) -> None:
         if pid == 0:
             return
         exit_codes[pid] = os.waitstatus_to_exitcode(status)
-        shutil.rmtree(scratch.pop(pid, ""), ignore_errors=True)
+        _forget_scratch(scratch, pid)
         while len(exit_codes) > 256:  # codes nobody asked for
             exit_codes.pop(next(iter(exit_codes)))
 

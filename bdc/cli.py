@@ -144,6 +144,77 @@ def pretrain_cmd(
         console.print(f"target {target}: {'met' if met else 'NOT met'}")
 
 
+@app.command("explore")
+def explore_cmd(
+    problems: Path = typer.Option(Path("data/problems/explore.jsonl"), "--problems",
+                                  help="problems to explore (their hidden tests score the "
+                                  "answers once; the search never sees them)"),
+    out_dir: Path = typer.Option(Path("data/explore"), "--out-dir",
+                                 help="trees/, sft.jsonl, prefs.jsonl, example_tree.md"),
+    metrics: Path = typer.Option(Path("data/metrics/explore.json"), "--metrics"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage explore (Boost): MC-Tree-of-Agents over the explore problems; resumes from the
+    problems already explored with the same settings."""
+    from bdc.explore import run
+
+    with _progress() as progress:
+        task = progress.add_task("exploring", total=None, info="")
+
+        def tick(done: int, total: int, solved: int, seconds: float) -> None:
+            rate = f", {60 * done / seconds:.1f} problems/min" if seconds > 0 else ""
+            progress.update(task, completed=done, total=total,
+                            info=f"solved {solved}/{max(done, 1)} (hidden){rate}")
+
+        result = run(_params(params), problems, out_dir, metrics, tick)
+    console.print(
+        f"{result['problems']} problems: hidden solve rate {result['hidden_solve_rate']:.3f}, "
+        f"public {result['public_solve_rate']:.3f}; {result['sft_records']} SFT records, "
+        f"{result['preference_pairs']} preference pairs; {result['tokens']} tokens, "
+        f"{result['wall_seconds']:.0f}s")
+    for name, a in result["agents"].items():
+        console.print(f"  {name}: answer share {a['answer_share']:.2f}, thought share "
+                      f"{a['thought_share']:.2f}, {a['tokens']} tokens")
+
+
+@app.command("explore-compare")
+def explore_compare_cmd(
+    problems: Path = typer.Option(Path("data/problems/explore.jsonl"), "--problems"),
+    per_family: int | None = typer.Option(None, "--per-family", min=1, help="mini: the "
+                                          "first N problems of each family (default: all)"),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated"),
+    out: Path = typer.Option(Path("data/metrics/explore_compare.json"), "--out"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """The tree of agents against each agent's tree and best-of-N sampling, at the same
+    budget of executed programs, over several seeds; logged to MLflow."""
+    from bdc.explore_compare import run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise UserError(f"--seeds: expected integers like 0,1,2, got {seeds!r}") from exc
+    table = run(_params(params), problems, per_family, seed_list, out,
+                lambda name, seed, r: console.print(
+                    f"{name} seed {seed}: hidden solve rate {r['hidden_solve_rate']:.3f}"))
+    console.print(table)
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    name: str | None = typer.Option(None, "--name", help="model name clients send "
+                                    "(default: the path)"),
+) -> None:
+    """Serve a local model over the OpenAI HTTP protocol (completions and chat)."""
+    from bdc.agents.serve import serve
+
+    serve(str(model), host, port, batch_size, name)
+
+
 @app.command("evaluate")
 def evaluate(
     problems: Path = typer.Option(..., "--problems", help="problems JSONL"),
@@ -261,6 +332,7 @@ def ui(
 
 
 def main() -> None:
+    from bdc.agents.base import AgentError
     from bdc.jsonl import RecordError
     from bdc.models import ModelLoadError
     from bdc.problems.sources import SourceError
@@ -270,7 +342,11 @@ def main() -> None:
     try:
         app()
     except (UserError, ConfigError, RecordError, SourceError, ModelLoadError, IsolationError,
-            ServiceError, KeyError, ValueError) as exc:
+            ServiceError, AgentError, KeyError, ValueError) as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         sys.exit(2)
 
+
+
+if __name__ == "__main__":
+    main()

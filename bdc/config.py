@@ -104,6 +104,67 @@ class PretrainSettings(Strict):
     }
 
 
+class SearchSettings(Strict):
+    """MC-Tree-of-Agents. Defaults are the paper code's; params.yaml sizes the mini profile."""
+
+    selection: Literal["variable_pucb", "pucb", "uct"] = "variable_pucb"
+    c_base: float = Field(10.0, gt=0, description="variable P-UCB: beta(N) = "
+                          "ln((N + c_base + 1) / c_base) + c")
+    c: float = Field(4.0, ge=0, description="variable P-UCB constant; P-UCB's fixed beta")
+    uct_c: float = Field(1.414, ge=0, description="UCT exploration constant")
+    width: int = Field(3, ge=1, description="next thoughts each agent proposes per expansion")
+    trials: int = Field(2, ge=1, description="programs each agent writes per new node")
+    rollouts: int = Field(16, ge=0, description="selection-expansion-simulation rounds")
+    max_depth: int = Field(4, ge=1, description="most thoughts in a chain")
+    gamma: float = Field(0.9, ge=0, le=1, description="discount of backed-up returns")
+    prune: bool = Field(True, description="children worse than their parent are not expanded")
+    refine: bool = Field(True, description="agents rewrite the best failing new thought from "
+                         "its failing public tests")
+    boost: bool = Field(True, description="agents merge other agents' candidate thoughts")
+    stop_when_solved: bool = Field(False, description="end a problem's search once a program "
+                                   "passes all public tests")
+    max_programs: int = Field(1000, ge=1, description="programs written per problem (budget)")
+    max_tokens: int = Field(2_000_000, ge=1, description="tokens per problem (budget)")
+    wall_time_s: float = Field(1800.0, gt=0, description="seconds per problem (budget)")
+    feedback_tests: int = Field(3, ge=1, description="failing tests shown when refining")
+
+
+class AgentSettings(Strict):
+    """One agent: an LLM somewhere, asked in one prompt style."""
+
+    backend: Literal["hf", "vllm", "http"]
+    model: str = Field(description="local folder or hub id (hf, vllm); model name (http)")
+    style: Literal["mini", "chat"] = "chat"
+    temperature: float = Field(0.0, ge=0)
+    thought_tokens: int = Field(1024, ge=1, description="max new tokens per thought reply")
+    program_tokens: int = Field(1024, ge=1, description="max new tokens per program")
+    batch_size: int = Field(64, ge=1, description="local backends: sequences per batch")
+    device: str = "cpu"
+    dtype: str | None = None
+    base_url: str | None = Field(None, description="http: e.g. https://api.openai.com/v1")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="http: env var of the key")
+    max_concurrency: int = Field(16, ge=1, description="http: requests in flight")
+    retries: int = Field(5, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    price_input_per_mtok: float = Field(0.0, ge=0, description="cost accounting, per 1M tokens")
+    price_output_per_mtok: float = Field(0.0, ge=0)
+
+
+class ExploreSettings(Strict):
+    """Stage ``explore``: which agents search, how, and how many problems at once."""
+
+    agents: dict[str, AgentSettings] = {
+        "gpt-4o-mini": AgentSettings(backend="http", model="gpt-4o-mini",
+                                     base_url="https://api.openai.com/v1"),
+        "claude-3.5-sonnet": AgentSettings(backend="http", model="claude-3-5-sonnet-latest",
+                                           base_url="https://api.anthropic.com/v1",
+                                           api_key_env="ANTHROPIC_API_KEY"),
+    }
+    search: SearchSettings = SearchSettings()
+    concurrency: int = Field(64, ge=1, description="problems searched at once")
+    limit: int | None = Field(None, ge=1, description="explore only the first N problems")
+
+
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
 
@@ -122,6 +183,7 @@ class Params(Strict):
     problems: ProblemsSettings = ProblemsSettings()
     tiny_model: TinyModelSettings = TinyModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
+    explore: ExploreSettings = ExploreSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

@@ -302,5 +302,15 @@ def render(prompt: str, thoughts: list[str] | None = None, code: str | None = No
     text = f"### Problem\n{prompt}\n### Thoughts\n"
     if thoughts is None:
         return text
-    text += "".join(f"{i}. {t}\n" for i, t in enumerate(thoughts, 1)) + "### Code\n"
+    text = render_state(prompt, thoughts) + CODE_HEADER
     return text if code is None else text + code
+
+
+CODE_HEADER = "### Code\n"
+
+
+def render_state(prompt: str, thoughts: list[str]) -> str:
+    """A search state in the same format: the problem and the thoughts so far, ready for
+    the next thought line (or for the code header, when the model deems the chain done)."""
+    return f"### Problem\n{prompt}\n### Thoughts\n" + "".join(
+        f"{i}. {t}\n" for i, t in enumerate(thoughts, 1))

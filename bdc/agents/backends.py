@@ -1,0 +1,338 @@
+"""Where an agent's LLM runs: an OpenAI-compatible server, vLLM in-process, or transformers.
+
+Local backends (transformers, vLLM) gather the requests of every open search tree into
+batches: a request waits while the current batch runs, and the next batch takes everything
+that arrived meanwhile. The HTTP backend sends requests concurrently under a limit, retrying
+rate limits and server errors with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdc.agents.base import AgentError, Backend, Generation, Request, Usage
+
+log = logging.getLogger(__name__)
+
+
+class BatchingBackend(Backend):
+    """Batches concurrent ``generate`` calls; subclasses run one batch synchronously."""
+
+    def __init__(self, batch_size: int) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self._waiting: list[tuple[Request, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
+        self.busy_seconds = 0.0  # time spent inside batches: generation throughput
+        self.generated_tokens = 0
+
+    async def generate(self, request: Request) -> list[Generation]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._waiting:
+            for _ in range(4):  # let every ready tree put its request in
+                await asyncio.sleep(0)
+            batch = self._take()
+            started = time.perf_counter()
+            try:
+                results = await asyncio.to_thread(self.run_batch, [r for r, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.busy_seconds += time.perf_counter() - started
+            for (_, future), gens in zip(batch, results, strict=True):
+                self.generated_tokens += sum(g.tokens for g in gens)
+                if not future.done():
+                    future.set_result(gens)
+
+    def _take(self) -> list[tuple[Request, asyncio.Future]]:
+        """The oldest request's kind (same length limit and stops), up to ``batch_size``
+        sequences; other kinds wait for the next batch."""
+        groups: dict[tuple, list[tuple[Request, asyncio.Future]]] = defaultdict(list)
+        for item in self._waiting:
+            groups[(item[0].max_tokens, item[0].stop, item[0].chat)].append(item)
+        first = self._waiting[0][0]
+        batch, size = [], 0
+        for item in groups[(first.max_tokens, first.stop, first.chat)]:
+            if batch and size + item[0].n > self.batch_size:
+                break
+            batch.append(item)
+            size += item[0].n
+        taken = {id(item) for item in batch}
+        self._waiting = [item for item in self._waiting if id(item) not in taken]
+        return batch
+
+    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- transformers
+
+class SeededSampling:
+    """Sampling by the Gumbel-max trick with one random stream per sequence, as a logits
+    processor under greedy decoding: each sequence's draw depends only on its own seed, not
+    on which other sequences share the batch (what makes a resumed run equal a fresh one)."""
+
+    def __init__(self, seeds: list[int], temperatures: list[float]) -> None:
+        import torch
+
+        self.temperatures = temperatures
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        scores = scores.float().clone()
+        for row, (gen, t) in enumerate(zip(self.generators, self.temperatures, strict=True)):
+            if t > 0:
+                u = torch.rand(scores.shape[1], generator=gen).clamp_(1e-12, 1 - 1e-7)
+                scores[row] = scores[row] / t - torch.log(-torch.log(u))
+        return scores
+
+
+class HFBackend(BatchingBackend):
+    """transformers ``generate`` with a KV cache over left-padded batches; log-probabilities
+    of the generated tokens from the raw logits (what priors are made of)."""
+
+    def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu",
+                 dtype: str | None = None) -> None:
+        super().__init__(batch_size)
+        from bdc.models import load_causal_lm
+
+        self.model, self.tokenizer = load_causal_lm(model, device=device, dtype=dtype)
+        self.device = device
+
+    def _text(self, request: Request) -> str:
+        if not request.chat:
+            return request.prompt
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AgentError("chat prompts need a tokenizer with a chat template; this model "
+                             "has none (use the mini prompt style)")
+        return self.tokenizer.apply_chat_template(request.messages(), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        texts, seeds, temps = [], [], []
+        for r in requests:
+            for i in range(r.n):
+                texts.append(self._text(r))
+                seeds.append(r.seed * 1000003 + i)
+                temps.append(r.temperature)
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        first = requests[0]
+        stop = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} \
+            if first.stop else {}
+        with torch.no_grad():
+            out = self.model.generate(
+                **enc, max_new_tokens=first.max_tokens, do_sample=False,
+                logits_processor=LogitsProcessorList([SeededSampling(seeds, temps)]),
+                output_logits=True, return_dict_in_generate=True,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id, **stop)
+        new = out.sequences[:, enc["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab), unprocessed
+        token_lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        prompt_lens = enc["attention_mask"].sum(1).tolist()
+        gens = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            n = next((i for i, t in enumerate(ids) if t in ends), len(ids))
+            text = self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+            stopped = [s for s in first.stop if s in text]
+            for s in stopped:  # the stop token may carry characters past the stop string
+                text = text[:text.index(s) + len(s)]
+            counted = n if stopped else min(n + 1, len(ids))  # a chosen end token counts
+            lps = token_lp[row, :counted].tolist()
+            gens.append(Generation(text=text, tokens=counted, prompt_tokens=prompt_lens[row],
+                                   logprob=float(sum(lps)), token_logprobs=lps))
+        self.usage.add(Usage(calls=len(requests), prompt_tokens=sum(prompt_lens),
+                             completion_tokens=sum(g.tokens for g in gens)))
+        results, start = [], 0
+        for r in requests:
+            results.append(gens[start:start + r.n])
+            start += r.n
+        return results
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+class VLLMBackend(BatchingBackend):
+    """vLLM's offline ``LLM`` engine in this process (the ``gpu`` extra). vLLM does its own
+    continuous batching; we hand it every request that is waiting."""
+
+    def __init__(self, model: str, batch_size: int = 256, dtype: str | None = None,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None) -> None:
+        super().__init__(batch_size)
+        try:
+            from vllm import LLM
+        except ImportError as exc:
+            raise AgentError("backend 'vllm' needs the optional extra: pip install "
+                             "'bdc[gpu]' (and a GPU)") from exc
+        kwargs = {"max_model_len": max_model_len} if max_model_len else {}
+        self.llm = LLM(model=model, dtype=dtype or "auto",
+                       gpu_memory_utilization=gpu_memory_utilization, **kwargs)
+
+    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+        from vllm import SamplingParams
+
+        tokenizer = self.llm.get_tokenizer()
+        prompts = [tokenizer.apply_chat_template(r.messages(), tokenize=False,
+                                                 add_generation_prompt=True)
+                   if r.chat else r.prompt for r in requests]
+        params = [SamplingParams(n=r.n, temperature=r.temperature, max_tokens=r.max_tokens,
+                                 stop=list(r.stop) or None, include_stop_str_in_output=True,
+                                 seed=r.seed, logprobs=0 if r.logprobs else None)
+                  for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            gens = [Generation(text=c.text, tokens=len(c.token_ids),
+                               prompt_tokens=len(out.prompt_token_ids or []),
+                               logprob=c.cumulative_logprob) for c in out.outputs]
+            self.usage.add(Usage(calls=1, prompt_tokens=len(out.prompt_token_ids or []),
+                                 completion_tokens=sum(g.tokens for g in gens)))
+            results.append(gens)
+        return results
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+    max_concurrency: int = 16
+    retries: int = 5
+    timeout_s: float = 120.0
+    backoff_s: float = 1.0
+    price_input_per_mtok: float = 0.0
+    price_output_per_mtok: float = 0.0
+
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible server (OpenAI, vLLM's ``vllm serve``, other providers, or
+    ``bdc serve``): chat prompts go to ``/chat/completions``, raw text to ``/completions``.
+    The API key comes from the environment only (``api_key_env``)."""
+
+    def __init__(self, settings: HTTPSettings) -> None:
+        super().__init__()
+        import httpx
+
+        self.settings = settings
+        headers = {}
+        if settings.api_key_env:
+            key = os.environ.get(settings.api_key_env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            elif "api.openai.com" in settings.base_url:
+                raise AgentError(f"{settings.base_url} needs an API key: set the environment "
+                                 f"variable {settings.api_key_env}")
+        self._client = httpx.AsyncClient(base_url=settings.base_url.rstrip("/"),
+                                         headers=headers, timeout=settings.timeout_s)
+        self._limit = asyncio.Semaphore(settings.max_concurrency)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _body(self, request: Request) -> tuple[str, dict]:
+        body = {"model": self.settings.model, "n": request.n, "max_tokens": request.max_tokens,
+                "temperature": request.temperature, "seed": request.seed}
+        if request.stop:
+            body["stop"] = list(request.stop)
+        if request.chat:
+            body["messages"] = request.messages()
+            if request.logprobs:
+                body["logprobs"] = True
+            return "/chat/completions", body
+        body["prompt"] = request.prompt
+        if request.logprobs:
+            body["logprobs"] = 1
+        return "/completions", body
+
+    async def _post(self, path: str, body: dict) -> dict:
+        import httpx
+
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            try:
+                async with self._limit:
+                    response = await self._client.post(path, json=body)
+                if response.status_code == 200:
+                    return response.json()
+                reason = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code not in RETRY_STATUS:
+                    raise AgentError(f"{s.base_url}{path} ({s.model}): {reason}")
+                wait = _retry_after(response.headers.get("retry-after"))
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                reason, wait = f"{type(exc).__name__}: {exc}", None
+            if attempt == s.retries:
+                raise AgentError(f"{s.base_url}{path} ({s.model}): gave up after "
+                                 f"{s.retries + 1} attempts; last: {reason}")
+            self.usage.retries += 1
+            delay = wait if wait is not None else s.backoff_s * 2 ** attempt * (
+                0.5 + random.random())  # noqa: S311 - jitter, not security
+            log.warning("%s%s: %s; retrying in %.1fs", s.base_url, path, reason, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def generate(self, request: Request) -> list[Generation]:
+        path, body = self._body(request)
+        reply = await self._post(path, body)
+        try:
+            choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
+            gens = [_generation(c, request.chat) for c in choices]
+        except (KeyError, TypeError) as exc:
+            raise AgentError(f"{self.settings.base_url}{path}: malformed reply "
+                             f"{str(reply)[:200]}") from exc
+        usage = reply.get("usage") or {}
+        prompt = int(usage.get("prompt_tokens", 0))
+        completion = int(usage.get("completion_tokens", sum(g.tokens for g in gens)))
+        for g in gens:
+            g.prompt_tokens = prompt // max(len(gens), 1)
+        s = self.settings
+        self.usage.add(Usage(calls=1, prompt_tokens=prompt, completion_tokens=completion,
+                             cost=(prompt * s.price_input_per_mtok
+                                   + completion * s.price_output_per_mtok) / 1e6))
+        return gens
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(float(value), 60.0) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _generation(choice: dict, chat: bool) -> Generation:
+    if chat:
+        text = choice["message"].get("content") or ""
+        entries = ((choice.get("logprobs") or {}).get("content") or [])
+        logprobs = [e["logprob"] for e in entries]
+    else:
+        text = choice["text"]
+        logprobs = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or [])
+                    if x is not None]
+    tokens = len(logprobs) if logprobs else max(1, len(text) // 4)
+    return Generation(text=text, tokens=tokens, logprob=sum(logprobs) if logprobs else None)

@@ -1,0 +1,88 @@
+"""``bdc serve``: a local model behind the OpenAI HTTP protocol (``/v1/completions``,
+``/v1/chat/completions``, ``/v1/models``), batching concurrent requests like the in-process
+backend. It lets the HTTP agent path run end to end without a provider or vLLM (which serves
+the same protocol on GPU machines)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from bdc.agents.backends import HFBackend
+from bdc.agents.base import Request
+
+
+def _request(body: dict, chat: bool) -> Request:
+    if chat:
+        prompt = tuple((m["role"], m["content"]) for m in body["messages"])
+        logprobs = bool(body.get("logprobs"))
+    else:
+        prompt = body["prompt"]
+        if isinstance(prompt, list):  # the protocol allows a list; we serve one prompt
+            if len(prompt) != 1:
+                raise ValueError("send one prompt per request")
+            prompt = prompt[0]
+        logprobs = body.get("logprobs") is not None
+    stop = body.get("stop") or ()
+    return Request(prompt=prompt, n=int(body.get("n", 1)),
+                   temperature=float(body.get("temperature", 1.0)),
+                   max_tokens=int(body.get("max_tokens", 256)),
+                   stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                   seed=int(body.get("seed") or 0), logprobs=logprobs)
+
+
+def create_app(backend: HFBackend, model_name: str):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def models(_request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": model_name, "object": "model"}]})
+
+    async def complete(http_request, chat: bool) -> JSONResponse:
+        try:
+            body = await http_request.json()
+            request = _request(body, chat)
+        except (ValueError, KeyError, TypeError) as exc:
+            return JSONResponse({"error": {"message": f"bad request: {exc}"}}, status_code=400)
+        gens = await backend.generate(request)
+        choices = []
+        for i, g in enumerate(gens):
+            finish = "stop" if any(g.text.endswith(s) for s in request.stop) or \
+                g.tokens < request.max_tokens else "length"
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": g.text},
+                          "finish_reason": finish}
+                if request.logprobs:
+                    choice["logprobs"] = {"content": [{"logprob": lp}
+                                                      for lp in g.token_logprobs or []]}
+            else:
+                choice = {"index": i, "text": g.text, "finish_reason": finish,
+                          "logprobs": {"token_logprobs": g.token_logprobs}
+                          if request.logprobs else None}
+            choices.append(choice)
+        prompt_tokens = gens[0].prompt_tokens if gens else 0
+        return JSONResponse({
+            "id": f"cmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
+            "object": "chat.completion" if chat else "text_completion", "model": model_name,
+            "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens,
+                      "completion_tokens": sum(g.tokens for g in gens),
+                      "total_tokens": prompt_tokens + sum(g.tokens for g in gens)}})
+
+    async def completions(request) -> JSONResponse:
+        return await complete(request, chat=False)
+
+    async def chat_completions(request) -> JSONResponse:
+        return await complete(request, chat=True)
+
+    return Starlette(routes=[Route("/v1/models", models),
+                             Route("/v1/completions", completions, methods=["POST"]),
+                             Route("/v1/chat/completions", chat_completions, methods=["POST"])])
+
+
+def serve(model: str, host: str, port: int, batch_size: int, name: str | None = None) -> None:
+    import uvicorn
+
+    backend = HFBackend(model, batch_size)
+    uvicorn.run(create_app(backend, name or model), host=host, port=port, log_level="warning")

@@ -1,0 +1,284 @@
+"""Agents and backends: lenient parsing, transformers batching, the HTTP client against real
+local servers (``bdc serve`` over a tiny model, and a provider-like server that rate-limits),
+vLLM when installed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bdc.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
+from bdc.agents.base import AgentError, Backend, Generation, Request
+from bdc.agents.llm import ChatStyle, LLMAgent, MiniStyle, Sampling, parse_code, parse_thoughts
+from bdc.config import TinyModelSettings
+from bdc.problems.format import CallTest, Problem
+from bdc.problems.format import Tests as TestSplit
+from bdc.tiny_model import build_tiny_model
+
+SMALL = TinyModelSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64,
+                          vocab_size=300, max_positions=128)
+CORPUS = ["### Problem\nAdd one.\n### Thoughts\n1. Add one.\n### Code\ndef f(x):\n"
+          "    return x + 1\n"] * 30
+VIEW = Problem(id="p", source="t", prompt="Add one.", kind="function", entry_point="f",
+               tests=TestSplit(public=[CallTest(input=[1], output=2)],
+                           hidden=[CallTest(input=[5], output=6)])).public_view()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny", SMALL, CORPUS, seed=0)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+@pytest.mark.parametrize("text, expected", [
+    ('{"thoughts": [{"thought": "sort it", "prior": 0.8}], "done": false}', [("sort it", 0.8)]),
+    ('Sure!\n```json\n{"thoughts": [{"text": "a", "confidence": 70}]}\n```', [("a", 0.7)]),
+    ("[{'thought': 'b', 'prior': 2.5}, 'c']", [("b", 0.025), ("c", 0.5)]),
+    ('{"thought": "only one", "prior": "high"}', [("only one", 0.5)]),
+])
+def test_thoughts_parse_leniently(text, expected):
+    reply = parse_thoughts(text, 2)
+    assert not reply.fallback
+    assert [(t.text, pytest.approx(t.prior)) for t in reply.thoughts] == expected
+
+
+def test_unusable_replies_are_recorded_not_raised():
+    assert parse_thoughts("I think we should loop.", 3).fallback == "no JSON in the reply"
+    assert parse_thoughts('{"thoughts": []}', 3).fallback == "JSON without thoughts"
+    assert parse_thoughts('{"thoughts": [], "done": true}', 3).done
+    assert parse_code("text\n```python\ndef f():\n    return 1\n```\nbye") == \
+        "def f():\n    return 1\n"
+
+
+class CannedBackend(Backend):
+    """Replies from a list, for the agent's retry logic (no model needed to test it)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        super().__init__()
+        self.texts, self.requests = texts, []
+
+    async def generate(self, request: Request) -> list[Generation]:
+        self.requests.append(request)
+        return [Generation(self.texts.pop(0), tokens=5, prompt_tokens=10)]
+
+
+def test_a_bad_reply_is_retried_once_with_another_seed_then_falls_back():
+    good = CannedBackend(["nonsense", '{"thoughts": ["x"]}'])
+    agent = LLMAgent("a", good, ChatStyle(), Sampling())
+    reply = asyncio.run(agent.propose(VIEW, [], 2, seed=1))
+    assert [t.text for t in reply.thoughts] == ["x"] and not reply.fallback
+    assert reply.tokens == 30 and good.requests[0].seed != good.requests[1].seed
+    bad = CannedBackend(["nonsense", "still nonsense"])
+    reply = asyncio.run(LLMAgent("b", bad, ChatStyle(), Sampling()).propose(VIEW, [], 2, 1))
+    assert reply.thoughts == [] and reply.fallback == "no JSON in the reply"
+    assert len(bad.requests) == 2  # bounded: one retry
+
+
+def test_chat_prompts_show_public_tests_and_feedback_only():
+    style = ChatStyle()
+    text = style.propose(VIEW, ["add"], 3, Sampling(), 0).prompt[1][1]
+    assert "f(*[1]) == 2" in text and "[5]" not in text and "1. add" in text
+    from bdc.agents.base import Feedback
+
+    refine = style.refine(VIEW, ["add"], [Feedback([1], 2, 3)], Sampling(), 0).prompt[1][1]
+    assert "expected: 2" in refine and "got: 3" in refine
+
+
+# ----------------------------------------------------------------------------- transformers
+
+def test_hf_backend_sampling_does_not_depend_on_the_batch(tiny):
+    backend = HFBackend(tiny, batch_size=16)
+    ask = Request("### Problem\nAdd one.\n### Thoughts\n", n=3, temperature=1.0, max_tokens=12,
+                  stop=("\n",), seed=5, logprobs=True)
+    others = [Request(f"### Problem\nOther {i}.\n", n=2, temperature=1.0, max_tokens=12,
+                      stop=("\n",), seed=i) for i in range(4)]
+
+    async def alone():
+        return await backend.generate(ask)
+
+    async def crowded():
+        results = await asyncio.gather(*[backend.generate(r) for r in [*others, ask]])
+        return results[-1]
+
+    a, b = asyncio.run(alone()), asyncio.run(crowded())
+    assert [g.text for g in a] == [g.text for g in b]
+    assert all(g.logprob == pytest.approx(h.logprob, abs=1e-3) for g, h in zip(a, b,
+                                                                               strict=True))
+    assert all(g.logprob < 0 and 1 <= g.tokens <= 12 and "\n" not in g.text[:-1]
+               for g in a)
+    assert backend.usage.calls == 1 + 5 and backend.usage.completion_tokens > 0
+
+
+def test_mini_style_agent_on_a_local_model(tiny):
+    agent = LLMAgent("a", HFBackend(tiny, 8), MiniStyle(), Sampling(0.8, 12, 24))
+    reply = asyncio.run(agent.propose(VIEW, [], 3, seed=0))
+    assert reply.tokens > 0 and (reply.thoughts or reply.done or reply.fallback)
+    assert all(0 < t.prior <= 1 for t in reply.thoughts)
+    written = asyncio.run(agent.write(VIEW, ["Add one."], 2, seed=0))
+    assert len(written.programs) == 2
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    """``bdc serve`` in its own process: the protocol over a real socket."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model", str(tiny),
+                             "--port", str(port), "--name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail(f"bdc serve did not start: {proc.stdout.read().decode()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_http_agent_against_a_local_openai_compatible_server(served, tiny):
+    async def go():
+        backend = OpenAIBackend(HTTPSettings(base_url=served, model="tiny", api_key_env=None,
+                                             max_concurrency=4))
+        agent = LLMAgent("h", backend, MiniStyle(), Sampling(0.8, 12, 24))
+        try:
+            replies = await asyncio.gather(*[agent.propose(VIEW, [], 2, seed=s)
+                                             for s in range(6)])
+            written = await agent.write(VIEW, ["Add one."], 2, seed=0)
+        finally:
+            await backend.aclose()
+        return backend, replies, written
+
+    backend, replies, written = asyncio.run(go())
+    assert backend.usage.calls >= 7 and backend.usage.completion_tokens > 0
+    assert all(0 < t.prior <= 1 for r in replies for t in r.thoughts)
+    assert len(written.programs) == 2
+    # the same request over HTTP and in-process: the same text (seeded sampling)
+    local = asyncio.run(HFBackend(tiny).generate(
+        MiniStyle().write(VIEW, ["Add one."], 2, Sampling(0.8, 12, 24), 0)))
+    assert [g.text for g in local] == [p for p in written.programs]
+
+
+class ProviderLike:
+    """A server speaking the chat protocol the way providers fail: rate limits first."""
+
+    def __init__(self, fail_first: int, status: int = 429, delay: float = 0.0) -> None:
+        from starlette.applications import Starlette
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        self.seen: list[dict] = []
+
+        async def chat(request):
+            self.seen.append({"auth": request.headers.get("authorization"),
+                              "body": await request.json()})
+            await asyncio.sleep(delay)
+            if len(self.seen) <= fail_first:
+                return JSONResponse({"error": "slow down"}, status_code=status,
+                                    headers={"retry-after": "0"})
+            return JSONResponse({"choices": [{"index": 0, "message": {
+                "role": "assistant", "content": '{"thoughts": [{"thought": "t", "prior": 0.9}]}'},
+                "finish_reason": "stop"}], "usage": {"prompt_tokens": 100,
+                                                      "completion_tokens": 20}})
+
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(
+            Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])]),
+            host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def chat_agent(url: str, **kw) -> LLMAgent:
+    settings = HTTPSettings(base_url=url, model="m", api_key_env="BDC_TEST_KEY",
+                            backoff_s=0.01, price_input_per_mtok=1.0,
+                            price_output_per_mtok=4.0, **kw)
+    return LLMAgent("c", OpenAIBackend(settings), ChatStyle(), Sampling())
+
+
+def test_rate_limits_are_retried_and_costs_counted(monkeypatch):
+    monkeypatch.setenv("BDC_TEST_KEY", "sk-test")
+    with ProviderLike(fail_first=2) as url:
+        agent = chat_agent(url)
+        reply = asyncio.run(agent.propose(VIEW, [], 2, 0))
+        server_saw = None
+    assert [t.text for t in reply.thoughts] == ["t"]
+    usage = agent.usage
+    assert usage.retries == 2 and usage.calls == 1
+    assert usage.cost == pytest.approx((100 * 1.0 + 20 * 4.0) / 1e6)
+    del server_saw
+
+
+def test_api_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("BDC_TEST_KEY", "sk-secret")
+    server = ProviderLike(fail_first=0)
+    with server as url:
+        asyncio.run(chat_agent(url).propose(VIEW, [], 2, 0))
+    assert server.seen[0]["auth"] == "Bearer sk-secret"
+    assert server.seen[0]["body"]["model"] == "m" and "sk-secret" not in json.dumps(
+        server.seen[0]["body"])
+
+
+def test_client_errors_fail_at_once_and_timeouts_give_up(monkeypatch):
+    monkeypatch.delenv("BDC_TEST_KEY", raising=False)
+    bad = ProviderLike(fail_first=5, status=400)
+    with bad as url, pytest.raises(AgentError, match="HTTP 400"):
+        asyncio.run(chat_agent(url).propose(VIEW, [], 2, 0))
+    assert len(bad.seen) == 1
+    with ProviderLike(fail_first=0, delay=2.0) as url, \
+            pytest.raises(AgentError, match="gave up after 2 attempts"):
+        asyncio.run(chat_agent(url, timeout_s=0.3, retries=1).propose(VIEW, [], 2, 0))
+
+
+def test_openai_needs_a_key():
+    with pytest.raises(AgentError, match="set the environment variable BDC_NO_SUCH_KEY"):
+        OpenAIBackend(HTTPSettings(base_url="https://api.openai.com/v1", model="gpt-4o-mini",
+                                   api_key_env="BDC_NO_SUCH_KEY"))
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+def test_vllm_backend_when_installed(tiny):
+    pytest.importorskip("vllm", reason="vLLM is the optional 'gpu' extra")
+    from bdc.agents.backends import VLLMBackend
+
+    backend = VLLMBackend(str(tiny), max_model_len=128)
+    gens = asyncio.run(backend.generate(Request("### Problem\n", n=2, temperature=0.8,
+                                                max_tokens=8, seed=1, logprobs=True)))
+    assert len(gens) == 2 and all(g.tokens >= 1 for g in gens)

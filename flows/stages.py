@@ -20,3 +20,9 @@ def prepare() -> dict:
 def pretrain() -> dict:
     """Stage pretrain (mini profile): the tiny agents and base model, with competence."""
     return stage_flow("pretrain")
+
+
+@flow(name="explore")
+def explore() -> dict:
+    """Stage explore (Boost): MC-Tree-of-Agents over the explore problems."""
+    return stage_flow("explore")

@@ -74,6 +74,7 @@ def make_project_copy(dest: Path) -> Path:
 
 
 SMALL = {"pretrain": 60, "explore": 10, "test": 10}  # mini problems per family
+CI_EXPLORE = {"limit": 12, "search": {"rollouts": 2, "max_programs": 6}}
 
 
 def use_ci_profile(root: Path) -> None:
@@ -84,6 +85,8 @@ def use_ci_profile(root: Path) -> None:
     for pool, limit in SMALL.items():
         params["problems"][pool][0]["limit"] = limit
     params["pretrain"]["setting"] = "ci"
+    params["explore"]["limit"] = CI_EXPLORE["limit"]
+    params["explore"]["search"].update(CI_EXPLORE["search"])
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git("commit", "-qam", "ci profile", cwd=root)
 

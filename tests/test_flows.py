@@ -32,7 +32,7 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     from flows.pipeline import pipeline
 
     results = pipeline()
-    assert [r["stage"] for r in results] == ["prepare", "pretrain"]
+    assert [r["stage"] for r in results] == ["prepare", "pretrain", "explore"]
     assert all(r["ran"] for r in results)
     assert (project / "data/models/agent_a/model.safetensors").exists()
     assert (project / "data/problems/explore.jsonl").exists()
@@ -42,15 +42,17 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     experiment = tracking.setup(project)
     runs = mlflow.search_runs([experiment], output_format="list")
     (parent,) = [r for r in runs if r.data.tags["bdc.stage"] == "pipeline"]
-    for name in ("prepare", "pretrain"):
+    for name in ("prepare", "pretrain", "explore"):
         (stage,) = [r for r in runs if r.data.tags["bdc.stage"] == name]
         assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert "models.agent_a.explore.pass_at_1" in stage.data.metrics
+        if name == "pretrain":
+            assert "models.agent_a.explore.pass_at_1" in stage.data.metrics
+    assert "hidden_solve_rate" in stage.data.metrics
     assert parent.info.status == "FINISHED" and "prefect.flow_run_id" in parent.data.tags
 
     # a second run: DVC finds prepare up to date, so no new stage run; the artifact says so
     again = pipeline()
-    assert [r["ran"] for r in again] == [False, False]
+    assert [r["ran"] for r in again] == [False, False, False]
     assert any("Up to date" in (a.data or "") for a in asyncio.run(_artifacts("stage-prepare")))
 
 

@@ -136,7 +136,9 @@ class MiniStyle:
                 continue
             prior = math.exp(g.logprob / max(g.tokens, 1)) if g.logprob is not None \
                 else 1.0 / width
-            thoughts.append(Thought(text, prior))
+            # 4 significant digits: batch composition moves the last bits of a float, and a
+            # resumed run must make the same choices as an uninterrupted one
+            thoughts.append(Thought(text, float(f"{prior:.4g}")))
         if not thoughts and not finished:
             return Reply(fallback="no thought line")
         return Reply(thoughts=thoughts, done=not thoughts)

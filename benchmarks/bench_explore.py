@@ -1,0 +1,125 @@
+"""The search's own cost, against baselines measured in the same run.
+
+1. Search overhead per node: MC-Tree-of-Agents with zero-latency scripted agents (every
+   program identical, so after its first run the sandbox answers from the tree's cache):
+   what selection, expansion, bookkeeping and asyncio cost per node, printed next to one
+   sandbox execution measured in the same run.
+2. Local backend throughput inside the search: tokens/s the transformers backend generates
+   while many trees search at once (batched across trees, sandbox overlapping), as a ratio to
+   plain batched ``generate`` at the same batch size and sampling. Target >= 0.7.
+
+Needs the mini models (``dvc repro pretrain``).
+
+    .venv/bin/python benchmarks/bench_explore.py [--problems 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bdc.runtime import configure_environment
+
+
+def overhead(sandbox, problems, nodes_wanted: int = 3000) -> tuple[float, float, int]:
+    from bdc.agents.scripted import ScriptedAgent
+    from bdc.config import SearchSettings
+    from bdc.sandbox import Execution
+    from bdc.tree_of_agents import Search
+
+    program = "def f(*a):\n    return None\n"
+    agents = [ScriptedAgent(n, lambda v, th, w, s: [(f"step {len(th)}.{i} {s % 97}", 0.5)
+                                                    for i in range(w)],
+                            lambda v, th, n, s: [program] * n) for n in ("a", "b")]
+    settings = SearchSettings(width=3, trials=2, rollouts=16, max_depth=4, refine=False,
+                              boost=False, prune=False, max_programs=10_000)
+    views = [p.public_view() for p in problems]
+
+    async def go():
+        with ThreadPoolExecutor(4) as pool:
+            return await asyncio.gather(*[Search(v, agents, settings, sandbox, pool, 0).run()
+                                          for v in views])
+
+    start = time.perf_counter()
+    trees = asyncio.run(go())
+    seconds = time.perf_counter() - start
+    nodes = sum(len(t.nodes) for t in trees)
+    one = problems[0]
+    execution = Execution(program, one.kind, one.entry_point, list(one.tests.public))
+    sandbox.run(execution)
+    runs = 20
+    start = time.perf_counter()
+    for _ in range(runs):
+        sandbox.run(execution)
+    per_run = (time.perf_counter() - start) / runs
+    # each problem ran its program once in the sandbox (the rest were cache hits)
+    per_node = (seconds - len(problems) * per_run / sandbox.settings.workers) / nodes
+    return per_node, per_run, nodes
+
+
+def plain_generate(backend, prompts: list[str], max_tokens: int, temperature: float) -> float:
+    """Tokens/s of one batched ``generate`` over ``prompts`` (no search around it)."""
+    import torch
+
+    tok, model = backend.tokenizer, backend.model
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=True,
+                             temperature=temperature, top_k=0,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    seconds = time.perf_counter() - start
+    new = out[:, enc["input_ids"].shape[1]:]
+    ends = (new == tok.eos_token_id) | (new == tok.pad_token_id)
+    lengths = torch.where(ends.any(1), ends.float().argmax(1) + 1, torch.tensor(new.shape[1]))
+    return float(lengths.sum()) / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--problems", type=int, default=60)
+    args = ap.parse_args()
+    configure_environment()
+    from bdc.config import load_params
+    from bdc.explore import make_agents, search_all
+    from bdc.problems.format import read_problems
+    from bdc.problems.mini import render
+    from bdc.sandbox import Sandbox
+
+    params = load_params("params.yaml")
+    problems = read_problems(Path("data/problems/explore.jsonl"))[::5][:args.problems]
+    with Sandbox(params.sandbox) as sandbox:
+        per_node, per_run, nodes = overhead(sandbox, problems)
+        print(f"search overhead: {per_node * 1e6:.0f} us per node over {nodes} nodes "
+              f"(one sandbox execution: {per_run * 1e3:.1f} ms, "
+              f"{per_node / per_run:.3f} of it)")
+
+        agents = make_agents(params.explore)
+        backend = next(iter({id(a.backend): a.backend for a in agents}.values()))
+        spec = next(iter(params.explore.agents.values()))
+        start = time.perf_counter()
+        asyncio.run(search_all(problems, agents, params.explore, sandbox, params.seed,
+                               lambda *a: None))
+        wall = time.perf_counter() - start
+        backends = {id(a.backend): a.backend for a in agents}.values()
+        tokens = sum(b.generated_tokens for b in backends)
+        busy = sum(b.busy_seconds for b in backends)
+        in_search = tokens / wall
+        prompts = [render(p.prompt) for p in problems] * (spec.batch_size // len(problems) + 1)
+        plain_generate(backend, prompts[:8], 8, spec.temperature)  # warm-up
+        rates = [plain_generate(b, prompts[:spec.batch_size], spec.program_tokens,
+                                spec.temperature) for b in backends]
+        plain = sum(rates) / len(rates)
+        print(f"generation inside the search: {in_search:.0f} tokens/s over {wall:.1f}s "
+              f"(generating {busy / wall:.0%} of the time, {len(backends)} models); "
+              f"plain batched generate (batch {spec.batch_size}, mean of the models): "
+              f"{plain:.0f} tokens/s")
+        print(f"ratio: {in_search / plain:.2f} (target >= 0.7)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Stage explore end to end: `bdc explore` in a project copy with local (tiny) agents, outputs,
+MLflow, and resumption after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from bdc.problems.format import write_problems
+from bdc.problems.mini import load, render
+from bdc.tiny_model import build_tiny_model
+from tests.test_agents import SMALL
+
+
+def setup_explore(root: Path) -> None:
+    problems = load(slice="explore", limit=2).problems  # 12 problems, 2 per family
+    write_problems(root / "data/problems/explore.jsonl", problems)
+    corpus = [render(p.prompt, p.meta["reference"]["thoughts"], p.meta["reference"]["program"])
+              for p in load(slice="pretrain", limit=20).problems]
+    for i, name in enumerate(("agent_a", "agent_b")):
+        build_tiny_model(root / "data/models" / name, SMALL, corpus, seed=i)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["explore"].update(limit=None, concurrency=3)
+    params["explore"]["search"].update(rollouts=2, max_programs=6, wall_time_s=600)
+    for agent in params["explore"]["agents"].values():
+        agent.update(thought_tokens=16, program_tokens=32)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def explore_cmd(out: str) -> list[str]:
+    return ["bdc", "explore", "--out-dir", out, "--metrics", f"{out}/metrics.json"]
+
+
+def comparable(folder: Path) -> dict:
+    """Every output, with the timings (which differ between runs) left out."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".json" and path.parent.name == "trees":
+            record = json.loads(path.read_text())
+            record["tree"]["seconds"] = 0
+            for node in record["tree"]["nodes"]:
+                node["seconds"] = 0
+            out[path.name] = record
+        elif path.suffix in (".jsonl", ".md"):
+            out[path.name] = path.read_text()
+    return out
+
+
+def test_explore_writes_trees_records_and_resumes_after_a_kill(project):
+    setup_explore(project)
+    full = subprocess.run(explore_cmd("full"), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stdout + full.stderr
+    metrics = json.loads((project / "full/metrics.json").read_text())
+    assert metrics["problems"] == 12 and metrics["resumed_problems"] == 0
+    assert set(metrics["agents"]) == {"agent_a", "agent_b"}
+    assert 0 < metrics["programs_per_problem"] <= 6 and metrics["tokens"] > 0
+    trees = sorted((project / "full/trees").glob("*.json"))
+    assert len(trees) == 12
+    record = json.loads(trees[0].read_text())
+    node = record["tree"]["nodes"][0]
+    assert {"thoughts", "kind", "agent", "prior", "p", "value", "q", "visits", "programs",
+            "tokens", "seconds"} <= set(node)
+    assert record["answer"] is None or "hidden" in record["answer"]
+    assert (project / "full/example_tree.md").read_text().startswith("# mini/explore/")
+
+    # a run killed part-way resumes: finished problems are not searched again, and the
+    # outputs equal the uninterrupted run's
+    proc = subprocess.Popen(explore_cmd("part"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while len(list((project / "part/trees").glob("*.json"))) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((project / "part/trees").glob("*.json")))
+    assert 3 <= done_before < 12
+    assert not (project / "part/sft.jsonl").exists()  # nothing that looks finished
+    again = subprocess.run(explore_cmd("part"), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = json.loads((project / "part/metrics.json").read_text())["resumed_problems"]
+    assert resumed >= done_before
+    assert comparable(project / "part") == comparable(project / "full")
+
+
+def test_explore_stage_is_logged_to_mlflow(project):
+    import mlflow
+
+    from bdc import tracking
+
+    setup_explore(project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["explore"]["limit"] = 3
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = subprocess.run(explore_cmd("data/explore"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    experiment = tracking.setup(project)
+    (run,) = [r for r in mlflow.search_runs([experiment], output_format="list")
+              if r.data.tags["bdc.stage"] == "explore"]
+    assert run.data.metrics["problems"] == 3 and "hidden_solve_rate" in run.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"example_tree.md", "sft.jsonl", "prefs.jsonl", "problems.json"} <= artifacts

@@ -271,8 +271,10 @@ def render_tree(record: dict, limit: int = 60) -> str:
 
 def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: Sandbox,
             agents: list[Agent] | None = None,
-            on_progress: Callable[[int, int, int, float], None] | None = None) -> dict:
-    """Search every problem not already explored with these settings; outputs + metrics."""
+            on_progress: Callable[[int, int, int, float], None] | None = None,
+            ) -> tuple[dict, list[dict]]:
+    """Search every problem not already explored with these settings; writes the outputs,
+    returns the metrics and the per-problem records (in problem order)."""
     settings = params.explore
     if settings.limit:
         problems = problems[:settings.limit]
@@ -325,14 +327,13 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
     metrics = metrics_of([rec for _, rec in ordered], time.perf_counter() - started, resumed)
     metrics["sft_records"] = sum(len(sft_records(p, rec)) for p, rec in ordered)
     metrics["preference_pairs"] = sum(len(preference_pairs(p, rec)) for p, rec in ordered)
-    return metrics
+    return metrics, [rec for _, rec in ordered]
 
 
-def per_family(problems: list[Problem], out_dir: Path) -> dict[str, float]:
+def per_family(problems: list[Problem], records: list[dict]) -> dict[str, float]:
     """Hidden solve rate per mini family (evaluation only: families are never searched on)."""
     groups: dict[str, list[bool]] = defaultdict(list)
-    for p in problems:
-        record = json.loads(tree_file(out_dir, p.id).read_text())
+    for p, record in zip(problems, records, strict=True):
         groups[p.meta.get("family", p.source)].append(record["solved_hidden"])
     return {f: sum(v) / len(v) for f, v in sorted(groups.items())}
 
@@ -346,16 +347,15 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
     with stage_run("explore", {"explore": params.explore.model_dump(), "seed": params.seed,
                                "sandbox.timeout": params.sandbox.timeout},
                    params.profile) as tracked, Sandbox(params.sandbox) as sandbox:
-        metrics = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
+        metrics, records = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
         if params.explore.limit:
             problems = problems[:params.explore.limit]
-        metrics["hidden_solve_rate_by_family"] = per_family(problems, out_dir)
+        metrics["hidden_solve_rate_by_family"] = per_family(problems, records)
         with atomic_open(metrics_path) as f:
             json.dump(metrics, f, indent=2)
         tracked.metrics(metrics)
         rows = []
-        for p in problems:
-            rec = json.loads(tree_file(out_dir, p.id).read_text())
+        for p, rec in zip(problems, records, strict=True):
             ans = rec["answer"] or {}
             rows.append({"problem_id": p.id, "nodes": len(rec["tree"]["nodes"]),
                          "programs": rec["tree"]["programs"], "tokens": rec["tree"]["tokens"],

@@ -21,6 +21,7 @@ from bdc.config import Params
 from bdc.explore import closing, make_agents, search_all
 from bdc.jsonl import atomic_open
 from bdc.problems.format import Problem, PublicView, read_problems
+from bdc.problems.mini import first_per_family
 from bdc.sandbox import ExecutionResult, Sandbox
 from bdc.tree_of_agents import Search, Tree, best_of_n
 
@@ -86,19 +87,6 @@ def markdown(summary: dict, budget: int, problems: int, seeds: list[int]) -> str
                  ("hidden_solve_rate", "programs_per_problem", "tokens_per_problem")]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def first_per_family(problems: list[Problem], per_family: int | None) -> list[Problem]:
-    if per_family is None:
-        return problems
-    counts: dict[str, int] = {}
-    kept = []
-    for p in problems:
-        family = p.meta.get("family", p.source)
-        if counts.get(family, 0) < per_family:
-            counts[family] = counts.get(family, 0) + 1
-            kept.append(p)
-    return kept
 
 
 def run(params: Params, problems_path: Path, per_family: int | None, seeds: list[int],

@@ -29,7 +29,7 @@ import torch
 from bdc.config import Params, PretrainModel, TinyModelSettings
 from bdc.jsonl import atomic_open
 from bdc.problems.format import Problem, Sample, read_problems
-from bdc.problems.mini import render
+from bdc.problems.mini import first_per_family, render
 from bdc.sandbox import Sandbox
 from bdc.scoring import SampleScore, score_samples
 
@@ -190,17 +190,6 @@ def effective(params: Params) -> tuple[TinyModelSettings, dict[str, int], int | 
     return params.tiny_model, {n: m.steps for n, m in pre.models.items()}, None
 
 
-def _per_family(problems: list[Problem], limit: int | None) -> list[Problem]:
-    if limit is None:
-        return problems
-    kept, counts = [], defaultdict(int)
-    for p in problems:
-        if counts[p.meta["family"]] < limit:
-            counts[p.meta["family"]] += 1
-            kept.append(p)
-    return kept
-
-
 TRAINING_RECORD = "training.json"
 
 
@@ -235,8 +224,8 @@ def pretrain(params: Params, problems_dir: Path, models_dir: Path, sandbox: Sand
     pre = params.pretrain
     shape, steps, eval_limit = effective(params)
     corpus = read_problems(problems_dir / "pretrain.jsonl")
-    explore = _per_family(read_problems(problems_dir / "explore.jsonl"), eval_limit)
-    test = _per_family(read_problems(problems_dir / "test.jsonl"), eval_limit)
+    explore = first_per_family(read_problems(problems_dir / "explore.jsonl"), eval_limit)
+    test = first_per_family(read_problems(problems_dir / "test.jsonl"), eval_limit)
     tokenizer = train_tokenizer([training_text(p)[1] for p in corpus], shape.vocab_size)
     examples = encode(tokenizer, corpus, shape.max_positions)
     metrics: dict = {"setting": pre.setting, "models": {}, "corpus_examples": len(examples)}

@@ -237,12 +237,10 @@ def test_rate_limits_are_retried_and_costs_counted(monkeypatch):
     with ProviderLike(fail_first=2) as url:
         agent = chat_agent(url)
         reply = asyncio.run(agent.propose(VIEW, [], 2, 0))
-        server_saw = None
     assert [t.text for t in reply.thoughts] == ["t"]
     usage = agent.usage
     assert usage.retries == 2 and usage.calls == 1
     assert usage.cost == pytest.approx((100 * 1.0 + 20 * 4.0) / 1e6)
-    del server_saw
 
 
 def test_api_key_comes_from_the_environment(monkeypatch):

@@ -314,3 +314,17 @@ def render_state(prompt: str, thoughts: list[str]) -> str:
     the next thought line (or for the code header, when the model deems the chain done)."""
     return f"### Problem\n{prompt}\n### Thoughts\n" + "".join(
         f"{i}. {t}\n" for i, t in enumerate(thoughts, 1))
+
+
+def first_per_family(problems: list[Problem], limit: int | None) -> list[Problem]:
+    """The first ``limit`` problems of each family, in order (all when ``limit`` is None)."""
+    if limit is None:
+        return problems
+    counts: dict[str, int] = {}
+    kept = []
+    for p in problems:
+        family = p.meta.get("family", p.source)
+        if counts.get(family, 0) < limit:
+            counts[family] = counts.get(family, 0) + 1
+            kept.append(p)
+    return kept

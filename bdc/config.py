@@ -162,6 +162,8 @@ class ExploreSettings(Strict):
     }
     search: SearchSettings = SearchSettings()
     concurrency: int = Field(64, ge=1, description="problems searched at once")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads while local CPU "
+                                    "models search (default: cores / those models)")
     limit: int | None = Field(None, ge=1, description="explore only the first N problems")
 
 

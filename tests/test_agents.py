@@ -120,6 +120,26 @@ def test_hf_backend_sampling_does_not_depend_on_the_batch(tiny):
     assert backend.usage.calls == 1 + 5 and backend.usage.completion_tokens > 0
 
 
+def test_seeded_sampling_rows_are_independent_across_noise_blocks(monkeypatch):
+    import torch
+
+    from bdc.agents.backends import SeededSampling
+
+    def run(seeds, temps, steps=40, vocab=7):
+        proc = SeededSampling(seeds, temps)
+        scores = torch.arange(vocab, dtype=torch.float32).repeat(len(seeds), 1)
+        return [proc(None, scores) for _ in range(steps)], scores
+
+    alone, _ = run([11], [0.7])
+    crowd, scores = run([3, 11, 4], [1.0, 0.7, 0.0])  # 40 steps: three noise blocks
+    assert all(torch.equal(a[0], c[1]) for a, c in zip(alone, crowd, strict=True))
+    assert all(torch.equal(c[2], scores[2]) for c in crowd)  # greedy row untouched
+    assert not torch.equal(crowd[0][0], crowd[1][0])  # fresh noise every step
+    monkeypatch.setattr(SeededSampling, "BUFFER", 10)  # a huge vocabulary: one step a block
+    small, _ = run([11], [0.7])
+    assert all(torch.allclose(a, b) for a, b in zip(alone, small, strict=True))
+
+
 def test_mini_style_agent_on_a_local_model(tiny):
     agent = LLMAgent("a", HFBackend(tiny, 8), MiniStyle(), Sampling(0.8, 12, 24))
     reply = asyncio.run(agent.propose(VIEW, [], 3, seed=0))

@@ -106,3 +106,18 @@ def test_explore_stage_is_logged_to_mlflow(project):
     assert run.data.metrics["problems"] == 3 and "hidden_solve_rate" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"example_tree.md", "sft.jsonl", "prefs.jsonl", "problems.json"} <= artifacts
+
+
+def test_local_cpu_models_share_the_cores():
+    import torch
+
+    from bdc.explore import share_cpu
+
+    before = torch.get_num_threads()
+    try:
+        share_cpu(2, None)  # two models generating at once: half the cores each
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+        share_cpu(2, 3)  # explore.cpu_threads wins
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -149,7 +149,7 @@ class WorkerProcess:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": str(self.scratch)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-S", str(WORKER_SCRIPT), str(theirs.fileno()),
+            [sys.executable, "-E", "-s", "-S", "-B", str(WORKER_SCRIPT), str(theirs.fileno()),
              json.dumps(cfg)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=env, cwd="/", pass_fds=[theirs.fileno()], start_new_session=True)

@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bdc.errors import BDCError
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -189,7 +191,7 @@ class Params(Strict):
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 
-class ConfigError(ValueError):
+class ConfigError(BDCError, ValueError):
     """A configuration file is unreadable or invalid; the message names file and key."""
 
 

@@ -16,10 +16,12 @@ from typing import IO, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from bdc.errors import BDCError
+
 T = TypeVar("T")
 
 
-class RecordError(ValueError):
+class RecordError(BDCError, ValueError):
     """A record is malformed; the message starts with ``file:line:``."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bdc.errors import BDCError
 
-class ModelLoadError(RuntimeError):
+
+class ModelLoadError(BDCError, RuntimeError):
     """A model or tokenizer cannot be loaded; the message says which and why."""
 
 

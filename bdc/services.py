@@ -21,13 +21,14 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bdc.errors import BDCError
 from bdc.runtime import configure_environment, state_dir
 from bdc.tracking import artifact_root, tracking_uri
 
 POOLS = ("cpu", "gpu")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(BDCError, RuntimeError):
     """A service did not start, or services are already running."""
 
 

@@ -356,6 +356,15 @@ def test_reduced_isolation_is_reported_once_and_strict_refuses(caplog):
         sb.run(Execution("def f():\n    return 1\n", "function", "f", []))
 
 
+def test_workers_start_at_entry_in_the_background():
+    with Sandbox(SandboxSettings(workers=2, timeout=1.0)) as sb:
+        for thread in list(sb._starting):  # started by __enter__, before any program
+            thread.join(timeout=30)
+        assert sb._idle.qsize() == 2 and all(w.proc.poll() is None for w in sb._all)
+        result = run_fn(sb, "def f(x):\n    return x\n", [CallTest(input=[1], output=1)])
+        assert result.status == "passed" and len(sb._all) == 2
+
+
 def test_no_stray_processes_after_close():
     with Sandbox(SandboxSettings(workers=2, timeout=1.0)) as sb:
         run_fn(sb, ATTACKS["detached-daemon"], [CallTest(input=[], output="spawned")])

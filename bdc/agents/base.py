@@ -12,10 +12,11 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 
+from bdc.errors import BDCError
 from bdc.problems.format import PublicView
 
 
-class AgentError(RuntimeError):
+class AgentError(BDCError, RuntimeError):
     """A backend failed for good (after its retries); the message says which and why."""
 
 

@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bdc.errors import BDCError
 from bdc.problems.format import Problem, Sample
 
 SOURCES = ("mini", "humaneval", "apps", "codecontests", "mbpp", "jsonl")
 
 
-class SourceError(ValueError):
+class SourceError(BDCError, ValueError):
     """A source cannot be read (missing file, unreachable hub, bad slice)."""
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from bdc.config import SandboxSettings
+from bdc.errors import BDCError
 from bdc.problems.format import CallTest, CodeTest, StdioTest, Test
 from bdc.sandbox import protocol
 
@@ -58,7 +59,7 @@ ALWAYS = ("scrubbed environment, scratch working directory, rlimits (memory, CPU
           "program's process")
 
 
-class IsolationError(RuntimeError):
+class IsolationError(BDCError, RuntimeError):
     """Strict isolation was requested and this machine cannot provide it."""
 
 
@@ -505,16 +506,34 @@ class Sandbox:
         self.scratch = Path(tempfile.mkdtemp(prefix="bdc-sandbox-")) if scratch is None \
             else scratch
         self.scratch.mkdir(parents=True, exist_ok=True)
-        self._idle: queue.Queue[WorkerProcess] = queue.Queue()
+        self._idle: queue.Queue[WorkerProcess | None] = queue.Queue()  # None: a start failed
         self._all: list[WorkerProcess] = []
         self._lock = threading.Lock()
         self._warned = False  # reduced isolation is reported once per sandbox
+        self._starting: list[threading.Thread] = []
         # Each sandbox's workers get uids of their own: separate process limits, and
         # cleanup by uid can never touch anything else.
         self._uid_block = settings.uid_base + secrets.randbelow(1 << 20) * 64
 
     def __enter__(self) -> Sandbox:
+        self.start()
         return self
+
+    def start(self) -> None:
+        """Start every worker at once in the background, so that the first programs find
+        them warm while the caller is still reading its inputs."""
+        for _ in range(self.settings.workers - len(self._all)):
+            thread = threading.Thread(target=self._warm, daemon=True)
+            thread.start()
+            self._starting.append(thread)
+
+    def _warm(self) -> None:
+        try:
+            worker = self._checkout()
+        except BaseException:  # noqa: BLE001 - the next real checkout retries and reports
+            self._idle.put(None)
+            return
+        self._idle.put(worker)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -526,6 +545,9 @@ class Sandbox:
         return dict(worker.features)
 
     def close(self) -> None:
+        for thread in self._starting:
+            thread.join()
+        self._starting.clear()
         with self._lock:
             for worker in self._all:
                 worker.stop()
@@ -535,7 +557,9 @@ class Sandbox:
 
     def _checkout(self) -> WorkerProcess:
         try:
-            return self._idle.get_nowait()
+            worker = self._idle.get_nowait()
+            if worker is not None:
+                return worker
         except queue.Empty:
             pass
         with self._lock:
@@ -547,7 +571,8 @@ class Sandbox:
             else:
                 worker = None
         if worker is None:
-            return self._idle.get()
+            # None: a background start failed; start one here and let its error surface
+            return self._idle.get() or self._checkout()
         try:
             worker.start()
         except BaseException:

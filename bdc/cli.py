@@ -57,6 +57,8 @@ def problems_export(
                                          "fewer tests (default: 2; HumanEval and MBPP: 1)"),
     references: Path | None = typer.Option(None, "--references", help="also write the "
                                            "dataset's reference solutions as samples JSONL"),
+    split: str | None = typer.Option(None, "--split", help="APPS / CodeContests split: "
+                                     "train, valid (CodeContests) or test (default)"),
 ) -> None:
     """Export a benchmark in the BDC problem format (tests split public / hidden)."""
     from bdc.jsonl import write_jsonl
@@ -67,7 +69,8 @@ def problems_export(
         min_tests = 1 if source in ("humaneval", "mbpp") else 2
     if slice is None and source == "apps":
         slice = "interview"
-    data = load_source(source, path=path, slice=slice, limit=limit, min_tests=min_tests)
+    data = load_source(source, path=path, slice=slice, limit=limit, min_tests=min_tests,
+                       split=split)
     n = write_problems(out, data.problems)
     if references:
         write_jsonl(references, data.references)

@@ -52,6 +52,8 @@ class SourceSettings(Strict):
                               "HumanEval index range")
     limit: int | None = Field(None, ge=1, description="at most this many (mini: per family)")
     min_tests: int | None = Field(None, ge=1, description="overrides split.min_tests")
+    split: str | None = Field(None, description="APPS / CodeContests dataset split: train, "
+                              "valid (CodeContests) or test (the default)")
 
 
 class ProblemsSettings(Strict):

@@ -22,7 +22,8 @@ def load_pool(sources: list[SourceSettings], default_min_tests: int,
     problems: list[Problem] = []
     for src in sources:
         data = load_source(src.name, path=src.path, slice=src.slice, limit=src.limit,
-                           min_tests=src.min_tests or default_min_tests, seed=seed)
+                           min_tests=src.min_tests or default_min_tests, seed=seed,
+                           split=src.split)
         problems += data.problems
     return problems
 

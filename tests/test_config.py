@@ -27,6 +27,21 @@ def test_defaults_match_params_yaml():
                for a in Params().explore.agents.values())
 
 
+def test_paper_profile_holds_the_paper_settings():
+    """profiles/paper.yaml: real benchmarks, the paper's test slices, API agents, and the
+    schema's (the paper code's) exploration settings, every one stated."""
+    paper = load_params(ROOT / "profiles" / "paper.yaml")
+    assert paper.profile == "paper" and paper.explore == Params().explore
+    assert not paper.problems.pretrain and paper.sandbox.strict
+    explore = {(s.name, s.split) for s in paper.problems.explore}
+    assert explore == {("apps", "train"), ("codecontests", "train")}
+    slices = {(s.name, s.split or "test", s.slice) for s in paper.problems.test}
+    assert {("apps", "test", "interview"), ("apps", "test", "competition"),
+            ("apps", "test", "introductory"), ("codecontests", "test", "easy"),
+            ("codecontests", "valid", "hard")} <= slices
+    assert {"humaneval", "mbpp"} <= {s.name for s in paper.problems.test}
+
+
 @pytest.mark.parametrize("text, message", [
     ("sandbox:\n  timeot: 3\n", "sandbox.timeot: Extra inputs are not permitted"),
     ("sandbox:\n  timeout: fast\n", "sandbox.timeout: Input should be a valid number"),

@@ -247,3 +247,17 @@ def test_hub_sources_fail_clearly_offline():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120).stdout
     assert "ERR cannot load 'codeparrot/apps'" in out and "--path" in out
+
+
+def test_dataset_split_is_selectable_and_checked():
+    train = load_source("apps", path=str(FIXTURES / "apps" / "test"), slice="all",
+                        split="train")
+    assert {p.id.split("/")[1] for p in train.problems} == {"train"}  # ids stay unique
+    valid = load_source("codecontests", path=str(FIXTURES / "code_contests.jsonl"),
+                        split="valid")
+    assert valid.problems and all(p.id.startswith("codecontests/valid/")
+                                  for p in valid.problems)
+    with pytest.raises(SourceError, match="no split 'valid'; choose train or test"):
+        load_source("apps", path=str(FIXTURES / "apps" / "test"), split="valid")
+    with pytest.raises(SourceError, match="source 'mbpp' has no split"):
+        load_source("mbpp", path=str(FIXTURES / "mbpp.jsonl"), split="train")

@@ -25,7 +25,8 @@ class SourceData:
 
 
 def load_source(name: str, path: str | None = None, slice: str | None = None,
-                limit: int | None = None, min_tests: int = 2, seed: int = 0) -> SourceData:
+                limit: int | None = None, min_tests: int = 2, seed: int = 0,
+                split: str | None = None) -> SourceData:
     if name not in SOURCES:
         raise SourceError(f"unknown source {name!r}; choose one of {', '.join(SOURCES)}")
     module = importlib.import_module(f"bdc.problems.{name}")
@@ -34,6 +35,13 @@ def load_source(name: str, path: str | None = None, slice: str | None = None,
         if name not in ("apps", "codecontests", "humaneval", "mini"):
             raise SourceError(f"source {name!r} has no slices")
         kwargs["slice"] = slice
+    if split is not None:
+        splits = {"apps": ("train", "test"), "codecontests": ("train", "valid", "test")}
+        if split not in splits.get(name, ()):
+            raise SourceError(f"source {name!r} has no split {split!r}"
+                              + (f"; choose {' or '.join(splits[name])}" if name in splits
+                                 else ""))
+        kwargs["split"] = split
     if name == "mini":
         kwargs["seed"] = seed
     return module.load(**kwargs)

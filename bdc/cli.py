@@ -155,7 +155,7 @@ def explore_cmd(
         def tick(done: int, total: int, solved: int, seconds: float) -> None:
             rate = f", {60 * done / seconds:.1f} problems/min" if seconds > 0 else ""
             progress.update(task, completed=done, total=total,
-                            info=f"solved {solved}/{max(done, 1)} (hidden){rate}")
+                            info=f"solved {solved}/{done} (hidden){rate}" if done else "")
 
         result = run(_params(params), problems, out_dir, metrics, tick)
     console.say(

@@ -22,7 +22,7 @@ from bdc.agents.base import AgentError, Backend, Generation, Request
 from bdc.agents.llm import ChatStyle, LLMAgent, MiniStyle, Sampling, parse_code, parse_thoughts
 from bdc.config import TinyModelSettings
 from bdc.problems.format import CallTest, Problem
-from bdc.problems.format import Tests as TestSplit
+from bdc.problems.format import Tests as ProblemTests
 from bdc.tiny_model import build_tiny_model
 
 SMALL = TinyModelSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -30,7 +30,7 @@ SMALL = TinyModelSettings(hidden_size=32, layers=1, heads=2, intermediate_size=6
 CORPUS = ["### Problem\nAdd one.\n### Thoughts\n1. Add one.\n### Code\ndef f(x):\n"
           "    return x + 1\n"] * 30
 VIEW = Problem(id="p", source="t", prompt="Add one.", kind="function", entry_point="f",
-               tests=TestSplit(public=[CallTest(input=[1], output=2)],
+               tests=ProblemTests(public=[CallTest(input=[1], output=2)],
                            hidden=[CallTest(input=[5], output=6)])).public_view()
 
 

@@ -12,14 +12,14 @@ import pytest
 from bdc.agents.scripted import ScriptedAgent
 from bdc.config import SandboxSettings, SearchSettings
 from bdc.problems.format import CallTest, Problem
-from bdc.problems.format import Tests as TestSplit
+from bdc.problems.format import Tests as ProblemTests
 from bdc.sandbox import Sandbox
 from bdc.tree_of_agents import Node, Search, best_of_n, selection_score
 
 # f(x) = x + 3; hidden tests use inputs the public ones do not.
 PROBLEM = Problem(
     id="t/add3", source="test", prompt="Return x plus three.", kind="function", entry_point="f",
-    tests=TestSplit(public=[CallTest(input=[1], output=4), CallTest(input=[2], output=5)],
+    tests=ProblemTests(public=[CallTest(input=[1], output=4), CallTest(input=[2], output=5)],
                 hidden=[CallTest(input=[777], output=780), CallTest(input=[-9], output=-6)]),
     meta={"family": "arith", "reference": {"program": "def f(x):\n    return x + 3\n"}})
 

@@ -8,6 +8,7 @@ one folder to reset. Called explicitly by entry points; importing ``bdc`` change
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 OFFLINE_SWITCHES = {
@@ -54,6 +55,8 @@ def configure_environment(root: Path | None = None) -> Path:
         "DVC_SITE_CACHE_DIR": str(var / "dvc"),
         **OFFLINE_SWITCHES,
     }
+    if not sys.stderr.isatty():  # hub and transformers bars would be noise in stage logs
+        defaults["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     for sub in ("mlflow", "prefect", "hf", "tmp"):

@@ -103,3 +103,4 @@ def test_offline_and_telemetry_switches_are_set():
     assert out["HF_HUB_OFFLINE"] == "1" and out["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert out["DVC_NO_ANALYTICS"] == "1" and out["GX_ANALYTICS_ENABLED"] == "false"
     assert out["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert out["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # not a terminal: no download/load bars

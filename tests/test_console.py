@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import re
 import subprocess
 import sys
 
@@ -46,3 +49,27 @@ def test_off_a_terminal_rich_is_not_imported_and_errors_are_one_plain_line(tmp_p
                           text=True)
     assert proc.stdout.split() == ["2", "False"]
     assert proc.stderr.strip() == "error: --split must be hidden, public or all, not 'nope'"
+
+
+def test_on_a_terminal_rich_draws_the_table_and_the_error():
+    code = ("from bdc import console\n"
+            "console.table('scores', ['metric', 'value'], [['n', '7']], right=['value'])\n"
+            "console.error('bad [input]')\n")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=follower, stderr=follower,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": "80"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the program ends
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(timeout=30) == 0
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode())  # colours off
+    assert "┏" in out and "metric" in out  # a rich table, not plain text
+    assert "error:" in out and "bad [input]" in out  # markup in the message is escaped

@@ -412,6 +412,37 @@ class Search:
         self.tree.seconds = time.perf_counter() - self._started
         return self.tree
 
+    async def sample(self, n: int) -> Tree:
+        """No search: ``n`` programs written straight from the problem, shared round-robin
+        by the agents, on one root node (the best-of-N baseline, recorded like a tree)."""
+        self._started = time.perf_counter()
+        root = self._new_node(None, [])
+        agents = self.agents
+        shares = [n // len(agents) + (i < n % len(agents)) for i in range(len(agents))]
+        writers = [(agent, k) for agent, k in zip(agents, shares, strict=True) if k]
+        replies = await asyncio.gather(*[
+            agent.write(self.view, None, k, self._seed(root, agents.index(agent), "best_of_n"))
+            for agent, k in writers])
+        order = []  # interleave the agents' samples: the order a sequential sampler would draw
+        for k in range(max(shares)):
+            for (agent, _), reply in zip(writers, replies, strict=True):
+                if k < len(reply.programs):
+                    order.append((agent.name, reply.programs[k]))
+        for (agent, _), reply in zip(writers, replies, strict=True):
+            self._spend(root, reply, agent)
+        runs = await asyncio.gather(*[self._execute(name, code) for name, code in order])
+        used = len(runs)
+        if self.s.stop_when_solved:  # what a sampler stopping at the first public pass used
+            used = next((i + 1 for i, r in enumerate(runs) if r.pass_rate == 1.0), len(runs))
+        root.programs = list(runs[:used])
+        root.value = root.q = sum(r.pass_rate for r in root.programs) / max(used, 1)
+        root.visits = 1
+        self.tree.programs = used
+        self.tree.stopped = "solved" if used < len(runs) or (
+            runs and runs[-1].pass_rate == 1.0) else "max_programs"
+        self.tree.seconds = time.perf_counter() - self._started
+        return self.tree
+
 
 async def best_of_n(view: PublicView, agents: list[Agent], n: int, sandbox: Sandbox,
                     executor: Executor, seed: int, stop_when_solved: bool = True,
@@ -420,31 +451,4 @@ async def best_of_n(view: PublicView, agents: list[Agent], n: int, sandbox: Sand
     by ``agents``, the best public pass rate wins (a one-node tree, for uniform records)."""
     settings = SearchSettings(rollouts=0, max_programs=n, trials=1,
                               stop_when_solved=stop_when_solved, feedback_tests=feedback_tests)
-    search = Search(view, agents, settings, sandbox, executor, seed)
-    search._started = time.perf_counter()
-    root = search._new_node(None, [])
-    shares = [n // len(agents) + (i < n % len(agents)) for i in range(len(agents))]
-    replies = await asyncio.gather(*[
-        agent.write(view, None, k, search._seed(root, i, "best_of_n"))
-        for i, (agent, k) in enumerate(zip(agents, shares, strict=True)) if k])
-    order = []  # interleave the agents' samples: the order a sequential sampler would draw
-    for k in range(max(shares)):
-        for agent, reply in zip([a for a, k_ in zip(agents, shares, strict=True) if k_],
-                                replies, strict=True):
-            if k < len(reply.programs):
-                order.append((agent.name, reply.programs[k]))
-    for agent, reply in zip([a for a, k_ in zip(agents, shares, strict=True) if k_], replies,
-                            strict=True):
-        search._spend(root, reply, agent)
-    runs = await asyncio.gather(*[search._execute(name, code) for name, code in order])
-    used = len(runs)
-    if stop_when_solved:  # what a sampler that stops at the first public pass would have used
-        used = next((i + 1 for i, r in enumerate(runs) if r.pass_rate == 1.0), len(runs))
-    root.programs = list(runs[:used])
-    root.value = root.q = sum(r.pass_rate for r in root.programs) / max(used, 1)
-    root.visits = 1
-    search.tree.programs = used
-    search.tree.stopped = "solved" if used < len(runs) or (
-        runs and runs[-1].pass_rate == 1.0) else "max_programs"
-    search.tree.seconds = time.perf_counter() - search._started
-    return search.tree
+    return await Search(view, agents, settings, sandbox, executor, seed).sample(n)

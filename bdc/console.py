@@ -124,14 +124,18 @@ class PlainProgress:
         if state == task.shown:
             return
         task.shown = state
-        total = f"/{task.total:g}" if task.total is not None else ""
+        total = f"/{_count(task.total)}" if task.total is not None else ""
         info = f" {task.info}" if task.info else ""
-        print(f"{task.description}: {task.completed:g}{total}{info} "
+        print(f"{task.description}: {_count(task.completed)}{total}{info} "
               f"[{time.monotonic() - task.started:.0f}s]", file=sys.stderr, flush=True)
 
     def finish(self) -> None:
         for task in self.tasks:
             self._show(task)
+
+
+def _count(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
 
 @contextmanager

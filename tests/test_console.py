@@ -38,6 +38,9 @@ def test_plain_progress_throttles_and_always_ends_with_the_final_state(capsys):
             bar.update(task, completed=step)
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[-1].startswith("training: 100/100")
+    with console.progress() as bar:  # big counts stay whole numbers, not 1e+06
+        bar.update(bar.add_task("evaluating", total=2_000_000), completed=1_000_000)
+    assert capsys.readouterr().err.startswith("evaluating: 1000000/2000000")
 
 
 def test_off_a_terminal_rich_is_not_imported_and_errors_are_one_plain_line(tmp_path):

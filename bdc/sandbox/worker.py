@@ -193,6 +193,11 @@ def isolate(cfg: dict, features: dict) -> dict:
                 features["private_filesystem"] = False
                 features["filesystem_error"] = str(exc)
         if is_root:
+            if not features.get("private_filesystem"):
+                # Without the private view the uid below may be unable to read the Python
+                # install (e.g. under /root): import now what runs without namespaces need.
+                import shutil  # noqa: F401
+                import tempfile  # noqa: F401
             os.setgroups([])
             os.setgid(cfg["uid"])
             os.setuid(cfg["uid"])
@@ -380,7 +385,7 @@ class _Program:
         if isolated:
             self.base = "/tmp"
         else:  # imported here: isolated workers (the usual case) never need it
-            import tempfile
+            import tempfile  # already loaded by ``isolate`` where it had to be
 
             self.base = tempfile.mkdtemp(prefix="bdc-run-")
         req_r, req_w = os.pipe()
@@ -475,7 +480,7 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
 
 
 def _rmtree(path: str) -> None:
-    import shutil  # only workers without namespaces keep scratch folders to remove
+    import shutil  # only workers without namespaces keep scratch folders (see ``isolate``)
 
     shutil.rmtree(path, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import pytest
 from bdc.config import SandboxSettings
 from bdc.problems.format import CallTest, CodeTest, StdioTest
 from bdc.sandbox import Execution, Sandbox
+from bdc.sandbox.worker import SPARES
 from tests.conftest import processes_of_uid
 
 SECRET = "expected-value-7f3a9c"  # appears only in expected outputs / host memory
@@ -292,12 +293,23 @@ def test_resource_attack_ends_within_limit_and_leaves_nothing(sandbox, name):
     # per test: 1 s limit (+ host grace); two tests
     assert elapsed < 2 * (1.0 + 1.0), f"{name} took {elapsed:.1f}s"
     time.sleep(0.2)  # killed namespaces are reaped lazily
+    workers = {w.proc.pid for w in sandbox._all if w.proc}
     for uid in worker_uids(sandbox):
-        leftover = [p for p in processes_of_uid(uid, live_only=True)
-                    if p not in {w.proc.pid for w in sandbox._all if w.proc}]
-        # alive: the worker itself and its one pre-spawned program process, nothing else
-        assert len(leftover) <= 1, (name, leftover)
+        leftover = [p for p in processes_of_uid(uid, live_only=True) if p not in workers]
+        # alive: the worker itself and its stock of unused program processes, nothing else
+        assert len(leftover) <= SPARES, (name, leftover)
+        assert all(parent_of(p) in workers for p in leftover), (name, leftover)
+        assert not [p for p in processes_of_uid(uid, live_only=True)
+                    if parent_of(p) in leftover], (name, "a spare has children")
     assert_still_works(sandbox)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
 
 
 def test_huge_stdio_output_is_capped(sandbox):

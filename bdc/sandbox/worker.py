@@ -46,6 +46,11 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECUREBITS = 1, 4, 28
 PR_GET_NO_NEW_PRIVS, PR_SET_NO_NEW_PRIVS = 39, 38
 SECBIT_LOCKED_NOROOT = 0x0F  # NOROOT + NO_SETUID_FIXUP, both locked
 SYS_CLONE, SYS_PIVOT_ROOT = 56, 155  # x86_64
+# Program processes cloned in one go. Every clone write-protects the zygote's pages, and the
+# zygote's own bookkeeping between two clones then faults each page it touches; serving
+# several requests from stock between batches pays that once per batch (measured: 4 in stock
+# cut ~0.15 ms of 2 ms CPU per program; 8 barely more).
+SPARES = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -428,15 +433,26 @@ def _prepare(cfg: dict, isolated: bool, patience: float = 0.0) -> _Program | Non
             time.sleep(0.005)
 
 
+def _prepare_spares(cfg: dict, isolated: bool) -> list[_Program]:
+    """Up to SPARES program processes, cloned back to back."""
+    spares = []
+    for _ in range(SPARES):
+        program = _prepare(cfg, isolated)
+        if program is None:  # the uid's process budget is spent for now
+            break
+        spares.append(program)
+    return spares
+
+
 def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
     """Hand the host one prepared program process per request, until the host hangs up.
 
-    The zygote touches almost no memory per request (so forking it stays cheap), prepares
-    the next program process right after handing one over, and reaps exited ones lazily,
-    remembering exit codes for the host to ask about.
+    The zygote touches little memory per request (so forking it stays cheap), keeps
+    prepared program processes in stock, and reaps exited ones lazily, remembering exit
+    codes for the host to ask about.
     """
     isolated = bool(features.get("pid_namespace"))
-    spare = _prepare(cfg, isolated)
+    spares = _prepare_spares(cfg, isolated)
     exit_codes: dict[int, int] = {}
     scratch: dict[int, str] = {}
     while True:
@@ -449,8 +465,8 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
         request = json.loads(message)
         _reap(exit_codes, scratch)
         if request["op"] == "spawn":
-            program = spare or _prepare(cfg, isolated, patience=request.get("patience", 0.0))
-            spare = None
+            program = spares.pop() if spares else _prepare(
+                cfg, isolated, patience=request.get("patience", 0.0))
             if program is None:
                 sock.send(json.dumps({"error": "cannot start a program process: "
                                                "process limit reached"}).encode())
@@ -459,7 +475,8 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
             program.release()
             if not isolated:
                 scratch[program.pid] = program.base
-            spare = _prepare(cfg, isolated)
+            if not spares:
+                spares = _prepare_spares(cfg, isolated)
         elif request["op"] == "status":
             pid = request["pid"]
             if pid not in exit_codes:
@@ -468,7 +485,7 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
                     exit_codes[pid] = os.waitstatus_to_exitcode(status)
                     _forget_scratch(scratch, pid)
             sock.send(json.dumps({"exit_code": exit_codes.pop(pid, None)}).encode())
-    if spare is not None:
+    for spare in spares:
         os.kill(spare.pid, signal.SIGKILL)
     while True:  # reap everything before leaving: no zombies for an init that won't
         try:

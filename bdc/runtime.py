@@ -22,6 +22,8 @@ OFFLINE_SWITCHES = {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "TOKENIZERS_PARALLELISM": "false",
+    # no pydantic plugins are used; looking for them scans every installed distribution
+    "PYDANTIC_DISABLE_PLUGINS": "__all__",
 }
 
 

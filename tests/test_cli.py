@@ -30,6 +30,12 @@ def test_help_on_every_command(command):
     assert "Usage:" in out
 
 
+def test_python_dash_m_runs_the_same_cli():
+    proc = subprocess.run([sys.executable, "-m", "bdc", "sandbox-info", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "Usage:" in proc.stdout
+
+
 @pytest.mark.slow
 def test_export_and_evaluate_canonical_humaneval(tmp_path):
     out = bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--references",

@@ -1,0 +1,28 @@
+"""``bdc`` and ``python -m bdc``: prepare the process, then hand over to the CLI.
+
+Start-up is most of a short command's time (``bdc evaluate`` on HumanEval: ~0.15 of ~0.6 s),
+so two things happen before the CLI's imports: the environment switches are set (pydantic
+then skips scanning every installed distribution for plugins), and the garbage collector is
+off. Everything those imports create lives as long as the process, so collecting while
+importing only wastes time; afterwards it is frozen, so no later collection walks it either.
+"""
+
+from __future__ import annotations
+
+import gc
+
+
+def main() -> None:
+    gc.disable()
+    from bdc.runtime import configure_environment
+
+    configure_environment()
+    from bdc.cli import main as cli_main
+
+    gc.freeze()
+    gc.enable()
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

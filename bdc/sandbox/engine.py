@@ -39,7 +39,10 @@ from bdc.sandbox import protocol
 
 log = logging.getLogger(__name__)
 
-WORKER_SCRIPT = Path(__file__).with_name("worker.py")
+# The worker is imported rather than run as a script so that it starts from its bytecode
+# cache when there is one (a script is compiled at every start: 3 ms of each worker's).
+WORKER_DIR = str(Path(__file__).parent)
+WORKER_BOOT = f"import sys; sys.path[0] = {WORKER_DIR!r}; import worker; worker.main()"
 STDERR_TAIL = 4096
 Status = Literal["passed", "failed", "error", "timeout"]
 FEATURES = {
@@ -151,7 +154,7 @@ class WorkerProcess:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "TMPDIR": str(self.scratch)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-E", "-s", "-S", "-B", str(WORKER_SCRIPT), str(theirs.fileno()),
+            [sys.executable, "-E", "-s", "-S", "-B", "-c", WORKER_BOOT, str(theirs.fileno()),
              json.dumps(cfg)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=env, cwd="/", pass_fds=[theirs.fileno()], start_new_session=True)

@@ -1,7 +1,8 @@
 """The sandbox worker: a warm zygote that prepares isolated processes for untrusted programs.
 
-Run by the host as ``python -E -s -S worker.py SOCKET_FD CONFIG_JSON`` with a scrubbed
-environment; it imports only the standard library and ``protocol.py`` beside it::
+Started by the host as ``python -E -s -S -B -c "...import worker; worker.main()" SOCKET_FD
+CONFIG_JSON`` with a scrubbed environment; it imports only the standard library and
+``protocol.py`` beside it::
 
     host --unix socket-- worker (zygote: isolated once at start-up, then only clones)
       |                    +- program process (one per run: PID 1 of new PID + mount

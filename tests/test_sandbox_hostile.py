@@ -389,3 +389,28 @@ def test_no_stray_processes_after_close():
         assert not os.path.exists(f"/proc/{pid}")
     for uid in uids:
         assert processes_of_uid(uid) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="cgroups are set up only when running as root")
+def test_worker_and_its_programs_are_under_its_cgroup_ceiling():
+    settings = SandboxSettings(workers=1, timeout=1.0, worker_memory_mb=300, worker_pids=40)
+    with Sandbox(settings) as sb:
+        assert_still_works(sb)
+        time.sleep(0.2)  # the program just run is killed; let it go
+        worker = sb._all[0]
+        dirs = worker.features["cgroup"].split(",")
+        stock = [p for p in processes_of_uid(worker.features["unprivileged_uid"], live_only=True)
+                 if parent_of(p) == worker.proc.pid]
+        assert stock  # program processes cloned after the move are inside too
+        for d in dirs:
+            with open(f"{d}/cgroup.procs") as f:
+                members = {int(pid) for pid in f.read().split()}
+            assert {worker.proc.pid, *stock} <= members, d
+        limits = {}
+        for d in dirs:
+            for knob in ("memory.limit_in_bytes", "memory.max", "pids.max"):
+                if os.path.exists(f"{d}/{knob}"):
+                    with open(f"{d}/{knob}") as f:
+                        limits[knob.split(".")[0]] = int(f.read())
+        assert limits == {"memory": 300 << 20, "pids": 40}
+    assert not any(os.path.exists(d) for d in dirs)  # removed with the worker

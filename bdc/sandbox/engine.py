@@ -146,8 +146,6 @@ class WorkerProcess:
         tag = f"{os.getpid()}-{self.index}-{time.monotonic_ns() % 10**6}"
         cfg = {
             "isolate": s.isolate, "newroot": self.newroot, "uid": self.uid,
-            "cgroup": f"bdc-sandbox-{tag}" if s.cgroup else None,
-            "worker_memory_mb": s.worker_memory_mb, "worker_pids": s.worker_pids,
             "memory_mb": s.memory_mb, "nproc": s.nproc, "file_mb": s.file_mb,
             "nofile": s.nofile, "tmp_mb": s.tmp_mb, "preload": PRELOAD,
         }
@@ -159,7 +157,14 @@ class WorkerProcess:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env=env, cwd="/", pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
-        hello = self._request(None, timeout=30.0)
+        features: dict = {}
+        if s.cgroup and os.geteuid() == 0:
+            try:
+                features["cgroup"] = _place_in_cgroup(self.proc.pid, f"bdc-sandbox-{tag}",
+                                                      s.worker_memory_mb, s.worker_pids)
+            except OSError as exc:
+                features.update(cgroup=False, cgroup_error=str(exc))
+        hello = self._request({"features": features}, timeout=30.0)
         if hello.get("error"):
             raise IsolationError(f"sandbox worker failed to start: {hello['error']}")
         self.features = hello["features"]
@@ -219,6 +224,36 @@ class WorkerProcess:
                 except OSError:
                     time.sleep(0.002)
         shutil.rmtree(self.newroot, ignore_errors=True)
+
+
+def _place_in_cgroup(pid: int, name: str, memory_mb: int, pids: int) -> str:
+    """Put a worker (and so every program it runs) under a memory and process ceiling.
+
+    Done here while the worker is still importing: moving a process between cgroups waits
+    for an RCU grace period (~10 ms per hierarchy on cgroup v1), which the worker would
+    otherwise sit out before it can isolate itself. The folders, comma-separated."""
+    own = {}
+    with open("/proc/self/cgroup") as f:  # the worker was forked from here: same cgroups
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(","):
+                own[c] = path
+    root = "/sys/fs/cgroup"
+    if os.path.exists(f"{root}/cgroup.controllers"):  # cgroup v2: one hierarchy
+        layout = [(f"{root}{own['']}", (("memory.max", memory_mb << 20), ("pids.max", pids)))]
+    else:
+        layout = [(f"{root}/memory{own.get('memory', '/')}",
+                   (("memory.limit_in_bytes", memory_mb << 20),)),
+                  (f"{root}/pids{own.get('pids', '/')}", (("pids.max", pids),))]
+    dirs = []
+    for parent, knobs in layout:
+        d = f"{parent}/{name}".replace("//", "/")
+        os.makedirs(d, exist_ok=True)
+        dirs.append(d)
+        for knob, value in (*knobs, ("cgroup.procs", pid)):
+            with open(f"{d}/{knob}", "w") as f:
+                f.write(str(value))
+    return ",".join(dirs)
 
 
 def _kill_uid(uid: int) -> None:

@@ -29,10 +29,8 @@ import resource
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable
 
 try:  # imported as part of the package (tests, tooling)
     from bdc.sandbox import protocol
@@ -75,37 +73,6 @@ def _prctl(option: int, arg: int) -> int:
 
 
 # --------------------------------------------------------------------------- isolation (once)
-
-def _join_cgroup(name: str, memory_mb: int, pids: int) -> str:
-    """Put the worker (and so every program it runs) under a memory and process ceiling."""
-    own = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for c in controllers.split(","):
-                own[c] = path
-    root = "/sys/fs/cgroup"
-    if os.path.exists(f"{root}/cgroup.controllers"):  # cgroup v2
-        d = f"{root}{own['']}/{name}".replace("//", "/")
-        os.makedirs(d, exist_ok=True)
-        for knob, value in (("memory.max", memory_mb << 20), ("pids.max", pids)):
-            with open(f"{d}/{knob}", "w") as f:
-                f.write(str(value))
-        with open(f"{d}/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-        return d
-    dirs = []
-    for ctl, knob, value in (("memory", "memory.limit_in_bytes", memory_mb << 20),
-                             ("pids", "pids.max", pids)):
-        d = f"{root}/{ctl}{own.get(ctl, '/')}/{name}".replace("//", "/")
-        os.makedirs(d, exist_ok=True)
-        with open(f"{d}/{knob}", "w") as f:
-            f.write(str(value))
-        with open(f"{d}/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-        dirs.append(d)
-    return ",".join(dirs)
-
 
 def _build_root(newroot: str, expose: list[str]) -> None:
     """A read-only view of the system and the Python install, and nothing of the host's data."""
@@ -152,34 +119,6 @@ def _enter_user_namespace(flags: int, proc_fd: int) -> None:
             os.write(fd, text.encode())
         finally:
             os.close(fd)
-
-
-def start_cgroup_join(cfg: dict) -> Callable[[], dict]:
-    """Join the worker's cgroup in a thread; the returned call waits and says how it went.
-
-    Moving a process between cgroups waits for an RCU grace period (about 10 ms per
-    hierarchy on cgroup v1): done in the background, it overlaps the preloading instead of
-    adding to every worker's start. It must end before ``isolate`` (unsharing namespaces
-    needs a single-threaded process)."""
-    features: dict[str, str | bool] = {}
-    if not (os.geteuid() == 0 and cfg.get("cgroup")):
-        return lambda: features
-
-    def join() -> None:
-        try:
-            features["cgroup"] = _join_cgroup(cfg["cgroup"], cfg["worker_memory_mb"],
-                                              cfg["worker_pids"])
-        except OSError as exc:
-            features["cgroup"] = False
-            features["cgroup_error"] = str(exc)
-
-    thread = threading.Thread(target=join)
-    thread.start()
-
-    def wait() -> dict:
-        thread.join()
-        return features
-    return wait
 
 
 def isolate(cfg: dict, features: dict) -> dict:
@@ -555,9 +494,13 @@ def _prepare_zygote(cfg: dict) -> None:
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = json.loads(sys.argv[2])
-    cgroup = start_cgroup_join(cfg)
     _prepare_zygote(cfg)
-    features = cgroup()
+    # Meanwhile the host has put this process in its cgroup (see the host's start): nothing
+    # is cloned before it says how that went.
+    start = sock.recv(1 << 16)
+    if not start:
+        return
+    features = json.loads(start)["features"]
     import gc
 
     gc.collect()

@@ -8,9 +8,10 @@ CONFIG_JSON`` with a scrubbed environment; it imports only the standard library 
       |                    +- program process (one per run: PID 1 of new PID + mount
       +---- pipes + pidfd ---+                  namespaces, own empty /tmp, no capabilities)
 
-The worker prepares a program process ahead of time and passes the host its pipe ends and a
-pidfd (SCM_RIGHTS); the host supervises it directly: it sends the job and calls, reads the
-replies, enforces time and output limits and kills through the pidfd.
+The worker keeps a few program processes prepared ahead of time and passes the host one's
+pipe ends and pidfd (SCM_RIGHTS) per request; the host supervises it directly: it sends the
+job and calls, reads the replies, enforces time and output limits and kills through the
+pidfd. As root, the host also puts the worker in a cgroup of its own before it clones.
 
 Why this shape: cloning a warm interpreter costs well under a millisecond where starting one
 costs tens; a zygote that touches almost no memory per run keeps cloning cheap; and a program

@@ -103,10 +103,12 @@ def test_offline_and_telemetry_switches_are_set():
     code = ("from bdc.runtime import configure_environment\nimport os, json\n"
             "configure_environment()\nprint(json.dumps(dict(os.environ)))")
     env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", "DVC_NO_ANALYTICS")}
+           if k not in ("HF_HUB_OFFLINE", "MLFLOW_DISABLE_TELEMETRY", "DVC_NO_ANALYTICS",
+                        "PYDANTIC_DISABLE_PLUGINS")}
     out = json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                     text=True, check=True).stdout)
     assert out["HF_HUB_OFFLINE"] == "1" and out["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert out["DVC_NO_ANALYTICS"] == "1" and out["GX_ANALYTICS_ENABLED"] == "false"
     assert out["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert out["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # not a terminal: no download/load bars
+    assert out["PYDANTIC_DISABLE_PLUGINS"] == "__all__"  # no scan of every distribution

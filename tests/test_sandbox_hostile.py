@@ -354,11 +354,14 @@ def test_machine_stays_responsive_under_parallel_attacks(sandbox):
 
 def test_reduced_isolation_is_reported_once_and_strict_refuses(caplog):
     settings = SandboxSettings(workers=2, timeout=1.0, isolate=False, cgroup=False)
+    leftovers = set(Path("/tmp").glob("bdc-run-*"))
     with caplog.at_level("WARNING"), Sandbox(settings) as sb:
         results = list(sb.map([Execution("def f():\n    return 1\n", "function", "f",
                                          [CallTest(input=[], output=1)])] * 4))
     # reduced, yet working: as root the worker drops to a uid that may not read the install
     assert [r.status for _, r in results] == ["passed"] * 4
+    # runs' scratch folders (used or still in stock at the end) are all removed
+    assert set(Path("/tmp").glob("bdc-run-*")) <= leftovers
     warnings = [r for r in caplog.records if "ISOLATION REDUCED" in r.getMessage()]
     assert len(warnings) == 1
     message = warnings[0].getMessage()

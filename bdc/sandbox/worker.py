@@ -428,6 +428,8 @@ def serve_forever(sock: socket.socket, cfg: dict, features: dict) -> None:
             sock.send(json.dumps({"exit_code": exit_codes.pop(pid, None)}).encode())
     for spare in spares:
         os.kill(spare.pid, signal.SIGKILL)
+        if not isolated:
+            scratch[spare.pid] = spare.base
     while True:  # reap everything before leaving: no zombies for an init that won't
         try:
             os.waitpid(-1, 0)

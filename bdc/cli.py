@@ -93,7 +93,7 @@ def prepare_cmd(
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage prepare: build the explore and test problem pools from params.problems."""
-    from bdc.prepare import run
+    from bdc.stages.prepare import run
 
     result = run(_params(params), out_dir, metrics, plots)
     for pool in ("explore", "test"):
@@ -114,7 +114,7 @@ def pretrain_cmd(
 ) -> None:
     """Stage pretrain (mini profile): train the tiny agents and base model from scratch and
     measure their competence in the sandbox."""
-    from bdc.pretrain import run
+    from bdc.stages.pretrain import run
 
     with console.progress() as progress:
         tasks: dict[str, int] = {}
@@ -147,7 +147,7 @@ def explore_cmd(
 ) -> None:
     """Stage explore (Boost): MC-Tree-of-Agents over the explore problems; resumes from the
     problems already explored with the same settings."""
-    from bdc.explore import run
+    from bdc.stages.explore import run
 
     with console.progress() as progress:
         task = progress.add_task("exploring", total=None, info="")
@@ -179,7 +179,7 @@ def explore_compare_cmd(
 ) -> None:
     """The tree of agents against each agent's tree and best-of-N sampling, at the same
     budget of executed programs, over several seeds; logged to MLflow."""
-    from bdc.explore_compare import run
+    from bdc.stages.explore_compare import run
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -201,7 +201,7 @@ def serve_cmd(
                                     "(default: the path)"),
 ) -> None:
     """Serve a local model over the OpenAI HTTP protocol (completions and chat)."""
-    from bdc.agents.serve import serve
+    from bdc.boost.agents.serve import serve
 
     serve(str(model), host, port, batch_size, name)
 

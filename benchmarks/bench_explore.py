@@ -26,10 +26,10 @@ from bdc.runtime import configure_environment
 
 
 def overhead(sandbox, problems, nodes_wanted: int = 3000) -> tuple[float, float, int]:
-    from bdc.agents.scripted import ScriptedAgent
+    from bdc.boost.agents.scripted import ScriptedAgent
+    from bdc.boost.tree_of_agents import Search
     from bdc.config import SearchSettings
     from bdc.sandbox import Execution
-    from bdc.tree_of_agents import Search
 
     program = "def f(*a):\n    return None\n"
     agents = [ScriptedAgent(n, lambda v, th, w, s: [(f"step {len(th)}.{i} {s % 97}", 0.5)
@@ -107,9 +107,9 @@ def main() -> None:
     import torch
 
     from bdc.config import load_params
-    from bdc.explore import make_agents, search_all
     from bdc.problems.format import read_problems
     from bdc.sandbox import Sandbox
+    from bdc.stages.explore import make_agents, search_all
 
     params = load_params("params.yaml")
     problems = read_problems(Path("data/problems/explore.jsonl"))[::5][:args.problems]

@@ -17,9 +17,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bdc.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
-from bdc.agents.base import AgentError, Backend, Generation, Request
-from bdc.agents.llm import ChatStyle, LLMAgent, MiniStyle, Sampling, parse_code, parse_thoughts
+from bdc.boost.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
+from bdc.boost.agents.base import AgentError, Backend, Generation, Request
+from bdc.boost.agents.llm import (
+    ChatStyle,
+    LLMAgent,
+    MiniStyle,
+    Sampling,
+    parse_code,
+    parse_thoughts,
+)
 from bdc.config import TinyModelSettings
 from bdc.problems.format import CallTest, Problem
 from bdc.problems.format import Tests as ProblemTests
@@ -89,7 +96,7 @@ def test_chat_prompts_show_public_tests_and_feedback_only():
     style = ChatStyle()
     text = style.propose(VIEW, ["add"], 3, Sampling(), 0).prompt[1][1]
     assert "f(*[1]) == 2" in text and "[5]" not in text and "1. add" in text
-    from bdc.agents.base import Feedback
+    from bdc.boost.agents.base import Feedback
 
     refine = style.refine(VIEW, ["add"], [Feedback([1], 2, 3)], Sampling(), 0).prompt[1][1]
     assert "expected: 2" in refine and "got: 3" in refine
@@ -123,7 +130,7 @@ def test_hf_backend_sampling_does_not_depend_on_the_batch(tiny):
 def test_seeded_sampling_rows_are_independent_across_noise_blocks(monkeypatch):
     import torch
 
-    from bdc.agents.backends import SeededSampling
+    from bdc.boost.agents.backends import SeededSampling
 
     def run(seeds, temps, steps=40, vocab=7):
         proc = SeededSampling(seeds, temps)
@@ -294,7 +301,7 @@ def test_openai_needs_a_key():
 
 def test_vllm_backend_when_installed(tiny):
     pytest.importorskip("vllm", reason="vLLM is the optional 'gpu' extra")
-    from bdc.agents.backends import VLLMBackend
+    from bdc.boost.agents.backends import VLLMBackend
 
     backend = VLLMBackend(str(tiny), max_model_len=128)
     gens = asyncio.run(backend.generate(Request("### Problem\n", n=2, temperature=0.8,

@@ -111,7 +111,7 @@ def test_explore_stage_is_logged_to_mlflow(project):
 def test_local_cpu_models_share_the_cores():
     import torch
 
-    from bdc.explore import share_cpu
+    from bdc.stages.explore import share_cpu
 
     before = torch.get_num_threads()
     try:

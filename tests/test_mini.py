@@ -89,7 +89,7 @@ def ci_params() -> Params:
 @pytest.fixture(scope="module")
 def ci_run(tmp_path_factory, splits):
     from bdc.config import SandboxSettings
-    from bdc.pretrain import pretrain
+    from bdc.stages.pretrain import pretrain
 
     root = tmp_path_factory.mktemp("mini")
     for name, problems in splits.items():
@@ -126,14 +126,14 @@ def test_ci_models_load_with_the_loader_and_peft(ci_run):
 
 
 def test_ci_training_is_reproducible(ci_run, splits):
-    from bdc.pretrain import encode, mixture, train, training_text
+    from bdc.stages.pretrain import encode, mixture, train, training_text
     from bdc.tiny_model import new_model, train_tokenizer
 
     corpus = splits["pretrain"]
     tok = train_tokenizer([training_text(p)[1] for p in corpus], 512)
     examples = encode(tok, corpus, 256)
     spec = ci_params().pretrain.models["agent_a"]
-    from bdc.pretrain import CI_SHAPE
+    from bdc.stages.pretrain import CI_SHAPE
 
     runs = []
     for _ in range(2):
@@ -148,7 +148,7 @@ def test_ci_training_is_reproducible(ci_run, splits):
 
 def test_mixture_puts_focus_share_on_focus_families(splits):
     from bdc.config import PretrainModel
-    from bdc.pretrain import Example, mixture
+    from bdc.stages.pretrain import Example, mixture
 
     examples = [Example(ids=[1], prompt_len=1, family=p.meta["family"])
                 for p in splits["pretrain"]]
@@ -169,7 +169,7 @@ def test_pretraining_resumes_without_redoing_finished_models(ci_run):
     """A second run over the same folder reuses every model (same competence, no training);
     a changed training setting retrains only the model it concerns."""
     from bdc.config import PretrainModel, SandboxSettings
-    from bdc.pretrain import pretrain
+    from bdc.stages.pretrain import pretrain
 
     root, first, _, _ = ci_run
     params = ci_params()

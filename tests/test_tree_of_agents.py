@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from bdc.agents.scripted import ScriptedAgent
+from bdc.boost.agents.scripted import ScriptedAgent
+from bdc.boost.tree_of_agents import Node, Search, best_of_n, selection_score
 from bdc.config import SandboxSettings, SearchSettings
 from bdc.problems.format import CallTest, Problem
 from bdc.problems.format import Tests as ProblemTests
 from bdc.sandbox import Sandbox
-from bdc.tree_of_agents import Node, Search, best_of_n, selection_score
 
 # f(x) = x + 3; hidden tests use inputs the public ones do not.
 PROBLEM = Problem(

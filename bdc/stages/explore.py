@@ -23,13 +23,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bdc.agents.base import Agent, Backend
+from bdc.boost.agents.base import Agent, Backend
+from bdc.boost.tree_of_agents import Search, Tree
 from bdc.config import AgentSettings, ExploreSettings, Params
 from bdc.jsonl import atomic_open, write_jsonl
 from bdc.problems.format import Problem, PublicView, read_problems
 from bdc.problems.mini import render
 from bdc.sandbox import Execution, ExecutionResult, Sandbox
-from bdc.tree_of_agents import Search, Tree
 
 log = logging.getLogger(__name__)
 TREES = "trees"
@@ -38,7 +38,7 @@ TREES = "trees"
 # ----------------------------------------------------------------------------- agents
 
 def make_backend(spec: AgentSettings) -> Backend:
-    from bdc.agents import backends
+    from bdc.boost.agents import backends
 
     if spec.backend == "hf":
         return backends.HFBackend(spec.model, spec.batch_size, spec.device, spec.dtype)
@@ -55,7 +55,7 @@ def make_backend(spec: AgentSettings) -> Backend:
 
 def make_agents(settings: ExploreSettings) -> list[Agent]:
     """One agent per configured name; agents on the same local model share its backend."""
-    from bdc.agents.llm import STYLES, LLMAgent, Sampling
+    from bdc.boost.agents.llm import STYLES, LLMAgent, Sampling
 
     shared: dict[tuple, Backend] = {}
     agents = []

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from bdc.agents.backends import HFBackend
-from bdc.agents.base import Request
+from bdc.boost.agents.backends import HFBackend
+from bdc.boost.agents.base import Request
 
 
 def _request(body: dict, chat: bool) -> Request:

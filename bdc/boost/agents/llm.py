@@ -19,7 +19,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bdc.agents.base import Agent, Backend, Feedback, Generation, Reply, Request, Thought, Usage
+from bdc.boost.agents.base import (
+    Agent,
+    Backend,
+    Feedback,
+    Generation,
+    Reply,
+    Request,
+    Thought,
+    Usage,
+)
 from bdc.problems.format import CallTest, PublicView, StdioTest
 from bdc.problems.mini import CODE_HEADER, render, render_state
 

@@ -16,7 +16,7 @@ thoughts so far); its children are candidate next thoughts. One rollout:
 
 The search sees a :class:`PublicView` only: hidden tests cannot reach it, by type and by a
 runtime check. The answer is the program with the best public pass rate; scoring it on the
-hidden tests is the caller's business (``bdc.explore``), done once.
+hidden tests is the caller's business (``bdc.stages.explore``), done once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 
-from bdc.agents.base import Agent, Feedback, Reply
+from bdc.boost.agents.base import Agent, Feedback, Reply
 from bdc.config import SearchSettings
 from bdc.problems.format import CallTest, CodeTest, PublicView, StdioTest
 from bdc.sandbox import Execution, ExecutionResult, Sandbox

@@ -16,14 +16,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bdc.agents.base import Agent
+from bdc.boost.agents.base import Agent
+from bdc.boost.tree_of_agents import Search, Tree, best_of_n
 from bdc.config import Params
-from bdc.explore import closing, make_agents, search_all
 from bdc.jsonl import atomic_open
 from bdc.problems.format import Problem, PublicView, read_problems
 from bdc.problems.mini import first_per_family
 from bdc.sandbox import ExecutionResult, Sandbox
-from bdc.tree_of_agents import Search, Tree, best_of_n
+from bdc.stages.explore import closing, make_agents, search_all
 
 
 def methods(agents: list[Agent]) -> dict[str, tuple[str, list[Agent]]]:

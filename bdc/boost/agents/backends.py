@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdc.agents.base import AgentError, Backend, Generation, Request, Usage
+from bdc.boost.agents.base import AgentError, Backend, Generation, Request, Usage
 
 log = logging.getLogger(__name__)
 

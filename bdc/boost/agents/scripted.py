@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bdc.agents.base import Agent, Feedback, Reply, Thought
+from bdc.boost.agents.base import Agent, Feedback, Reply, Thought
 from bdc.problems.format import PublicView
 
 Proposals = Callable[[PublicView, list[str], int, int], list[tuple[str, float]] | None]

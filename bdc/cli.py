@@ -24,7 +24,8 @@ problems_app = typer.Typer(help="Problem data in the BDC interchange format.",
                            no_args_is_help=True)
 app.add_typer(problems_app, name="problems")
 
-ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: project's)")
+ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: the "
+                            "project's; outside a project, the built-in defaults)")
 
 
 class UserError(BDCError):
@@ -38,8 +39,12 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug lo
 
 
 def _params(path: Path | None) -> Params:
-    path = path or project_root() / "params.yaml"
-    return load_params(path) if path.exists() else Params()
+    """The file asked for (missing: an error naming it), else the project's params.yaml;
+    only outside a project, where there is none, the built-in defaults."""
+    if path is not None:
+        return load_params(path)
+    default = project_root() / "params.yaml"
+    return load_params(default) if default.exists() else Params()
 
 
 @problems_app.command("export")
@@ -160,9 +165,12 @@ def explore_cmd(
         result = run(_params(params), problems, out_dir, metrics, tick)
     console.say(
         f"{result['problems']} problems: hidden solve rate {result['hidden_solve_rate']:.3f}, "
-        f"public {result['public_solve_rate']:.3f}; {result['sft_records']} SFT records, "
+        f"public {result['public_solve_rate']:.3f}; {result['sft_records']} SFT records "
+        f"({result['sft_chain_share']:.0%} of SFT problems with a thought chain), "
         f"{result['preference_pairs']} preference pairs; {result['tokens']} tokens, "
-        f"{result['wall_seconds']:.0f}s")
+        f"{result['wall_seconds']:.0f}s"
+        + (f"; {result['failed_problems']} failed (re-run to retry): "
+           f"{', '.join(result['failed'][:5])}" if result["failed_problems"] else ""))
     for name, a in result["agents"].items():
         console.say(f"  {name}: answer share {a['answer_share']:.2f}, thought share "
                       f"{a['thought_share']:.2f}, {a['tokens']} tokens")
@@ -171,22 +179,27 @@ def explore_cmd(
 @app.command("explore-compare")
 def explore_compare_cmd(
     problems: Path = typer.Option(Path("data/problems/explore.jsonl"), "--problems"),
+    teams: str | None = typer.Option(None, "--teams", help="comma-separated teams of "
+                                     "explore_compare.teams (default: all of them)"),
     per_family: int | None = typer.Option(None, "--per-family", min=1, help="mini: the "
-                                          "first N problems of each family (default: all)"),
-    seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated"),
+                                          "first N problems of each family (default: "
+                                          "explore_compare.per_family)"),
+    seeds: str | None = typer.Option(None, "--seeds", help="comma-separated (default: "
+                                     "explore_compare.seeds)"),
     out: Path = typer.Option(Path("data/metrics/explore_compare.json"), "--out"),
     params: Path | None = ParamsOption,
 ) -> None:
     """The tree of agents against each agent's tree and best-of-N sampling, at the same
-    budget of executed programs, over several seeds; logged to MLflow."""
+    budget of executed programs, over several seeds, for each team; logged to MLflow."""
     from bdc.stages.explore_compare import run
 
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        seed_list = None if seeds is None else [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError as exc:
         raise UserError(f"--seeds: expected integers like 0,1,2, got {seeds!r}") from exc
-    table = run(_params(params), problems, per_family, seed_list, out,
-                lambda name, seed, r: console.say(
+    team_list = None if teams is None else [t.strip() for t in teams.split(",") if t.strip()]
+    table = run(_params(params), problems, out, team_list, per_family, seed_list,
+                problems.parent, lambda name, seed, r: console.say(
                     f"{name} seed {seed}: hidden solve rate {r['hidden_solve_rate']:.3f}"))
     print(table)  # the markdown comparison table: a result, on stdout
 
@@ -321,7 +334,7 @@ def main() -> None:
     gc.freeze()  # see bdc.__main__; for callers that come straight here
     try:
         app()
-    except (BDCError, KeyError, ValueError) as exc:  # ValueError: bad records, config, sources
+    except BDCError as exc:  # what a user can act on; anything else is a bug: its traceback
         console.error(str(exc))
         sys.exit(2)
 

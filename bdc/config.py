@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bdc.errors import BDCError
 
@@ -69,10 +69,10 @@ class ProblemsSettings(Strict):
 class TinyModelSettings(Strict):
     """Shape of the locally built Llama-architecture models."""
 
-    hidden_size: int = Field(192, ge=8)
-    layers: int = Field(4, ge=1)
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
+    intermediate_size: int = Field(384, ge=8)
     vocab_size: int = Field(1024, ge=300)
     max_positions: int = Field(512, ge=16)
 
@@ -84,6 +84,9 @@ class PretrainModel(Strict):
     focus: list[str] = Field([], description="families over-represented in its data; "
                              "empty: all alike")
     focus_share: float = Field(0.9, ge=0, le=1, description="share of focus families")
+    loss_on: Literal["all", "thoughts", "code"] = Field(
+        "all", description="what it learns: thoughts and code (a generalist), the thoughts "
+        "only (a planner) or the code only (a coder)")
     steps: int = Field(ge=1, description="optimizer steps (fixed: reproducible)")
 
 
@@ -91,20 +94,20 @@ class PretrainSettings(Strict):
     """The mini profile's tiny agents and System-1 base model, trained from scratch."""
 
     setting: Literal["default", "ci"] = Field("default", description="ci: tiny and fast")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     batch_size: int = Field(8, ge=1, description="small: many updates beat big batches here")
     warmup_steps: int = Field(30, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    bf16: bool = Field(True, description="bfloat16 autocast (faster on CPU)")
+    bf16: bool | Literal["auto"] = Field("auto", description="bfloat16 autocast; auto: where "
+                                         "the CPU computes bf16 natively (elsewhere it is "
+                                         "emulated and ~10x slower)")
     max_new_tokens: int = Field(128, ge=8, description="generation budget per program")
     sample_temperature: float = Field(0.8, gt=0, description="second sample, equal budget")
     eval_batch_size: int = Field(96, ge=1)
     models: dict[str, PretrainModel] = {
-        "agent_a": PretrainModel(role="agent", focus=["arith", "string", "branch"],
-                                 steps=700),
-        "agent_b": PretrainModel(role="agent", focus=["filter", "sequence", "count"],
-                                 steps=700),
-        "base": PretrainModel(role="base", steps=350),
+        "planner": PretrainModel(role="agent", loss_on="thoughts", steps=700),
+        "coder": PretrainModel(role="agent", loss_on="code", steps=700),
+        "base": PretrainModel(role="base", steps=300),
     }
 
 
@@ -125,6 +128,11 @@ class SearchSettings(Strict):
     refine: bool = Field(True, description="agents rewrite the best failing new thought from "
                          "its failing public tests")
     boost: bool = Field(True, description="agents merge other agents' candidate thoughts")
+    simulate_root: bool = Field(True, description="agents first write programs their own "
+                                "way, before any thought (wasted on agents that cannot plan)")
+    widen: bool = Field(False, description="when nothing is left open, ask the agents for "
+                        "more thoughts at the most promising expanded node (progressive "
+                        "widening) before re-simulating complete chains")
     stop_when_solved: bool = Field(False, description="end a problem's search once a program "
                                    "passes all public tests")
     max_programs: int = Field(1000, ge=1, description="programs written per problem (budget)")
@@ -139,6 +147,11 @@ class AgentSettings(Strict):
     backend: Literal["hf", "vllm", "http"]
     model: str = Field(description="local folder or hub id (hf, vllm); model name (http)")
     style: Literal["mini", "chat"] = "chat"
+    thought: Literal["step", "plan"] = Field("step", description="what one proposed thought "
+                                             "is: the next step, or the rest of the plan")
+    roles: list[Literal["propose", "write", "refine", "merge"]] = Field(
+        ["propose", "write", "refine", "merge"], min_length=1, description="the parts of the "
+        "search this agent takes (the paper's agents: all)")
     temperature: float = Field(0.0, ge=0)
     thought_tokens: int = Field(1024, ge=1, description="max new tokens per thought reply")
     program_tokens: int = Field(1024, ge=1, description="max new tokens per program")
@@ -148,8 +161,20 @@ class AgentSettings(Strict):
     base_url: str | None = Field(None, description="http: e.g. https://api.openai.com/v1")
     api_key_env: str | None = Field("OPENAI_API_KEY", description="http: env var of the key")
     max_concurrency: int = Field(16, ge=1, description="http: requests in flight")
-    retries: int = Field(5, ge=0)
+    retries: int = Field(5, ge=0, description="http: retries of rate limits, server errors "
+                         "and timeouts, with exponential backoff")
     timeout_s: float = Field(120.0, gt=0)
+    max_n_per_request: int | None = Field(None, ge=1, description="http: most generations "
+                                          "the provider returns per request (Anthropic's "
+                                          "compatibility endpoint: 1); null: any")
+    supports_seed: bool = Field(True, description="http: send a seed (some providers ignore "
+                                "or refuse it)")
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> AgentSettings:
+        if self.backend == "http" and not self.base_url:
+            raise ValueError(f"backend http for model {self.model!r} needs base_url")
+        return self
     price_input_per_mtok: float = Field(0.0, ge=0, description="cost accounting, per 1M tokens")
     price_output_per_mtok: float = Field(0.0, ge=0)
 
@@ -162,13 +187,32 @@ class ExploreSettings(Strict):
                                      base_url="https://api.openai.com/v1"),
         "claude-3.5-sonnet": AgentSettings(backend="http", model="claude-3-5-sonnet-latest",
                                            base_url="https://api.anthropic.com/v1",
-                                           api_key_env="ANTHROPIC_API_KEY"),
+                                           api_key_env="ANTHROPIC_API_KEY",
+                                           max_n_per_request=1, supports_seed=False),
     }
     search: SearchSettings = SearchSettings()
     concurrency: int = Field(64, ge=1, description="problems searched at once")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads while local CPU "
                                     "models search (default: cores / those models)")
     limit: int | None = Field(None, ge=1, description="explore only the first N problems")
+    max_failed_share: float = Field(0.0, ge=0, le=1, description="the stage fails (naming "
+                                    "them) when more problems than this share could not be "
+                                    "searched; each is recorded and re-tried by a re-run")
+
+
+class ExploreCompareSettings(Strict):
+    """``bdc explore-compare``: the tree of agents against each agent and best-of-N, at the
+    same budget of executed programs (``explore.search.max_programs``)."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    per_family: int | None = Field(15, ge=1, description="mini: the first N problems of each "
+                                   "family; null: every explore problem")
+    teams: dict[str, list[str]] = Field({}, description="name -> agents (of explore.agents "
+                                        "or explore_compare.agents); empty: explore.agents")
+    agents: dict[str, AgentSettings] = Field({}, description="agents used only here")
+    models: dict[str, PretrainModel] = Field({}, description="mini: tiny models those agents "
+                                             "use, trained when missing (as in pretrain)")
+    models_dir: str = Field("var/models", description="where those models are kept")
 
 
 class OrchestrationSettings(Strict):
@@ -190,6 +234,7 @@ class Params(Strict):
     tiny_model: TinyModelSettings = TinyModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     explore: ExploreSettings = ExploreSettings()
+    explore_compare: ExploreCompareSettings = ExploreCompareSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

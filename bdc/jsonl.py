@@ -85,3 +85,33 @@ def write_jsonl(path: str | Path, records: Iterable[BaseModel | dict]) -> int:
             f.write(json.dumps(obj, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def json_safe(value: object, limit: int = 2000) -> object:
+    """``value`` if JSON holds it as it is (plain lists, string-keyed dicts, finite numbers,
+    strings) in at most ``limit`` characters, else ``{"repr": repr(value)}`` cut to
+    ``limit``: what a program returned (a set, bytes, a complex number, NaN, a dict with
+    tuple keys, a huge string...) always serialises, and a person still sees what came
+    back."""
+    if _plain(value, limit, depth=0) and len(json.dumps(value)) <= limit:
+        return value
+    text = repr(value)
+    return {"repr": text if len(text) <= limit else text[:limit] + "..."}
+
+
+def _plain(value: object, limit: int, depth: int) -> bool:
+    t = type(value)
+    if value is None or t is bool or t is int:
+        return True
+    if t is float:
+        return value == value and value not in (float("inf"), float("-inf"))
+    if t is str:
+        return len(value) <= limit
+    if depth >= 32:
+        return False
+    if t is list:
+        return len(value) <= limit and all(_plain(v, limit, depth + 1) for v in value)
+    if t is dict:
+        return len(value) <= limit and all(type(k) is str and _plain(v, limit, depth + 1)
+                                           for k, v in value.items())
+    return False

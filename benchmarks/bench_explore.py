@@ -106,10 +106,10 @@ def main() -> None:
     configure_environment()
     import torch
 
+    from bdc.boost.exploration import make_agents, search_all
     from bdc.config import load_params
     from bdc.problems.format import read_problems
     from bdc.sandbox import Sandbox
-    from bdc.stages.explore import make_agents, search_all
 
     params = load_params("params.yaml")
     problems = read_problems(Path("data/problems/explore.jsonl"))[::5][:args.problems]
@@ -120,13 +120,14 @@ def main() -> None:
               f"{per_node / per_run:.3f} of it)")
 
         default_threads = torch.get_num_threads()
-        agents = make_agents(params.explore)  # sets the threads the search runs with
+        # sets the threads the search runs with
+        agents = make_agents(params.explore.agents, params.explore.cpu_threads)
         search_threads = torch.get_num_threads()
         backends = list({id(a.backend): a.backend for a in agents}.values())
         batches = record_batches(backends)
         start = time.perf_counter()
         asyncio.run(search_all(problems, agents, params.explore, sandbox, params.seed,
-                               lambda *a: None))
+                               lambda *a: None, lambda problem, exc: print(problem.id, exc)))
         wall = time.perf_counter() - start
         tokens = sum(b.generated_tokens for b in backends)
         busy = sum(b.busy_seconds for b in backends)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bdc.boost.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
-from bdc.boost.agents.base import AgentError, Backend, Generation, Request
+from bdc.boost.agents.base import AgentError, Backend, Completion, Generation, Request
 from bdc.boost.agents.llm import (
     ChatStyle,
     LLMAgent,
@@ -75,9 +75,10 @@ class CannedBackend(Backend):
         super().__init__()
         self.texts, self.requests = texts, []
 
-    async def generate(self, request: Request) -> list[Generation]:
+    async def generate(self, request: Request) -> Completion:
         self.requests.append(request)
-        return [Generation(self.texts.pop(0), tokens=5, prompt_tokens=10)]
+        return Completion([Generation(self.texts.pop(0), tokens=5)], prompt_tokens=10,
+                          completion_tokens=5)
 
 
 def test_a_bad_reply_is_retried_once_with_another_seed_then_falls_back():
@@ -98,8 +99,9 @@ def test_chat_prompts_show_public_tests_and_feedback_only():
     assert "f(*[1]) == 2" in text and "[5]" not in text and "1. add" in text
     from bdc.boost.agents.base import Feedback
 
-    refine = style.refine(VIEW, ["add"], [Feedback([1], 2, 3)], Sampling(), 0).prompt[1][1]
-    assert "expected: 2" in refine and "got: 3" in refine
+    refine = style.refine(VIEW, [], "add", [Feedback([1], 2, {"repr": "{3}"})], Sampling(),
+                          0).prompt[1][1]
+    assert "expected: 2" in refine and "got: {3}" in refine and "1. add" in refine
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -119,12 +121,37 @@ def test_hf_backend_sampling_does_not_depend_on_the_batch(tiny):
         return results[-1]
 
     a, b = asyncio.run(alone()), asyncio.run(crowded())
+    assert a.prompt_tokens == b.prompt_tokens > 0  # the prompt once, not once per row
+    assert a.completion_tokens == sum(g.tokens for g in a.generations)
+    a, b = a.generations, b.generations
     assert [g.text for g in a] == [g.text for g in b]
     assert all(g.logprob == pytest.approx(h.logprob, abs=1e-3) for g, h in zip(a, b,
                                                                                strict=True))
     assert all(g.logprob < 0 and 1 <= g.tokens <= 12 and "\n" not in g.text[:-1]
                for g in a)
     assert backend.usage.calls == 1 + 5 and backend.usage.completion_tokens > 0
+
+
+def test_hf_log_probabilities_of_chosen_tokens_equal_the_full_logits_way(tiny):
+    """The backend keeps one log-probability per step (not rows x vocabulary logits for
+    every step, tens of GB at 8B with a 128k vocabulary); the values must be the same."""
+    import torch
+
+    backend = HFBackend(tiny, batch_size=8)
+    ask = Request("### Problem\nAdd one.\n### Thoughts\n", n=3, temperature=0.0,
+                  max_tokens=10, seed=1, logprobs=True)
+    gens = asyncio.run(backend.generate(ask)).generations
+    tok, model = backend.tokenizer, backend.model
+    enc = tok([ask.prompt] * 3, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=10, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    new = out.sequences[:, enc["input_ids"].shape[1]:]
+    full = torch.log_softmax(torch.stack(out.logits, 1).float(), -1)
+    expected = full.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    for row, g in enumerate(gens):
+        assert g.token_logprobs == pytest.approx(expected[row, :g.tokens].tolist(), abs=1e-5)
 
 
 def test_seeded_sampling_rows_are_independent_across_noise_blocks(monkeypatch):
@@ -208,13 +235,22 @@ def test_http_agent_against_a_local_openai_compatible_server(served, tiny):
     # the same request over HTTP and in-process: the same text (seeded sampling)
     local = asyncio.run(HFBackend(tiny).generate(
         MiniStyle().write(VIEW, ["Add one."], 2, Sampling(0.8, 12, 24), 0)))
-    assert [g.text for g in local] == [p for p in written.programs]
+    assert [g.text for g in local.generations] == [p for p in written.programs]
+    assert written.tokens == local.tokens  # served or in-process: the same count
+
+
+# Anthropic's OpenAI-compatibility endpoint refuses n > 1 (and ignores seed) like this
+ANTHROPIC_N_ERROR = {"type": "error", "error": {
+    "type": "invalid_request_error", "message": "n: only n=1 is supported"}}
 
 
 class ProviderLike:
-    """A server speaking the chat protocol the way providers fail: rate limits first."""
+    """A server speaking the chat protocol the way providers fail: rate limits first; with
+    ``max_n``, the way Anthropic's compatibility endpoint refuses more generations."""
 
-    def __init__(self, fail_first: int, status: int = 429, delay: float = 0.0) -> None:
+    def __init__(self, fail_first: int, status: int = 429, delay: float = 0.0,
+                 max_n: int | None = None,
+                 content: str = '{"thoughts": [{"thought": "t", "prior": 0.9}]}') -> None:
         from starlette.applications import Starlette
         from starlette.responses import JSONResponse
         from starlette.routing import Route
@@ -222,16 +258,19 @@ class ProviderLike:
         self.seen: list[dict] = []
 
         async def chat(request):
-            self.seen.append({"auth": request.headers.get("authorization"),
-                              "body": await request.json()})
+            body = await request.json()
+            self.seen.append({"auth": request.headers.get("authorization"), "body": body})
             await asyncio.sleep(delay)
             if len(self.seen) <= fail_first:
                 return JSONResponse({"error": "slow down"}, status_code=status,
                                     headers={"retry-after": "0"})
-            return JSONResponse({"choices": [{"index": 0, "message": {
-                "role": "assistant", "content": '{"thoughts": [{"thought": "t", "prior": 0.9}]}'},
-                "finish_reason": "stop"}], "usage": {"prompt_tokens": 100,
-                                                      "completion_tokens": 20}})
+            n = body.get("n", 1)
+            if max_n is not None and n > max_n:
+                return JSONResponse(ANTHROPIC_N_ERROR, status_code=400)
+            return JSONResponse({"choices": [{"index": i, "message": {
+                "role": "assistant", "content": content}, "finish_reason": "stop"}
+                for i in range(n)], "usage": {"prompt_tokens": 100,
+                                              "completion_tokens": 20 * n}})
 
         import uvicorn
 
@@ -289,6 +328,36 @@ def test_client_errors_fail_at_once_and_timeouts_give_up(monkeypatch):
     with ProviderLike(fail_first=0, delay=2.0) as url, \
             pytest.raises(AgentError, match="gave up after 2 attempts"):
         asyncio.run(chat_agent(url, timeout_s=0.3, retries=1).propose(VIEW, [], 2, 0))
+
+
+def test_a_provider_that_takes_n_1_only_gets_one_request_per_program(monkeypatch):
+    monkeypatch.setenv("BDC_TEST_KEY", "sk-test")
+    code = "```python\ndef f(x):\n    return x + 1\n```"
+    server = ProviderLike(fail_first=0, max_n=1, content=code)
+    with server as url:
+        with pytest.raises(AgentError, match="only n=1 is supported"):  # as configured before
+            asyncio.run(chat_agent(url).write(VIEW, ["Add one."], 3, 0))
+        server.seen.clear()
+        agent = chat_agent(url, max_n_per_request=1, supports_seed=False)
+        reply = asyncio.run(agent.write(VIEW, ["Add one."], 3, 0))
+    assert len(reply.programs) == 3 and reply.programs[0] == "def f(x):\n    return x + 1\n"
+    assert [r["body"]["n"] for r in server.seen] == [1, 1, 1]
+    assert all("seed" not in r["body"] for r in server.seen)
+    # the provider billed three prompts (Usage); the call costs its prompt once (Reply)
+    assert agent.usage.calls == 3 and agent.usage.prompt_tokens == 300
+    assert reply.tokens == 100 + 3 * 20
+
+
+def test_one_http_backend_serves_several_event_loops(monkeypatch):
+    """explore-compare runs methods and seeds one after another: its agents' client and
+    concurrency limit must not stay bound to the first event loop."""
+    monkeypatch.setenv("BDC_TEST_KEY", "sk-test")
+    with ProviderLike(fail_first=0) as url:
+        agent = chat_agent(url)
+        for seed in range(3):
+            reply = asyncio.run(agent.propose(VIEW, [], 2, seed))
+            assert [t.text for t in reply.thoughts] == ["t"]
+    assert agent.usage.calls == 3
 
 
 def test_openai_needs_a_key():

@@ -112,3 +112,37 @@ def test_offline_and_telemetry_switches_are_set():
     assert out["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert out["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # not a terminal: no download/load bars
     assert out["PYDANTIC_DISABLE_PLUGINS"] == "__all__"  # no scan of every distribution
+
+
+def test_a_missing_params_file_is_an_error_naming_it(tmp_path):
+    """Bug: a mistyped --params silently ran with the built-in defaults."""
+    missing = tmp_path / "nope.yaml"
+    proc = bdc("sandbox-info", "--params", str(missing), check=False)
+    assert proc.returncode == 2 and f"{missing}: file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+BUG = """
+import sys
+from bdc import cli
+
+@cli.app.command("crash")
+def crash():
+    {}["a key that is not there"]
+
+sys.argv = ["bdc", "crash"]
+cli.main()
+"""
+
+
+def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
+    """Bug: every KeyError and ValueError was printed as a one-line 'error' with exit 2."""
+    proc = subprocess.run([sys.executable, "-c", BUG], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError" in proc.stderr
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"id": "a"}\n')
+    proc = bdc("evaluate", "--problems", str(bad), "--samples", str(bad), "--out",
+               str(tmp_path / "r.jsonl"), check=False)
+    assert proc.returncode == 2 and f"{bad}:1:" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -15,11 +15,13 @@ def test_project_params_load():
 
 
 def test_defaults_match_params_yaml():
-    """params.yaml states every default explicitly; the schema must agree with it. The one
-    exception is ``explore``: the schema holds the paper code's defaults (API agents, 16
-    rollouts ...), params.yaml the mini profile's tiny local agents and budget."""
+    """params.yaml states every default explicitly; the schema must agree with it. The
+    exceptions are ``explore`` (the schema holds the paper code's defaults: API agents, 16
+    rollouts ...; params.yaml the mini profile's tiny local agents and budget) and
+    ``explore_compare`` (its teams name those mini agents)."""
     params = load_params(ROOT / "params.yaml")
-    assert params.model_copy(update={"explore": Params().explore}) == Params()
+    assert params.model_copy(update={"explore": Params().explore,
+                                     "explore_compare": Params().explore_compare}) == Params()
     paper = Params().explore.search
     assert (paper.c_base, paper.c, paper.width, paper.trials, paper.rollouts, paper.gamma) == \
         (10, 4, 3, 2, 16, 0.9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,23 +14,24 @@ from pathlib import Path
 import yaml
 
 from bdc.problems.format import write_problems
-from bdc.problems.mini import load, render
-from bdc.tiny_model import build_tiny_model
-from tests.test_agents import SMALL
+from bdc.problems.mini import load
 
 
-def setup_explore(root: Path) -> None:
-    problems = load(slice="explore", limit=2).problems  # 12 problems, 2 per family
-    write_problems(root / "data/problems/explore.jsonl", problems)
-    corpus = [render(p.prompt, p.meta["reference"]["thoughts"], p.meta["reference"]["program"])
-              for p in load(slice="pretrain", limit=20).problems]
-    for i, name in enumerate(("agent_a", "agent_b")):
-        build_tiny_model(root / "data/models" / name, SMALL, corpus, seed=i)
+def setup_explore(root: Path, solver: Path) -> None:
+    """12 problems (8 arith, which the solver model often solves, and 4 others) and two
+    agents on that model: a planner-coder pair that takes every role."""
+    problems = load(slice="explore", limit=8).problems
+    chosen = [p for p in problems if p.meta["family"] == "arith"] + \
+        [p for p in problems if p.meta["family"] == "filter"][:4]
+    write_problems(root / "data/problems/explore.jsonl", chosen)
+    shutil.copytree(solver, root / "data/models/solver")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["explore"].update(limit=None, concurrency=3)
     params["explore"]["search"].update(rollouts=2, max_programs=6, wall_time_s=600)
-    for agent in params["explore"]["agents"].values():
-        agent.update(thought_tokens=16, program_tokens=32)
+    agent = {"backend": "hf", "model": "data/models/solver", "style": "mini",
+             "thought": "plan", "temperature": 0.8, "thought_tokens": 48,
+             "program_tokens": 40, "batch_size": 32}
+    params["explore"]["agents"] = {"agent_a": agent, "agent_b": {**agent, "temperature": 1.0}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -52,8 +54,8 @@ def comparable(folder: Path) -> dict:
     return out
 
 
-def test_explore_writes_trees_records_and_resumes_after_a_kill(project):
-    setup_explore(project)
+def test_explore_writes_trees_records_and_resumes_after_a_kill(project, solver_model):
+    setup_explore(project, solver_model)
     full = subprocess.run(explore_cmd("full"), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stdout + full.stderr
     metrics = json.loads((project / "full/metrics.json").read_text())
@@ -68,6 +70,9 @@ def test_explore_writes_trees_records_and_resumes_after_a_kill(project):
             "tokens", "seconds"} <= set(node)
     assert record["answer"] is None or "hidden" in record["answer"]
     assert (project / "full/example_tree.md").read_text().startswith("# mini/explore/")
+    sft = [json.loads(line) for line in (project / "full/sft.jsonl").read_text().splitlines()]
+    assert metrics["sft_problems"] >= 2 and len(sft) >= 4  # real records to compare below
+    assert metrics["sft_chain_share"] == 1.0 and all(r["thoughts"] for r in sft)
 
     # a run killed part-way resumes: finished problems are not searched again, and the
     # outputs equal the uninterrupted run's
@@ -88,12 +93,12 @@ def test_explore_writes_trees_records_and_resumes_after_a_kill(project):
     assert comparable(project / "part") == comparable(project / "full")
 
 
-def test_explore_stage_is_logged_to_mlflow(project):
+def test_explore_stage_is_logged_to_mlflow(project, solver_model):
     import mlflow
 
     from bdc import tracking
 
-    setup_explore(project)
+    setup_explore(project, solver_model)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["explore"]["limit"] = 3
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -111,7 +116,7 @@ def test_explore_stage_is_logged_to_mlflow(project):
 def test_local_cpu_models_share_the_cores():
     import torch
 
-    from bdc.stages.explore import share_cpu
+    from bdc.boost.exploration import share_cpu
 
     before = torch.get_num_threads()
     try:
@@ -121,3 +126,51 @@ def test_local_cpu_models_share_the_cores():
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def test_explore_compare_with_http_agents_over_several_seeds(project, solver_model):
+    """Bug: with HTTP agents the second method or seed failed (the client and its
+    concurrency limit were bound to the first event loop)."""
+    import sys
+
+    import httpx
+
+    from tests.test_agents import free_port
+
+    setup_explore(project, solver_model)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model",
+                               str(project / "data/models/solver"), "--port", str(port),
+                               "--name", "solver"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        params = yaml.safe_load((project / "params.yaml").read_text())
+        http = {"backend": "http", "model": "solver", "base_url": url, "api_key_env": None,
+                "style": "mini", "thought": "plan", "temperature": 0.8,
+                "thought_tokens": 48, "program_tokens": 40}
+        params["explore_compare"] = {"seeds": [0, 1], "per_family": 2,
+                                     "teams": {"served": ["h1", "h2"]},
+                                     "agents": {"h1": http, "h2": {**http, "max_n_per_request": 1}}}
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        done = subprocess.run(["bdc", "explore-compare", "--out", "cmp.json"],
+                              capture_output=True, text=True, timeout=600)
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((project / "cmp.json").read_text())
+    assert set(summary) == {f"served: {m}" for m in (
+        "tree(h1+h2)", "tree(h1)", "tree(h2)", "best-of-N(h1)", "best-of-N(h2)",
+        "best-of-N(h1+h2)")}
+    for row in summary.values():
+        assert len(row["runs"]) == 2 and row["failed_problems"]["mean"] == 0
+        assert row["programs_per_problem"]["mean"] > 0
+    assert "| served | tree(h1+h2) |" in done.stdout

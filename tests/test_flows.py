@@ -34,7 +34,7 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     results = pipeline()
     assert [r["stage"] for r in results] == ["prepare", "pretrain", "explore"]
     assert all(r["ran"] for r in results)
-    assert (project / "data/models/agent_a/model.safetensors").exists()
+    assert (project / "data/models/planner/model.safetensors").exists()
     assert (project / "data/problems/explore.jsonl").exists()
     (artifact,) = [a for a in asyncio.run(_artifacts("stage-prepare"))
                    if results[0]["mlflow_run_id"] in (a.data or "")]
@@ -46,7 +46,7 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
         (stage,) = [r for r in runs if r.data.tags["bdc.stage"] == name]
         assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
         if name == "pretrain":
-            assert "models.agent_a.explore.pass_at_1" in stage.data.metrics
+            assert "models.planner.explore.pass_at_1" in stage.data.metrics
     assert "hidden_solve_rate" in stage.data.metrics
     assert parent.info.status == "FINISHED" and "prefect.flow_run_id" in parent.data.tags
 

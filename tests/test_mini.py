@@ -104,13 +104,16 @@ def ci_run(tmp_path_factory, splits):
 
 def test_ci_training_run(ci_run):
     root, metrics, progress, seconds = ci_run  # speed is a benchmark's business, not a test's
-    assert set(metrics["models"]) == {"agent_a", "agent_b", "base"}
+    assert set(metrics["models"]) == {"planner", "coder", "base"}
     for m in metrics["models"].values():
         assert m["steps"] == 25 and m["final_loss"] > 0
         assert set(m["explore"]["by_family"]) == set(mini.FAMILIES)
         assert 0.0 <= m["explore"]["pass@1"] <= 1.0
-    assert {name for name, *_ in progress} == {"agent_a", "agent_b", "base"}
-    assert set(metrics["boosting"]) == {"alone_budget2", "union_budget2", "union_gain"}
+    assert {name for name, *_ in progress} == {"planner", "coder", "base"}
+    assert set(metrics["boosting"]) == {"pooled", "composed", "plans_equal_reference",
+                                        "composition_gain"}
+    assert set(metrics["boosting"]["composed"]) == {"planner->coder"}
+    assert "explore_from_reference_plan" in metrics["models"]["coder"]
 
 
 def test_ci_models_load_with_the_loader_and_peft(ci_run):
@@ -119,26 +122,26 @@ def test_ci_models_load_with_the_loader_and_peft(ci_run):
     from bdc.models import load_causal_lm
 
     root = ci_run[0]
-    model, tok = load_causal_lm(root / "models" / "agent_a")
+    model, tok = load_causal_lm(root / "models" / "planner")
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     batch = tok([mini.render("Write f(x).")], return_tensors="pt")
     assert lora(**batch, labels=batch["input_ids"]).loss.item() > 0
 
 
 def test_ci_training_is_reproducible(ci_run, splits):
-    from bdc.stages.pretrain import encode, mixture, train, training_text
+    from bdc.pretraining import encode, mixture, train, training_text
     from bdc.tiny_model import new_model, train_tokenizer
 
     corpus = splits["pretrain"]
     tok = train_tokenizer([training_text(p)[1] for p in corpus], 512)
     examples = encode(tok, corpus, 256)
-    spec = ci_params().pretrain.models["agent_a"]
+    spec = ci_params().pretrain.models["planner"]
     from bdc.stages.pretrain import CI_SHAPE
 
     runs = []
     for _ in range(2):
         model = new_model(CI_SHAPE, tok, seed=3)
-        losses = train(model, examples, mixture(examples, spec), 5, 3e-3, 8, 1, 0.1, True, 3,
+        losses = train(model, examples, mixture(examples, spec), 5, 3e-3, 8, 1, 0.1, False, 3,
                        tok.pad_token_id)
         runs.append((losses, model.state_dict()))
     assert runs[0][0] == runs[1][0]
@@ -146,9 +149,31 @@ def test_ci_training_is_reproducible(ci_run, splits):
                                                  strict=True))
 
 
+def test_planners_learn_the_thoughts_and_coders_the_code(splits):
+    """loss_on decides which tokens carry loss: a planner the thoughts and the code header
+    (so it hands over to a coder), a coder the code and the end of text, never the problem."""
+    from bdc.pretraining import _batch, encode, training_text
+    from bdc.tiny_model import train_tokenizer
+
+    problem = splits["pretrain"][0]
+    tok = train_tokenizer([training_text(p)[1] for p in splits["pretrain"]], 512)
+    (example,) = encode(tok, [problem], 256)
+
+    def learned(loss_on: str) -> str:
+        labels = _batch([example], tok.pad_token_id, loss_on)["labels"][0]
+        return tok.decode([t for t in labels.tolist() if t != -100])
+
+    ref = problem.meta["reference"]
+    thoughts = "".join(f"{i}. {t}\n" for i, t in enumerate(ref["thoughts"], 1))
+    assert learned("thoughts") == thoughts + mini.CODE_HEADER
+    assert learned("code") == ref["program"] + tok.eos_token
+    assert learned("all") == thoughts + mini.CODE_HEADER + ref["program"] + tok.eos_token
+    assert problem.prompt not in learned("all")
+
+
 def test_mixture_puts_focus_share_on_focus_families(splits):
     from bdc.config import PretrainModel
-    from bdc.stages.pretrain import Example, mixture
+    from bdc.pretraining import Example, mixture
 
     examples = [Example(ids=[1], prompt_len=1, family=p.meta["family"])
                 for p in splits["pretrain"]]

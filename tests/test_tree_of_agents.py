@@ -194,6 +194,162 @@ def test_best_of_n_shares_the_budget_and_stops_at_the_first_public_pass(sandbox)
     with ThreadPoolExecutor(2) as pool:
         tree = asyncio.run(best_of_n(PROBLEM.public_view(), [a, b], 6, sandbox, pool, 0))
         full = asyncio.run(best_of_n(PROBLEM.public_view(), [a], 4, sandbox, pool, 0))
-    assert [c[2][1] for c in a.calls] == [3, 4] and b.calls[0][2] == (None, 3)
-    assert tree.programs == 2 and tree.stopped == "solved"  # a's, then b's first program
+    # one program per agent per round, round-robin; the first round already passes
+    assert [c[2] for c in a.calls] == [(None, 1)] * 5 and b.calls[0][2] == (None, 1)
+    assert tree.programs == 2 == len(tree.nodes[0].programs) and tree.stopped == "solved"
     assert full.programs == 4 and full.answer()[1].pass_rate == 0.0
+    assert full.stopped == "max_programs"
+
+
+# ----------------------------------------------------------------------------- a wrong search
+# Each test below fails on a search with one specific defect (named in its docstring).
+
+def passing_first_test_only() -> str:
+    """Passes the first public test (1 -> 4), fails the second (2 -> 5)."""
+    return "def f(x):\n    return x + 3 if x == 1 else x\n"
+
+
+def test_selection_expands_the_best_child_not_the_worst(sandbox):
+    """Defect: select takes the minimum score."""
+    a = agent("a", [5, 3], [0.5, 0.5])
+    _, tree = search([a], sandbox, rollouts=2, boost=False, refine=False, prune=False,
+                     width=2)
+    kids = {tree.nodes[c].action: tree.nodes[c] for c in tree.nodes[0].children}
+    assert kids["add 3"].value == 1.0 and kids["add 5"].value == 0.0
+    assert kids["add 3"].expanded and not kids["add 5"].expanded
+
+
+def test_node_value_is_the_mean_of_its_programs(sandbox):
+    """Defect: node value = the best program's pass rate instead of the mean."""
+    right, wrong = "def f(x):\n    return x + 3\n", "def f(x):\n    return x\n"
+    a = ScriptedAgent("a", lambda v, th, w, s: [("t", 1.0)],
+                      lambda v, th, n, s: [right, wrong][:n])
+    _, tree = search([a], sandbox, rollouts=1, trials=2, boost=False, refine=False)
+    child = tree.nodes[tree.nodes[0].children[0]]
+    assert sorted(r.pass_rate for r in child.programs) == [0.0, 1.0]
+    assert child.value == pytest.approx(0.5)
+
+
+def test_every_agent_writes_trials_programs_for_every_new_node(sandbox):
+    """Defect: ``trials`` ignored."""
+    a, b = agent("a", [5]), agent("b", [7])
+    _, tree = search([a, b], sandbox, rollouts=1, trials=3, boost=False, refine=False,
+                     max_programs=100)
+    for who in (a, b):
+        assert [n for kind, _, (_, n) in who.calls if kind == "write"] == [3, 3, 3]
+    kids = [tree.nodes[c] for c in tree.nodes[0].children]
+    assert all(len(k.programs) == 6 for k in kids)
+
+
+def test_the_token_budget_ends_the_search(sandbox):
+    """Defect: no token budget."""
+    _, tree = search([agent("a", [5, 7], cost=10)], sandbox, rollouts=50, max_tokens=25,
+                     boost=False, refine=False, max_depth=10, max_programs=1000)
+    assert tree.stopped == "max_tokens" and 25 <= tree.tokens <= 25 + 3 * 10
+
+
+def test_the_wall_time_budget_ends_the_search(sandbox):
+    """Defect: no wall-time budget."""
+    _, tree = search([agent("a", [5, 7])], sandbox, rollouts=50, wall_time_s=1e-6,
+                     boost=False, refine=False, max_depth=10, max_programs=1000)
+    assert tree.stopped == "wall_time" and tree.rollouts == 0
+
+
+def test_no_chain_grows_past_max_depth(sandbox):
+    """Defect: no depth budget."""
+    a = ScriptedAgent("a", lambda v, th, w, s: [(f"step {len(th)}", 1.0)],
+                      lambda v, th, n, s: ["def f(x):\n    return x\n"] * n)
+    _, tree = search([a], sandbox, rollouts=10, max_depth=2, boost=False, refine=False,
+                     prune=False, max_programs=1000)
+    assert max(n.depth for n in tree.nodes) == 2
+    assert any("max depth" in n.notes for n in tree.nodes)
+
+
+def test_backup_discounts_with_the_configured_gamma(sandbox):
+    """Defect: gamma hard-coded (0.9, the paper's)."""
+    _, tree = search([agent("a", [3])], sandbox, rollouts=1, gamma=0.5, boost=False,
+                     refine=False)
+    assert tree.nodes[0].q == pytest.approx(0.5 * 1.0)
+
+
+def test_feedback_holds_only_the_failing_public_tests(sandbox):
+    """Defect: feedback includes passing tests."""
+    seen = []
+    a = ScriptedAgent("a", lambda v, th, w, s: [("half", 1.0)],
+                      lambda v, th, n, s: [passing_first_test_only()] * n,
+                      rewrite=lambda v, th, fb, s: seen.append(fb) or None)
+    _, tree = search([a], sandbox, rollouts=1, boost=False, refine=True)
+    (feedback,) = seen
+    assert [(f.input, f.expected, f.actual) for f in feedback] == [([2], 5, 2)]
+
+
+def test_refinement_rewrites_the_best_failing_child(sandbox):
+    """Defect: refinement of the worst failing child."""
+    seen = []
+
+    def programs(view, thoughts, n, seed):
+        return [passing_first_test_only() if thoughts == ["half"] else add_k(thoughts)] * n
+
+    a = ScriptedAgent("a", lambda v, th, w, s: [("add 9", 0.5), ("half", 0.5)], programs,
+                      rewrite=lambda v, th, fb, s: seen.append(list(th)) or None)
+    _, tree = search([a], sandbox, rollouts=1, width=2, boost=False, refine=True)
+    values = {tree.nodes[c].action: tree.nodes[c].value for c in tree.nodes[0].children}
+    assert values == {"add 9": 0.0, "half": 0.5}
+    assert seen == [["half"]]
+
+
+SEEDS_SCRIPT = """
+import asyncio, json
+from concurrent.futures import ThreadPoolExecutor
+from bdc.config import SandboxSettings, SearchSettings
+from bdc.sandbox import Sandbox
+from bdc.boost.tree_of_agents import Search
+from tests.test_tree_of_agents import PROBLEM, agent
+a = agent("a", [5, 7])
+with Sandbox(SandboxSettings(workers=1)) as box, ThreadPoolExecutor(1) as pool:
+    s = SearchSettings(width=2, trials=1, rollouts=2, max_depth=2)
+    asyncio.run(Search(PROBLEM.public_view(), [a], s, box, pool, seed=3).run())
+print(json.dumps(a.seeds))
+"""
+
+
+def test_agent_seeds_are_the_same_in_every_process():
+    """Defect: seeds from Python's per-process ``hash()`` (a resumed run, in a new process,
+    would draw other thoughts and programs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    runs = []
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", SEEDS_SCRIPT], cwd=ROOT, check=True,
+                             capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0] == runs[1] and len(runs[0]) >= 4
+
+
+def test_agents_take_only_their_roles(sandbox):
+    planner = agent("planner", [3], roles=("propose", "refine"))
+    coder = agent("coder", [9], roles=("write",))
+    _, tree = search([planner, coder], sandbox, rollouts=2, boost=False, refine=True)
+    assert {kind for kind, *_ in planner.calls} <= {"propose", "refine"}
+    assert {kind for kind, *_ in coder.calls} == {"write"}
+    assert all(r.agent == "coder" for n in tree.nodes for r in n.programs)
+    assert tree.answer()[0].action == "add 3"  # the planner's thought, the coder's program
+
+
+def test_widening_asks_for_new_thoughts_when_nothing_is_left_open(sandbox):
+    import random
+
+    a = ScriptedAgent("a", lambda v, th, w, s: [(f"add {random.Random(s).randint(4, 99)}", 1.0)]
+                      if not th else None, lambda v, th, n, s: [add_k(th)] * n)
+    _, narrow = search([a], sandbox, rollouts=4, width=1, boost=False, refine=False,
+                       max_depth=1)
+    _, wide = search([a], sandbox, rollouts=4, width=1, boost=False, refine=False,
+                     max_depth=1, widen=True)
+    assert len(narrow.nodes[0].children) == 1  # revisits of the one complete chain
+    assert len(wide.nodes[0].children) > 1 and wide.nodes[0].widened >= 1

@@ -1,7 +1,8 @@
 """MC-Tree-of-Agents: Monte-Carlo tree search over thoughts, with several LLM agents.
 
 The whole algorithm is in this file. A decision node holds a state (the problem and the
-thoughts so far); its children are candidate next thoughts. One rollout:
+thoughts so far); its children are candidate next thoughts (a thought is one step of a plan,
+or, for agents that propose whole plans, the remaining steps at once). One rollout:
 
 1. **select** a leaf by variable P-UCB (or P-UCB / UCT) over open nodes;
 2. **expand** it: *every* agent proposes ``width`` next thoughts with priors; with ``boost``,
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 
 from bdc.boost.agents.base import Agent, Feedback, Reply
 from bdc.config import SearchSettings
+from bdc.jsonl import json_safe
 from bdc.problems.format import CallTest, CodeTest, PublicView, StdioTest
 from bdc.sandbox import Execution, ExecutionResult, Sandbox
 
@@ -44,14 +46,16 @@ class ProgramRun:
     total: int
     status: str
     feedback: list[dict] = field(default_factory=list)  # failing public tests
+    thoughts: list[str] = field(default_factory=list)  # the writer's own, when it had none
 
 
 @dataclass
 class Node:
     id: int
     parent: int | None
-    depth: int
-    thoughts: list[str]
+    depth: int  # thoughts (expansions) from the root
+    thoughts: list[str]  # every step of the chain so far
+    steps: int = 0  # how many of them this node's thought added
     kind: str = "root"  # root | propose | merge | refine
     agent: str | None = None  # who proposed the last thought
     prior: float = 1.0  # the proposer's own rating
@@ -65,16 +69,24 @@ class Node:
     terminal: bool = False
     pruned: bool = False
     closed: bool = False  # nothing left to expand below
+    widened: int = 0  # times its agents were asked for more thoughts (progressive widening)
+    saturated: bool = False  # asked again, they had nothing new
     tokens: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # fallbacks and why a node ended
 
     @property
     def action(self) -> str | None:
-        return self.thoughts[-1] if self.thoughts else None
+        """This node's thought: the steps it added to its parent's chain."""
+        return "\n".join(self.thoughts[-self.steps:]) if self.steps else None
 
     def best(self) -> ProgramRun | None:
         return max(self.programs, key=lambda r: r.pass_rate, default=None)
+
+    def chain(self, run: ProgramRun) -> list[str]:
+        """The thought chain ``run``'s program was written from: this node's thoughts, or at
+        the root the ones its writer wrote before the code."""
+        return self.thoughts or run.thoughts
 
 
 @dataclass
@@ -89,12 +101,16 @@ class Tree:
     stopped: str = ""  # which budget or condition ended the search
 
     def answer(self) -> tuple[Node, ProgramRun] | None:
-        """The program with the best public pass rate (earliest wins ties)."""
-        best = None
+        """The program with the best public pass rate. Among equals, one written from a
+        chain the search built wins, then one with its writer's own chain, then the earliest:
+        the answer is also the training data, and a record without thoughts teaches System 1
+        nothing about planning."""
+        best, best_key = None, None
         for node in self.nodes:
             for run in node.programs:
-                if best is None or run.pass_rate > best[1].pass_rate:
-                    best = (node, run)
+                key = (run.pass_rate, bool(node.thoughts), bool(node.chain(run)))
+                if best_key is None or key > best_key:
+                    best, best_key = (node, run), key
         return best
 
     def to_dict(self) -> dict:
@@ -128,7 +144,7 @@ def feedback_of(view: PublicView, result: ExecutionResult, limit: int) -> list[d
         else:
             assert isinstance(test, CallTest | StdioTest)
             shown = {"input": test.input, "expected": test.output}
-        out.append({**shown, "actual": outcome.actual, "detail": outcome.detail[:300]})
+        out.append({**shown, "actual": json_safe(outcome.actual), "detail": outcome.detail[:300]})
         if len(out) == limit:
             break
     return out
@@ -144,6 +160,7 @@ class Search:
             raise TypeError(f"the search takes a PublicView (no hidden tests), got "
                             f"{type(view).__name__}")
         self.view, self.agents, self.s = view, agents, settings
+        self._indexed = list(enumerate(agents))  # an agent's index seeds its calls
         self.sandbox, self.executor, self.seed = sandbox, executor, seed
         self.tree = Tree(problem_id=view.id)
         self._cache: dict[str, ProgramRun] = {}  # identical programs run once
@@ -166,9 +183,14 @@ class Search:
     def _seed(self, node: Node, agent: int, purpose: str) -> int:
         return seed_of(self.seed, self.view.id, node.id, agent, purpose)
 
+    def _taking(self, role: str) -> list[tuple[int, Agent]]:
+        """The agents that take this part of the search (each agent's ``roles``)."""
+        return [(i, a) for i, a in self._indexed if role in a.roles]
+
     def _new_node(self, parent: Node | None, thoughts: list[str], **kw) -> Node:
         node = Node(id=len(self.tree.nodes), parent=None if parent is None else parent.id,
-                    depth=len(thoughts), thoughts=thoughts, **kw)
+                    depth=0 if parent is None else parent.depth + 1, thoughts=thoughts,
+                    steps=len(thoughts) - (0 if parent is None else len(parent.thoughts)), **kw)
         self.tree.nodes.append(node)
         if parent is not None:
             parent.children.append(node.id)
@@ -184,13 +206,16 @@ class Search:
 
     # ------------------------------------------------------------------ simulate
 
-    async def _execute(self, agent: str, code: str) -> ProgramRun:
+    async def _execute(self, agent: str, code: str, thoughts: list[str] | None = None
+                       ) -> ProgramRun:
+        thoughts = list(thoughts or [])
         if code in self._cache:
-            return ProgramRun(**{**asdict(self._cache[code]), "agent": agent})
+            return ProgramRun(**{**asdict(self._cache[code]), "agent": agent,
+                                 "thoughts": thoughts})
         total = len(self.view.public_tests)
         if not code.strip():
             run = ProgramRun(agent, code, 0.0, 0, total, "error",
-                             [{"detail": "no program in the reply"}])
+                             [{"detail": "no program in the reply"}], thoughts)
         else:
             execution = Execution(program=code, kind=self.view.kind,
                                   entry_point=self.view.entry_point,
@@ -199,24 +224,24 @@ class Search:
                 self.executor, self.sandbox.run, execution)
             run = ProgramRun(agent, code, result.pass_rate, result.passed, result.total,
                              result.status, feedback_of(self.view, result,
-                                                        self.s.feedback_tests))
+                                                        self.s.feedback_tests), thoughts)
         self._cache[code] = run
         return run
 
     async def simulate(self, node: Node) -> None:
-        """Every agent writes ``trials`` programs (as far as the budget allows); value = mean
-        public pass rate."""
+        """Every agent that writes writes ``trials`` programs (as far as the budget allows);
+        value = mean public pass rate."""
         started = time.perf_counter()
         left = self.s.max_programs - self.tree.programs
-        if left <= 0:
+        able = self._taking("write")
+        if left <= 0 or not able:
             return
-        writers = [(i, a) for i, a in enumerate(self.agents)][:max(0, left // self.s.trials)]
-        if not writers and left > 0:
-            writers = [(0, self.agents[0])]
+        writers = able[:max(0, left // self.s.trials)] or able[:1]
         counts = [min(self.s.trials, left - k * self.s.trials) for k in range(len(writers))]
-        self.tree.programs += sum(counts)
+        self.tree.programs += sum(counts)  # reserved now: other nodes simulate meanwhile
         # At the root there is no thought yet: each agent answers its own way (for the mini
-        # models, thoughts and code in one go, as they were trained).
+        # models, thoughts and code in one go, as they were trained); the thoughts it writes
+        # are kept with its program.
         thoughts = node.thoughts if node.thoughts else None
         purpose = f"write{len(node.programs)}"  # a revisit draws new programs
         replies = await asyncio.gather(*[
@@ -225,7 +250,10 @@ class Search:
         jobs = []
         for (_, agent), reply in zip(writers, replies, strict=True):
             self._spend(node, reply, agent)
-            jobs += [self._execute(agent.name, code) for code in reply.programs]
+            chains = reply.chains or [[] for _ in reply.programs]
+            jobs += [self._execute(agent.name, code, chain)
+                     for code, chain in zip(reply.programs, chains, strict=True)]
+        self.tree.programs -= sum(counts) - len(jobs)  # the budget counts what came back
         node.programs += await asyncio.gather(*jobs)
         node.value = sum(r.pass_rate for r in node.programs) / len(node.programs) \
             if node.programs else 0.0
@@ -264,6 +292,21 @@ class Search:
             node.closed = False
         return self.select()
 
+    def _widen(self) -> Node | None:
+        """Nothing is left open: the most promising expanded node gets more thoughts (its
+        agents are asked again, with new seeds), rather than re-simulating a complete chain
+        whose thoughts may be wrong. ``None`` when every such node is saturated."""
+        if not self.s.widen:
+            return None
+        able = [n for n in self.tree.nodes if n.expanded and not n.terminal and
+                not n.saturated and not n.pruned and n.depth < self.s.max_depth]
+        if not able:
+            return None
+        node = max(able, key=lambda n: (n.q, -n.depth, -n.widened, -n.id))
+        node.widened += 1
+        node.notes.append("widened: nothing left open")
+        return node
+
     def _revisit(self) -> Node | None:
         """Every chain is complete and budget is left: as in MCTS at a terminal state, a
         revisit is another simulation, here of the most promising complete chain."""
@@ -282,18 +325,20 @@ class Search:
             leaf.terminal = leaf.closed = True
             leaf.notes.append("max depth")
             return []
+        proposers = self._taking("propose")
+        purpose = f"propose{leaf.widened}" if leaf.widened else "propose"
         replies = await asyncio.gather(*[
-            agent.propose(self.view, leaf.thoughts, self.s.width, self._seed(leaf, i, "propose"))
-            for i, agent in enumerate(self.agents)])
+            agent.propose(self.view, leaf.thoughts, self.s.width, self._seed(leaf, i, purpose))
+            for i, agent in proposers])
         children: dict[str, Node] = {}
         by_agent: dict[str, list[str]] = {}
-        for agent, reply in zip(self.agents, replies, strict=True):
+        for (_, agent), reply in zip(proposers, replies, strict=True):
             self._spend(leaf, reply, agent)
             for t in reply.thoughts:
                 by_agent.setdefault(agent.name, []).append(t.text)
                 self._add_child(children, leaf, t.text, t.prior, agent.name, "propose")
         if self.s.boost and len(by_agent) > 1:
-            mergers = [(i, a) for i, a in enumerate(self.agents) if a.can_merge]
+            mergers = [(i, a) for i, a in self._taking("merge") if a.can_merge]
             merged = await asyncio.gather(*[
                 agent.merge(self.view, leaf.thoughts,
                             [t for name, ts in by_agent.items() if name != agent.name
@@ -303,24 +348,36 @@ class Search:
                 self._spend(leaf, reply, agent)
                 for t in reply.thoughts[:1]:
                     self._add_child(children, leaf, t.text, t.prior, agent.name, "merge")
+        if not children and leaf.widened:
+            leaf.saturated = True
+            leaf.notes.append("widening found no new thought")
+            return []
         if not children:
             leaf.terminal = leaf.closed = True
             done = all(r.done for r in replies)
             leaf.notes.append("agents: chain complete" if done else "no usable proposals")
             return []
         self._normalise(leaf)
+        node = leaf
+        while node is not None:  # new open children: the path to them is open again
+            node.closed = False
+            node = None if node.parent is None else self.tree.nodes[node.parent]
         return list(children.values())
 
     def _add_child(self, children: dict[str, Node], parent: Node, text: str, prior: float,
                    agent: str, kind: str) -> Node | None:
-        """Identical thoughts are one child (the higher prior is kept)."""
-        key = " ".join(text.split()).lower()
+        """A thought's steps (its lines) extend the parent's chain; identical thoughts are
+        one child (the higher prior is kept)."""
+        steps = [line.strip() for line in text.splitlines() if line.strip()]
+        if not steps:
+            return None
+        key = " ".join(" ".join(steps).split()).lower()
         known = {" ".join(self.tree.nodes[c].action.split()).lower(): self.tree.nodes[c]
                  for c in parent.children}
         if key in known:
             known[key].prior = max(known[key].prior, prior)
             return None
-        children[key] = self._new_node(parent, [*parent.thoughts, text], kind=kind,
+        children[key] = self._new_node(parent, [*parent.thoughts, *steps], kind=kind,
                                        agent=agent, prior=prior)
         return children[key]
 
@@ -342,11 +399,13 @@ class Search:
         feedback = [Feedback(input=f.get("input"), expected=f.get("expected"),
                              actual=f.get("actual"), detail=f.get("detail", ""))
                     for f in run.feedback]
+        refiners = self._taking("refine")
         replies = await asyncio.gather(*[
-            agent.refine(self.view, target.thoughts, feedback, self._seed(target, i, "refine"))
-            for i, agent in enumerate(self.agents)])
+            agent.refine(self.view, leaf.thoughts, target.action, feedback,
+                         self._seed(target, i, "refine"))
+            for i, agent in refiners])
         children: dict[str, Node] = {}
-        for agent, reply in zip(self.agents, replies, strict=True):
+        for (_, agent), reply in zip(refiners, replies, strict=True):
             self._spend(target, reply, agent)
             for t in reply.thoughts[:1]:
                 self._add_child(children, leaf, t.text, t.prior, agent.name, "refine")
@@ -373,13 +432,14 @@ class Search:
     async def run(self, on_rollout: Callable[[Tree], None] | None = None) -> Tree:
         self._started = time.perf_counter()
         root = self._new_node(None, [])
-        await self.simulate(root)
+        if self.s.simulate_root:
+            await self.simulate(root)
         while self.tree.rollouts < self.s.rollouts:
             stop = self._budget_left()
             if stop:
                 self.tree.stopped = stop
                 break
-            leaf = self.select() or self._reopen()
+            leaf = self.select() or self._reopen() or self._widen()
             if leaf is None:
                 revisit = self._revisit()
                 if revisit is None:
@@ -413,33 +473,44 @@ class Search:
         return self.tree
 
     async def sample(self, n: int) -> Tree:
-        """No search: ``n`` programs written straight from the problem, shared round-robin
-        by the agents, on one root node (the best-of-N baseline, recorded like a tree)."""
+        """No search: up to ``n`` programs written straight from the problem, one per agent
+        per round (round-robin), on one root node: the best-of-N baseline, recorded like a
+        tree. With ``stop_when_solved`` it stops after the round that passed the public
+        tests, as the tree does; everything generated was executed and is counted."""
         self._started = time.perf_counter()
         root = self._new_node(None, [])
-        agents = self.agents
-        shares = [n // len(agents) + (i < n % len(agents)) for i in range(len(agents))]
-        writers = [(agent, k) for agent, k in zip(agents, shares, strict=True) if k]
-        replies = await asyncio.gather(*[
-            agent.write(self.view, None, k, self._seed(root, agents.index(agent), "best_of_n"))
-            for agent, k in writers])
-        order = []  # interleave the agents' samples: the order a sequential sampler would draw
-        for k in range(max(shares)):
-            for (agent, _), reply in zip(writers, replies, strict=True):
-                if k < len(reply.programs):
-                    order.append((agent.name, reply.programs[k]))
-        for (agent, _), reply in zip(writers, replies, strict=True):
-            self._spend(root, reply, agent)
-        runs = await asyncio.gather(*[self._execute(name, code) for name, code in order])
-        used = len(runs)
-        if self.s.stop_when_solved:  # what a sampler stopping at the first public pass used
-            used = next((i + 1 for i, r in enumerate(runs) if r.pass_rate == 1.0), len(runs))
-        root.programs = list(runs[:used])
-        root.value = root.q = sum(r.pass_rate for r in root.programs) / max(used, 1)
         root.visits = 1
-        self.tree.programs = used
-        self.tree.stopped = "solved" if used < len(runs) or (
-            runs and runs[-1].pass_rate == 1.0) else "max_programs"
+        while self.tree.programs < n:
+            if self.tree.tokens >= self.s.max_tokens:
+                self.tree.stopped = "max_tokens"
+                break
+            if time.perf_counter() - self._started >= self.s.wall_time_s:
+                self.tree.stopped = "wall_time"
+                break
+            writers = self._indexed[:n - self.tree.programs]  # every agent: no roles here
+            purpose = f"best_of_n{self.tree.rollouts}"
+            self.tree.rollouts += 1
+            replies = await asyncio.gather(*[
+                agent.write(self.view, None, 1, self._seed(root, i, purpose))
+                for i, agent in writers])
+            jobs = []
+            for (_, agent), reply in zip(writers, replies, strict=True):
+                self._spend(root, reply, agent)
+                chains = reply.chains or [[] for _ in reply.programs]
+                jobs += [self._execute(agent.name, code, chain)
+                         for code, chain in zip(reply.programs, chains, strict=True)]
+            self.tree.programs += len(jobs)
+            root.programs += await asyncio.gather(*jobs)
+            if self.s.stop_when_solved and any(r.pass_rate == 1.0 for r in root.programs):
+                self.tree.stopped = "solved"
+                break
+            if not jobs:
+                self.tree.stopped = "no programs"
+                break
+        else:
+            self.tree.stopped = "max_programs"
+        root.value = root.q = sum(r.pass_rate for r in root.programs) / max(
+            len(root.programs), 1)
         self.tree.seconds = time.perf_counter() - self._started
         return self.tree
 

@@ -19,11 +19,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.functional_validators import BeforeValidator
 
-from bdc.jsonl import read_jsonl, write_jsonl
+from bdc.jsonl import RecordError, read_jsonl, write_jsonl
 
-# Never shown to the method: reference solutions, and the family label that only evaluates
-# clustering.
-PRIVATE_META = ("reference", "family")
+# The only meta fields search and training may see (an allow-list: a field a new source adds
+# stays private until someone decides it is fair to show). Reference solutions, URLs that lead
+# to them and the mini family label (it only evaluates clustering) are never shown.
+PUBLIC_META = ("task_id", "difficulty", "band", "split")
 
 
 class _Record(BaseModel):
@@ -98,7 +99,7 @@ class Problem(_Record):
     def public_view(self) -> PublicView:
         return PublicView(id=self.id, source=self.source, prompt=self.prompt, kind=self.kind,
                           entry_point=self.entry_point, public_tests=self.tests.public,
-                          meta={k: v for k, v in self.meta.items() if k not in PRIVATE_META})
+                          meta={k: v for k, v in self.meta.items() if k in PUBLIC_META})
 
 
 class PublicView(_Record):
@@ -126,7 +127,7 @@ def read_problems(path: str | Path) -> list[Problem]:
     seen: set[str] = set()
     for p in problems:
         if p.id in seen:
-            raise ValueError(f"{path}: duplicate problem id {p.id!r}")
+            raise RecordError(f"{path}: duplicate problem id {p.id!r}")
         seen.add(p.id)
     return problems
 

@@ -1,86 +1,56 @@
 """Stage ``explore`` (Boost): MC-Tree-of-Agents over every ``explore`` problem.
 
-Many problems are searched at once, so the agents' LLM calls from all open trees are batched
-(local backends) or in flight together (HTTP), and sandbox runs overlap with generation. Each
-finished problem is scored on its hidden tests once and written atomically to its own file
-(``trees/<id>.json``) keyed by a fingerprint of everything that determines it: a killed run
-resumes with the problems still missing, and ends with the same outputs as a run that was
-never interrupted. The training data (SFT records, preference pairs) and the metrics are
-derived from those files at the end.
+Each finished problem is scored on its hidden tests once and written atomically to its own
+file (``trees/<id>.json``) keyed by a fingerprint of everything that determines it: the
+problem, the agents in order, the search and the outcome-changing sandbox settings, the seed
+and the code that makes trees. A killed run resumes with the problems still missing and ends
+with the same outputs as a run that was never interrupted; a changed setting searches every
+tree again. Trees of problems outside the current selection (``explore.limit``) are kept:
+with API agents they are paid for. A problem whose search failed is recorded with its error,
+counted, and searched again by the next run; the stage fails, naming them, only when their
+share exceeds ``explore.max_failed_share``. The training data (SFT records, preference pairs)
+and the metrics are derived from the tree files at the end.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import time
+import traceback
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
-from bdc.boost.agents.base import Agent, Backend
-from bdc.boost.tree_of_agents import Search, Tree
-from bdc.config import AgentSettings, ExploreSettings, Params
+from bdc.boost.agents.base import Agent
+from bdc.boost.exploration import closing, make_agents, search_all
+from bdc.boost.training_data import preference_pairs, sft_records
+from bdc.boost.tree_of_agents import Tree
+from bdc.config import AgentSettings, ExploreSettings, Params, SandboxSettings
+from bdc.errors import BDCError
 from bdc.jsonl import atomic_open, write_jsonl
-from bdc.problems.format import Problem, PublicView, read_problems
-from bdc.problems.mini import render
-from bdc.sandbox import Execution, ExecutionResult, Sandbox
+from bdc.problems.format import Problem, read_problems
+from bdc.sandbox import ExecutionResult, Sandbox
 
 log = logging.getLogger(__name__)
 TREES = "trees"
+DERIVED = ("sft.jsonl", "prefs.jsonl", "example_tree.md")
+# The code that makes a tree: a change to it (not to its comments or docstrings) is a new
+# search. The builders of training data and metrics are not here: they re-derive every run.
+TREE_CODE = ("boost/tree_of_agents.py", "boost/exploration.py", "boost/agents", "sandbox")
+# Sandbox settings that cannot change a program's outcome (how many workers, which uids).
+SANDBOX_NEUTRAL = {"workers", "uid_base", "strict"}
 
 
-# ----------------------------------------------------------------------------- agents
-
-def make_backend(spec: AgentSettings) -> Backend:
-    from bdc.boost.agents import backends
-
-    if spec.backend == "hf":
-        return backends.HFBackend(spec.model, spec.batch_size, spec.device, spec.dtype)
-    if spec.backend == "vllm":
-        return backends.VLLMBackend(spec.model, spec.batch_size, spec.dtype)
-    if not spec.base_url:
-        raise ValueError(f"explore.agents: backend http for {spec.model!r} needs base_url")
-    return backends.OpenAIBackend(backends.HTTPSettings(
-        base_url=spec.base_url, model=spec.model, api_key_env=spec.api_key_env,
-        max_concurrency=spec.max_concurrency, retries=spec.retries, timeout_s=spec.timeout_s,
-        price_input_per_mtok=spec.price_input_per_mtok,
-        price_output_per_mtok=spec.price_output_per_mtok))
+class ExploreFailed(BDCError):
+    """Too many problems could not be searched; the message names them."""
 
 
-def make_agents(settings: ExploreSettings) -> list[Agent]:
-    """One agent per configured name; agents on the same local model share its backend."""
-    from bdc.boost.agents.llm import STYLES, LLMAgent, Sampling
-
-    shared: dict[tuple, Backend] = {}
-    agents = []
-    for name, spec in settings.agents.items():
-        key = (spec.backend, spec.model, spec.base_url, spec.device)
-        if key not in shared:
-            shared[key] = make_backend(spec)
-        agents.append(LLMAgent(name, shared[key], STYLES[spec.style](),
-                               Sampling(spec.temperature, spec.thought_tokens,
-                                        spec.program_tokens)))
-    on_cpu = sum(k[0] == "hf" and k[3] == "cpu" for k in shared)
-    if on_cpu:
-        share_cpu(on_cpu, settings.cpu_threads)
-    return agents
-
-
-def share_cpu(models: int, threads: int | None) -> None:
-    """Local CPU models generate at once (one batch each) next to the sandbox; torch's
-    default of one thread per core for each of them oversubscribes the cores, and its
-    threads then wait on each other at every step. Measured on 2 cores, two mini agents:
-    one thread each searched 7% faster than two each. Process-wide, as torch's setting is."""
-    import torch
-
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // models))
-
+# ----------------------------------------------------------------------------- fingerprints
 
 def model_identity(spec: AgentSettings) -> str:
     """A local model's training fingerprint when it has one (a retrained model is a new
@@ -92,14 +62,36 @@ def model_identity(spec: AgentSettings) -> str:
         return spec.model
 
 
-# ----------------------------------------------------------------------------- one problem
+def code_version(root: Path | None = None, parts: tuple[str, ...] = TREE_CODE) -> str:
+    """A hash of the tree-making code's syntax trees without docstrings (``parts`` under
+    ``root``, the ``bdc`` package)."""
+    root = root or Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for part in parts:
+        path = root / part
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            tree = ast.parse(file.read_text())
+            for node in ast.walk(tree):
+                body = getattr(node, "body", None)
+                if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and \
+                        isinstance(getattr(body[0], "value", None), ast.Constant) and \
+                        isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:16]
 
-def fingerprint(problem: Problem, settings: ExploreSettings, seed: int) -> str:
+
+def fingerprint(problem: Problem, settings: ExploreSettings, sandbox: SandboxSettings,
+                seed: int, code: str) -> str:
+    """Everything that determines a problem's tree. Agents are a list: their order drives
+    seeds and tie-breaks."""
     blob = json.dumps({
-        "problem": problem.model_dump(mode="json"), "seed": seed,
+        "problem": problem.model_dump(mode="json"), "seed": seed, "code": code,
         "search": settings.search.model_dump(),
-        "agents": {n: {**a.model_dump(exclude={"batch_size", "max_concurrency", "device"}),
-                       "identity": model_identity(a)} for n, a in settings.agents.items()},
+        "sandbox": sandbox.model_dump(exclude=SANDBOX_NEUTRAL),
+        "agents": [[n, {**a.model_dump(exclude={"batch_size", "max_concurrency", "device"}),
+                        "identity": model_identity(a)}] for n, a in settings.agents.items()],
     }, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -109,6 +101,8 @@ def tree_file(out_dir: Path, problem_id: str) -> Path:
     return out_dir / TREES / f"{safe}-{hashlib.sha1(problem_id.encode()).hexdigest()[:8]}.json"
 
 
+# ----------------------------------------------------------------------------- records
+
 def record_of(problem: Problem, tree: Tree, hidden: ExecutionResult | None,
               print_: str) -> dict:
     """What is kept of one problem: the full tree, the answer and its one hidden score."""
@@ -116,8 +110,18 @@ def record_of(problem: Problem, tree: Tree, hidden: ExecutionResult | None,
     answer = None
     if best is not None:
         node, run = best
-        answer = {"node": node.id, "agent": run.agent, "thoughts": node.thoughts,
-                  "program": run.code, "public_pass_rate": run.pass_rate,
+        by = []  # who wrote each thought of the chain
+        if node.thoughts:
+            walk = node
+            while walk.parent is not None:
+                by.append(walk.agent)
+                walk = tree.nodes[walk.parent]
+            by.reverse()
+        else:
+            by = [run.agent] * len(run.thoughts)
+        answer = {"node": node.id, "agent": run.agent, "thoughts": node.chain(run),
+                  "thought_agents": by, "program": run.code,
+                  "public_pass_rate": run.pass_rate,
                   "hidden": None if hidden is None else {
                       "status": hidden.status, "passed": hidden.passed, "total": hidden.total,
                       "pass_rate": hidden.pass_rate}}
@@ -128,85 +132,11 @@ def record_of(problem: Problem, tree: Tree, hidden: ExecutionResult | None,
             "tree": tree.to_dict()}
 
 
-async def _score_hidden(problem: Problem, tree: Tree, sandbox: Sandbox,
-                        executor: ThreadPoolExecutor) -> ExecutionResult | None:
-    """The answer on the hidden tests: the one time they are used."""
-    best = tree.answer()
-    if best is None or not best[1].code.strip():
-        return None
-    execution = Execution(program=best[1].code, kind=problem.kind,
-                          entry_point=problem.entry_point, tests=problem.tests.hidden)
-    return await asyncio.get_running_loop().run_in_executor(executor, sandbox.run, execution)
-
-
-Method = Callable[[PublicView, ThreadPoolExecutor], Awaitable[Tree]]
-
-
-async def search_all(problems: list[Problem], agents: list[Agent], settings: ExploreSettings,
-                     sandbox: Sandbox, seed: int,
-                     finish: Callable[[Problem, Tree, ExecutionResult | None], None],
-                     method: Method | None = None) -> None:
-    """Search ``problems`` with at most ``settings.concurrency`` trees open at once
-    (``method``: another search over the same agents, e.g. a baseline)."""
-    gate = asyncio.Semaphore(settings.concurrency)
-    with ThreadPoolExecutor(max(2, sandbox.settings.workers * 2)) as executor:
-
-        def tree_search(view: PublicView, pool: ThreadPoolExecutor) -> Awaitable[Tree]:
-            return Search(view, agents, settings.search, sandbox, pool, seed).run()
-
-        async def one(problem: Problem) -> None:
-            async with gate:
-                tree = await (method or tree_search)(problem.public_view(), executor)
-                finish(problem, tree, await _score_hidden(problem, tree, sandbox, executor))
-
-        await asyncio.gather(*(one(p) for p in problems))
-
-
-async def closing(agents: list[Agent], work: Awaitable[None]) -> None:
-    """Run ``work``, then release the agents' backends (connections, engines)."""
-    try:
-        await work
-    finally:
-        for backend in {id(a.backend): a.backend for a in agents
-                        if hasattr(a, "backend")}.values():
-            await backend.aclose()
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def sft_records(problem: Problem, record: dict) -> list[dict]:
-    """P2T and T2S records of a problem whose answer passes every hidden test."""
-    if not record["solved_hidden"]:
-        return []
-    a = record["answer"]
-    base = {"problem_id": problem.id, "source": problem.source, "prompt": problem.prompt,
-            "thoughts": a["thoughts"], "program": a["program"], "agent": a["agent"]}
-    out = []
-    if a["thoughts"]:
-        out.append({**base, "task": "p2t", "input": render(problem.prompt),
-                    "output": "".join(f"{i}. {t}\n" for i, t in enumerate(a["thoughts"], 1))})
-    out.append({**base, "task": "t2s", "input": render(problem.prompt, a["thoughts"]),
-                "output": a["program"]})
-    return out
-
-
-def preference_pairs(problem: Problem, record: dict) -> list[dict]:
-    """At each state: a child that beat its parent, against its worst simulated sibling."""
-    nodes = record["tree"]["nodes"]
-    pairs = []
-    for parent in nodes:
-        kids = [nodes[c] for c in parent["children"] if nodes[c]["programs"]]
-        for chosen in kids:
-            if chosen["value"] <= parent["value"]:
-                continue
-            worst = min(kids, key=lambda k: (k["value"], k["id"]))
-            if worst["value"] < chosen["value"]:
-                pairs.append({"problem_id": problem.id, "prompt": problem.prompt,
-                              "thoughts": parent["thoughts"], "chosen": chosen["thoughts"][-1],
-                              "rejected": worst["thoughts"][-1],
-                              "chosen_value": chosen["value"],
-                              "rejected_value": worst["value"]})
-    return pairs
+def failure_of(problem: Problem, exc: BaseException, print_: str) -> dict:
+    """A problem whose search failed: its error, with the traceback a bug report needs."""
+    return {"problem_id": problem.id, "fingerprint": print_,
+            "error": {"type": type(exc).__name__, "message": str(exc)[:2000],
+                      "traceback": "".join(traceback.format_exception(exc))[-8000:]}}
 
 
 def metrics_of(records: list[dict], seconds: float, resumed: int) -> dict:
@@ -287,68 +217,94 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
             agents: list[Agent] | None = None,
             on_progress: Callable[[int, int, int, float], None] | None = None,
             ) -> tuple[dict, list[dict]]:
-    """Search every problem not already explored with these settings; writes the outputs,
-    returns the metrics and the per-problem records (in problem order)."""
+    """Search every selected problem not already explored with these settings; writes the
+    outputs, returns the metrics and the per-problem records (in problem order)."""
     settings = params.explore
     if settings.limit:
         problems = problems[:settings.limit]
     started = time.perf_counter()
     (out_dir / TREES).mkdir(parents=True, exist_ok=True)
+    for name in DERIVED:  # re-derived below; never left stale beside new trees
+        (out_dir / name).unlink(missing_ok=True)
+    code = code_version()
+    prints = {p.id: fingerprint(p, settings, params.sandbox, params.seed, code)
+              for p in problems}
     records: dict[str, dict] = {}
-    prints = {p.id: fingerprint(p, settings, params.seed) for p in problems}
     for p in problems:
         try:
             old = json.loads(tree_file(out_dir, p.id).read_text())
         except (OSError, ValueError):
             continue
-        if old.get("fingerprint") == prints[p.id]:
+        if old.get("fingerprint") == prints[p.id] and "error" not in old:
             records[p.id] = old
     resumed = len(records)
     todo = [p for p in problems if p.id not in records]
     log.info("explore: %d problems, %d already explored, %d to search", len(problems),
              resumed, len(todo))
     solved = sum(r["solved_hidden"] for r in records.values())
+    failed: dict[str, dict] = {}
+
+    def save(problem: Problem, record: dict) -> None:
+        with atomic_open(tree_file(out_dir, problem.id)) as f:
+            json.dump(record, f, allow_nan=False)
+        if on_progress:
+            on_progress(len(records) + len(failed), len(problems), solved,
+                        time.perf_counter() - started)
 
     def finish(problem: Problem, tree: Tree, hidden: ExecutionResult | None) -> None:
         nonlocal solved
         record = record_of(problem, tree, hidden, prints[problem.id])
-        with atomic_open(tree_file(out_dir, problem.id)) as f:
-            json.dump(record, f)
         records[problem.id] = record
         solved += record["solved_hidden"]
-        if on_progress:
-            on_progress(len(records), len(problems), solved, time.perf_counter() - started)
+        save(problem, record)
+
+    def fail(problem: Problem, exc: BaseException) -> None:
+        failed[problem.id] = failure_of(problem, exc, prints[problem.id])
+        save(problem, failed[problem.id])
 
     if on_progress:
         on_progress(len(records), len(problems), solved, 0.0)
     if todo:
-        agents = agents if agents is not None else make_agents(settings)
+        agents = agents if agents is not None else make_agents(settings.agents,
+                                                               settings.cpu_threads)
         asyncio.run(closing(agents, search_all(todo, agents, settings, sandbox, params.seed,
-                                               finish)))
-    keep = {tree_file(out_dir, p.id).name for p in problems}
-    for stale in (out_dir / TREES).glob("*.json"):  # problems no longer in the pool
-        if stale.name not in keep:
-            stale.unlink()
-    ordered = [(p, records[p.id]) for p in problems]
-    write_jsonl(out_dir / "sft.jsonl", [r for p, rec in ordered for r in sft_records(p, rec)])
-    write_jsonl(out_dir / "prefs.jsonl",
-                [r for p, rec in ordered for r in preference_pairs(p, rec)])
+                                               finish, fail)))
+    if len(failed) > settings.max_failed_share * len(problems):
+        raise ExploreFailed(
+            f"explore: {len(failed)} of {len(problems)} problems could not be searched "
+            f"(more than explore.max_failed_share = {settings.max_failed_share}); their "
+            f"errors are in {out_dir / TREES} and a re-run searches them again: "
+            + "; ".join(f"{pid}: {f['error']['type']}: {f['error']['message'][:200]}"
+                        for pid, f in list(failed.items())[:10])
+            + (" ..." if len(failed) > 10 else ""))
+    ordered = [(p, records[p.id]) for p in problems if p.id in records]
+    views = {p.id: p.public_view() for p, _ in ordered}
+    sft = [r for p, rec in ordered for r in sft_records(views[p.id], rec)]
+    prefs = [r for p, rec in ordered for r in preference_pairs(views[p.id], rec)]
+    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_jsonl(out_dir / "prefs.jsonl", prefs)
     example = max((rec for _, rec in ordered), default=None,
                   key=lambda r: (r["solved_hidden"], len(r["tree"]["nodes"]) <= 40,
                                  len(r["tree"]["nodes"])))
     with atomic_open(out_dir / "example_tree.md") as f:
         f.write(render_tree(example) if example else "no problems\n")
     metrics = metrics_of([rec for _, rec in ordered], time.perf_counter() - started, resumed)
-    metrics["sft_records"] = sum(len(sft_records(p, rec)) for p, rec in ordered)
-    metrics["preference_pairs"] = sum(len(preference_pairs(p, rec)) for p, rec in ordered)
+    t2s = [r for r in sft if r["task"] == "t2s"]
+    metrics.update({
+        "sft_records": len(sft), "preference_pairs": len(prefs),
+        "sft_p2t_records": len(sft) - len(t2s),
+        "sft_chain_share": sum(bool(r["thoughts"]) for r in t2s) / len(t2s) if t2s else 0.0,
+        "failed_problems": len(failed), "failed": sorted(failed)})
     return metrics, [rec for _, rec in ordered]
 
 
 def per_family(problems: list[Problem], records: list[dict]) -> dict[str, float]:
     """Hidden solve rate per mini family (evaluation only: families are never searched on)."""
     groups: dict[str, list[bool]] = defaultdict(list)
-    for p, record in zip(problems, records, strict=True):
-        groups[p.meta.get("family", p.source)].append(record["solved_hidden"])
+    solved = {r["problem_id"]: r["solved_hidden"] for r in records}
+    for p in problems:
+        if p.id in solved:
+            groups[p.meta.get("family", p.source)].append(solved[p.id])
     return {f: sum(v) / len(v) for f, v in sorted(groups.items())}
 
 
@@ -359,26 +315,25 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
 
     problems = read_problems(problems_path)
     with stage_run("explore", {"explore": params.explore.model_dump(), "seed": params.seed,
-                               "sandbox.timeout": params.sandbox.timeout},
+                               "sandbox": params.sandbox.model_dump(exclude=SANDBOX_NEUTRAL)},
                    params.profile) as tracked, Sandbox(params.sandbox) as sandbox:
         metrics, records = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
-        if params.explore.limit:
-            problems = problems[:params.explore.limit]
         metrics["hidden_solve_rate_by_family"] = per_family(problems, records)
         with atomic_open(metrics_path) as f:
             json.dump(metrics, f, indent=2)
         tracked.metrics(metrics)
         rows = []
-        for p, rec in zip(problems, records, strict=True):
+        for rec in records:
             ans = rec["answer"] or {}
-            rows.append({"problem_id": p.id, "nodes": len(rec["tree"]["nodes"]),
+            rows.append({"problem_id": rec["problem_id"], "nodes": len(rec["tree"]["nodes"]),
                          "programs": rec["tree"]["programs"], "tokens": rec["tree"]["tokens"],
                          "answer_agent": ans.get("agent"),
+                         "chain_length": len(ans.get("thoughts") or []),
                          "public_pass_rate": ans.get("public_pass_rate"),
                          "solved_hidden": rec["solved_hidden"],
                          "stopped": rec["tree"]["stopped"]})
         tracked.table(rows, "problems.json")
-        for name in ("example_tree.md", "sft.jsonl", "prefs.jsonl"):
+        for name in DERIVED:
             tracked.artifact(out_dir / name)
         tracked.artifact(metrics_path)
     return metrics

@@ -1,110 +1,82 @@
-"""Does the tree of agents earn its keep? The same explore problems, the same budget of
-executed programs, several seeds:
+"""``bdc explore-compare``: the tree of agents against its baselines, logged to MLflow.
 
-- the MC-Tree-of-Agents with all agents, and with each agent alone;
-- best-of-N one-shot sampling from each agent, and from all agents sharing N.
-
-Every method picks its answer by public pass rate and is scored once on the hidden tests.
+Not a pipeline stage (it searches the same problems many times over); an experiment a user
+runs to check the Boost claim. The teams come from ``explore_compare`` in params.yaml: the
+pipeline's own agents, and any others named there (mini profile: the tiny models they use
+are trained first when missing, like the pretrain stage's, into ``explore_compare.models_dir``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bdc.boost.agents.base import Agent
-from bdc.boost.tree_of_agents import Search, Tree, best_of_n
-from bdc.config import Params
+from bdc.boost.compare import compare, markdown
+from bdc.boost.exploration import closing, make_agents
+from bdc.config import AgentSettings, ConfigError, Params
 from bdc.jsonl import atomic_open
-from bdc.problems.format import Problem, PublicView, read_problems
+from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
-from bdc.sandbox import ExecutionResult, Sandbox
-from bdc.stages.explore import closing, make_agents, search_all
+from bdc.sandbox import Sandbox
 
 
-def methods(agents: list[Agent]) -> dict[str, tuple[str, list[Agent]]]:
-    names = "+".join(a.name for a in agents)
-    out = {f"tree({names})": ("tree", agents)}
-    out.update({f"tree({a.name})": ("tree", [a]) for a in agents})
-    out.update({f"best-of-N({a.name})": ("best_of_n", [a]) for a in agents})
-    out[f"best-of-N({names})"] = ("best_of_n", agents)
+def team_settings(params: Params, teams: list[str] | None) -> dict[str, dict[str, AgentSettings]]:
+    """Each chosen team's agents, by name (the pipeline's agents when no team is named)."""
+    c = params.explore_compare
+    known = {**params.explore.agents, **c.agents}
+    defined = c.teams or {"explore": list(params.explore.agents)}
+    chosen = teams or list(defined)
+    unknown = [t for t in chosen if t not in defined]
+    if unknown:
+        raise ConfigError(f"explore_compare.teams: no team {unknown[0]!r}; defined: "
+                          f"{', '.join(defined)}")
+    out = {}
+    for team in chosen:
+        missing = [a for a in defined[team] if a not in known]
+        if missing:
+            raise ConfigError(f"explore_compare.teams.{team}: unknown agent {missing[0]!r} "
+                              "(define it in explore.agents or explore_compare.agents)")
+        out[team] = {a: known[a] for a in defined[team]}
     return out
 
 
-def run_method(params: Params, problems: list[Problem], kind: str, agents: list[Agent],
-               sandbox: Sandbox, seed: int) -> dict:
-    search = params.explore.search
-    results: list[tuple[Tree, ExecutionResult | None]] = []
-
-    def method(view: PublicView, executor: ThreadPoolExecutor):
-        if kind == "tree":
-            return Search(view, agents, search, sandbox, executor, seed).run()
-        return best_of_n(view, agents, search.max_programs, sandbox, executor, seed,
-                         search.stop_when_solved, search.feedback_tests)
-
-    def finish(problem: Problem, tree: Tree, hidden: ExecutionResult | None) -> None:
-        results.append((tree, hidden))
-
-    asyncio.run(search_all(problems, agents, params.explore, sandbox, seed, finish, method))
-    n = len(problems)
-    return {"hidden_solve_rate": sum(h is not None and h.status == "passed"
-                                     for _, h in results) / n,
-            "programs_per_problem": sum(t.programs for t, _ in results) / n,
-            "tokens_per_problem": sum(t.tokens for t, _ in results) / n}
-
-
-def compare(params: Params, problems: list[Problem], seeds: list[int], sandbox: Sandbox,
-            on_result: Callable[[str, int, dict], None] | None = None) -> dict:
-    agents = make_agents(params.explore)
-    table: dict[str, list[dict]] = {}
-    try:
-        for name, (kind, members) in methods(agents).items():
-            for seed in seeds:
-                result = run_method(params, problems, kind, members, sandbox, seed)
-                table.setdefault(name, []).append(result)
-                if on_result:
-                    on_result(name, seed, result)
-    finally:
-        asyncio.run(closing(agents, asyncio.sleep(0)))
-    return {name: {key: {"mean": statistics.mean(r[key] for r in rows),
-                         "std": statistics.pstdev(r[key] for r in rows) if len(rows) > 1
-                         else 0.0} for key in rows[0]} | {"runs": rows}
-            for name, rows in table.items()}
-
-
-def markdown(summary: dict, budget: int, problems: int, seeds: list[int]) -> str:
-    lines = [f"Explore problems: {problems}; budget: {budget} executed programs per problem; "
-             f"seeds {seeds} (mean ± std)", "",
-             "| method | hidden solve rate | programs / problem | tokens / problem |",
-             "|---|---|---|---|"]
-    for name, row in sorted(summary.items(), key=lambda kv: -kv[1]["hidden_solve_rate"]["mean"]):
-        cells = [f"{row[k]['mean']:.3f} ± {row[k]['std']:.3f}" if k == "hidden_solve_rate"
-                 else f"{row[k]['mean']:.1f}" for k in
-                 ("hidden_solve_rate", "programs_per_problem", "tokens_per_problem")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run(params: Params, problems_path: Path, per_family: int | None, seeds: list[int],
-        out: Path, on_result=None) -> str:
-    """The comparison with its MLflow run; the markdown table."""
+def run(params: Params, problems_path: Path, out: Path, teams: list[str] | None = None,
+        per_family: int | None = None, seeds: list[int] | None = None,
+        problems_dir: Path = Path("data/problems"),
+        on_result: Callable[[str, int, dict], None] | None = None) -> str:
+    """Train what the teams' tiny models need, compare, write JSON + Markdown; the table."""
+    from bdc.stages.pretrain import ensure_models
     from bdc.tracking import stage_run
 
+    c = params.explore_compare
+    seeds = seeds if seeds is not None else c.seeds
+    per_family = per_family if per_family is not None else c.per_family
+    chosen = team_settings(params, teams)
+    needed = {Path(s.model).name: s for team in chosen.values() for s in team.values()
+              if Path(s.model).parent == Path(c.models_dir) and Path(s.model).name in c.models}
     problems = first_per_family(read_problems(problems_path), per_family)
     with stage_run("explore-compare", {"explore": params.explore.model_dump(),
-                                       "seeds": seeds, "problems": len(problems)},
+                                       "explore_compare": c.model_dump(), "seeds": seeds,
+                                       "teams": list(chosen), "problems": len(problems)},
                    params.profile) as tracked, Sandbox(params.sandbox) as sandbox:
-        summary = compare(params, problems, seeds, sandbox, on_result)
+        if needed:
+            ensure_models(params, {n: c.models[n] for n in needed}, Path(c.models_dir),
+                          problems_dir)
+        flat = {name: s for team in chosen.values() for name, s in team.items()}
+        agents = {a.name: a for a in make_agents(flat, params.explore.cpu_threads)}
+        teams_agents = {team: [agents[n] for n in members] for team, members in chosen.items()}
+        temperatures = {name: s.temperature for name, s in flat.items()}
+        summary = asyncio.run(closing(list(agents.values()), compare(
+            teams_agents, problems, params.explore, seeds, sandbox, temperatures, on_result)))
         table = markdown(summary, params.explore.search.max_programs, len(problems), seeds)
         with atomic_open(out) as f:
             json.dump(summary, f, indent=2)
         with atomic_open(out.with_suffix(".md")) as f:
             f.write(table)
-        tracked.metrics({name: {k: v for k, v in row.items() if k != "runs"}
+        tracked.metrics({name: {k: v for k, v in row.items()
+                                if k not in ("runs", "team", "method", "deterministic")}
                          for name, row in summary.items()})
         tracked.artifact(out)
         tracked.artifact(out.with_suffix(".md"))

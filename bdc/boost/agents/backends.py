@@ -3,7 +3,12 @@
 Local backends (transformers, vLLM) gather the requests of every open search tree into
 batches: a request waits while the current batch runs, and the next batch takes everything
 that arrived meanwhile. The HTTP backend sends requests concurrently under a limit, retrying
-rate limits and server errors with backoff.
+rate limits and server errors with backoff, and adapts to what its provider accepts (``n``,
+``seed``).
+
+Accounting (the same on every backend, see :class:`~bdc.boost.agents.base.Completion`): a
+request costs its prompt tokens once plus every generated token, a chosen end-of-text token
+included. HTTP counts are the provider's reported ``usage``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdc.boost.agents.base import AgentError, Backend, Generation, Request, Usage
+from bdc.boost.agents.base import AgentError, Backend, Completion, Generation, Request, Usage
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +33,12 @@ class BatchingBackend(Backend):
     def __init__(self, batch_size: int) -> None:
         super().__init__()
         self.batch_size = batch_size
-        self._waiting: list[tuple[Request, asyncio.Future]] = []
+        self._waiting: list[tuple[Request, asyncio.Future]] = []  # of one event loop
         self._runner: asyncio.Task | None = None
         self.busy_seconds = 0.0  # time spent inside batches: generation throughput
         self.generated_tokens = 0
 
-    async def generate(self, request: Request) -> list[Generation]:
+    async def generate(self, request: Request) -> Completion:
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if self._runner is None or self._runner.done():
@@ -54,10 +59,10 @@ class BatchingBackend(Backend):
                         future.set_exception(exc)
                 continue
             self.busy_seconds += time.perf_counter() - started
-            for (_, future), gens in zip(batch, results, strict=True):
-                self.generated_tokens += sum(g.tokens for g in gens)
+            for (_, future), done in zip(batch, results, strict=True):
+                self.generated_tokens += done.completion_tokens
                 if not future.done():
-                    future.set_result(gens)
+                    future.set_result(done)
 
     def _take(self) -> list[tuple[Request, asyncio.Future]]:
         """The oldest request's kind (same length limit and stops), up to ``batch_size``
@@ -76,7 +81,7 @@ class BatchingBackend(Backend):
         self._waiting = [item for item in self._waiting if id(item) not in taken]
         return batch
 
-    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+    def run_batch(self, requests: list[Request]) -> list[Completion]:
         raise NotImplementedError
 
 
@@ -122,9 +127,44 @@ class SeededSampling:
         return scores.float() * self.inv_t + noise
 
 
+class ChosenLogprobs:
+    """A logits processor that keeps, per step, only the log-probability of the token each
+    sequence chose (what priors are made of), from the raw logits: O(rows) memory per step,
+    where ``output_logits`` would keep (rows x vocabulary) floats for every step (tens of GB
+    at 8B with a 128k vocabulary). Goes first in the list, so it sees the model's logits.
+
+    The token chosen at step t is only known at step t + 1 (it is the last input id then),
+    so each step's log-softmax is held until then; the last step's choice comes from the
+    final sequences (:meth:`finish`)."""
+
+    def __init__(self) -> None:
+        self.pending = None  # (rows, vocab) log-softmax of the step whose choice is unknown
+        self.steps: list = []  # per step: (rows,) log-probability of the chosen token
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = torch.log_softmax(scores.float(), -1)
+        return scores
+
+    def finish(self, new_tokens):
+        """(rows, steps) log-probabilities of ``new_tokens`` (the generated part)."""
+        import torch
+
+        if self.pending is not None and len(self.steps) < new_tokens.shape[1]:
+            self.steps.append(self.pending.gather(1, new_tokens[:, len(self.steps)][:, None])
+                              .squeeze(1))
+        self.pending = None
+        if not self.steps:
+            return torch.zeros(new_tokens.shape[0], 0)
+        return torch.stack(self.steps, 1)
+
+
 class HFBackend(BatchingBackend):
     """transformers ``generate`` with a KV cache over left-padded batches; log-probabilities
-    of the generated tokens from the raw logits (what priors are made of)."""
+    of the chosen tokens from the raw logits (what priors are made of)."""
 
     def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu",
                  dtype: str | None = None) -> None:
@@ -143,7 +183,7 @@ class HFBackend(BatchingBackend):
         return self.tokenizer.apply_chat_template(request.messages(), tokenize=False,
                                                   add_generation_prompt=True)
 
-    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+    def run_batch(self, requests: list[Request]) -> list[Completion]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -157,16 +197,15 @@ class HFBackend(BatchingBackend):
         first = requests[0]
         stop = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} \
             if first.stop else {}
+        chosen = ChosenLogprobs()
         with torch.no_grad():
-            out = self.model.generate(
+            sequences = self.model.generate(
                 **enc, max_new_tokens=first.max_tokens, do_sample=False,
-                logits_processor=LogitsProcessorList([SeededSampling(seeds, temps)]),
-                output_logits=True, return_dict_in_generate=True,
+                logits_processor=LogitsProcessorList([chosen, SeededSampling(seeds, temps)]),
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id, **stop)
-        new = out.sequences[:, enc["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab), unprocessed
-        token_lp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        new = sequences[:, enc["input_ids"].shape[1]:]
+        token_lp = chosen.finish(new)
         ends = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         prompt_lens = enc["attention_mask"].sum(1).tolist()
         gens = []
@@ -179,14 +218,17 @@ class HFBackend(BatchingBackend):
                 text = text[:text.index(s) + len(s)]
             counted = n if stopped else min(n + 1, len(ids))  # a chosen end token counts
             lps = token_lp[row, :counted].tolist()
-            gens.append(Generation(text=text, tokens=counted, prompt_tokens=prompt_lens[row],
-                                   logprob=float(sum(lps)), token_logprobs=lps))
-        self.usage.add(Usage(calls=len(requests), prompt_tokens=sum(prompt_lens),
-                             completion_tokens=sum(g.tokens for g in gens)))
+            gens.append(Generation(text=text, tokens=counted, logprob=float(sum(lps)),
+                                   token_logprobs=lps))
         results, start = [], 0
-        for r in requests:
-            results.append(gens[start:start + r.n])
+        for r in requests:  # a request's n rows share its prompt: counted once
+            mine = gens[start:start + r.n]
+            results.append(Completion(mine, prompt_lens[start],
+                                      sum(g.tokens for g in mine)))
             start += r.n
+        self.usage.add(Usage(calls=len(requests),
+                             prompt_tokens=sum(c.prompt_tokens for c in results),
+                             completion_tokens=sum(c.completion_tokens for c in results)))
         return results
 
 
@@ -208,7 +250,7 @@ class VLLMBackend(BatchingBackend):
         self.llm = LLM(model=model, dtype=dtype or "auto",
                        gpu_memory_utilization=gpu_memory_utilization, **kwargs)
 
-    def run_batch(self, requests: list[Request]) -> list[list[Generation]]:
+    def run_batch(self, requests: list[Request]) -> list[Completion]:
         from vllm import SamplingParams
 
         tokenizer = self.llm.get_tokenizer()
@@ -223,11 +265,12 @@ class VLLMBackend(BatchingBackend):
         results = []
         for out in outputs:
             gens = [Generation(text=c.text, tokens=len(c.token_ids),
-                               prompt_tokens=len(out.prompt_token_ids or []),
                                logprob=c.cumulative_logprob) for c in out.outputs]
-            self.usage.add(Usage(calls=1, prompt_tokens=len(out.prompt_token_ids or []),
-                                 completion_tokens=sum(g.tokens for g in gens)))
-            results.append(gens)
+            done = Completion(gens, len(out.prompt_token_ids or []),
+                              sum(g.tokens for g in gens))
+            self.usage.add(Usage(calls=1, prompt_tokens=done.prompt_tokens,
+                                 completion_tokens=done.completion_tokens))
+            results.append(done)
         return results
 
 
@@ -244,6 +287,10 @@ class HTTPSettings:
     backoff_s: float = 1.0
     price_input_per_mtok: float = 0.0
     price_output_per_mtok: float = 0.0
+    # what the provider accepts: some OpenAI-compatible endpoints take n = 1 only and ignore
+    # seed (Anthropic's compatibility endpoint does both)
+    max_n_per_request: int | None = None  # None: any n
+    supports_seed: bool = True
 
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -252,31 +299,51 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 class OpenAIBackend(Backend):
     """Any OpenAI-compatible server (OpenAI, vLLM's ``vllm serve``, other providers, or
     ``bdc serve``): chat prompts go to ``/chat/completions``, raw text to ``/completions``.
-    The API key comes from the environment only (``api_key_env``)."""
+    The API key comes from the environment only (``api_key_env``).
+
+    A request for more generations than the provider takes at once is sent as several
+    requests (each with its own seed, when seeds are supported). The connection pool and the
+    concurrency limit belong to one event loop, so they are made for the loop that uses them:
+    a backend serves several ``asyncio.run`` calls in turn (``explore-compare``)."""
 
     def __init__(self, settings: HTTPSettings) -> None:
         super().__init__()
-        import httpx
-
         self.settings = settings
-        headers = {}
+        self._headers = {}
         if settings.api_key_env:
             key = os.environ.get(settings.api_key_env)
             if key:
-                headers["Authorization"] = f"Bearer {key}"
+                self._headers["Authorization"] = f"Bearer {key}"
             elif "api.openai.com" in settings.base_url:
                 raise AgentError(f"{settings.base_url} needs an API key: set the environment "
                                  f"variable {settings.api_key_env}")
-        self._client = httpx.AsyncClient(base_url=settings.base_url.rstrip("/"),
-                                         headers=headers, timeout=settings.timeout_s)
-        self._limit = asyncio.Semaphore(settings.max_concurrency)
+        self._loop = None
+        self._client = None
+        self._limit: asyncio.Semaphore | None = None
+
+    def _connection(self):
+        """The client and limit of the running event loop (made on first use in it)."""
+        import httpx
+
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop = loop
+            self._client = httpx.AsyncClient(base_url=self.settings.base_url.rstrip("/"),
+                                             headers=self._headers,
+                                             timeout=self.settings.timeout_s)
+            self._limit = asyncio.Semaphore(self.settings.max_concurrency)
+        return self._client, self._limit
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = self._loop = self._limit = None
 
-    def _body(self, request: Request) -> tuple[str, dict]:
-        body = {"model": self.settings.model, "n": request.n, "max_tokens": request.max_tokens,
-                "temperature": request.temperature, "seed": request.seed}
+    def _body(self, request: Request, n: int, seed: int) -> tuple[str, dict]:
+        body = {"model": self.settings.model, "n": n, "max_tokens": request.max_tokens,
+                "temperature": request.temperature}
+        if self.settings.supports_seed:
+            body["seed"] = seed
         if request.stop:
             body["stop"] = list(request.stop)
         if request.chat:
@@ -293,10 +360,11 @@ class OpenAIBackend(Backend):
         import httpx
 
         s = self.settings
+        client, limit = self._connection()
         for attempt in range(s.retries + 1):
             try:
-                async with self._limit:
-                    response = await self._client.post(path, json=body)
+                async with limit:
+                    response = await client.post(path, json=body)
                 if response.status_code == 200:
                     return response.json()
                 reason = f"HTTP {response.status_code}: {response.text[:300]}"
@@ -315,25 +383,36 @@ class OpenAIBackend(Backend):
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def generate(self, request: Request) -> list[Generation]:
-        path, body = self._body(request)
+    async def _one(self, request: Request, n: int, seed: int) -> Completion:
+        """One HTTP request for ``n`` generations, counted as the provider reports it."""
+        path, body = self._body(request, n, seed)
         reply = await self._post(path, body)
         try:
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
             gens = [_generation(c, request.chat) for c in choices]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, AttributeError) as exc:
             raise AgentError(f"{self.settings.base_url}{path}: malformed reply "
                              f"{str(reply)[:200]}") from exc
         usage = reply.get("usage") or {}
+        if "completion_tokens" not in usage:  # not every server reports usage
+            log.debug("%s%s: no usage in the reply; tokens estimated", self.settings.base_url,
+                      path)
         prompt = int(usage.get("prompt_tokens", 0))
         completion = int(usage.get("completion_tokens", sum(g.tokens for g in gens)))
-        for g in gens:
-            g.prompt_tokens = prompt // max(len(gens), 1)
         s = self.settings
         self.usage.add(Usage(calls=1, prompt_tokens=prompt, completion_tokens=completion,
                              cost=(prompt * s.price_input_per_mtok
                                    + completion * s.price_output_per_mtok) / 1e6))
-        return gens
+        return Completion(gens, prompt, completion)
+
+    async def generate(self, request: Request) -> Completion:
+        step = self.settings.max_n_per_request or request.n
+        sizes = [min(step, request.n - k) for k in range(0, request.n, step)]
+        parts = await asyncio.gather(*[
+            self._one(request, size, request.seed + 7919 * i) for i, size in enumerate(sizes)])
+        return Completion([g for p in parts for g in p.generations],
+                          parts[0].prompt_tokens if parts else 0,  # one prompt, counted once
+                          sum(p.completion_tokens for p in parts))
 
 
 def _retry_after(value: str | None) -> float | None:

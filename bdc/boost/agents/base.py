@@ -44,15 +44,33 @@ class Request:
 @dataclass
 class Generation:
     text: str
-    tokens: int  # completion tokens
-    prompt_tokens: int = 0
+    tokens: int  # completion tokens of this generation
     logprob: float | None = None  # sum of the generated tokens' log-probabilities
     token_logprobs: list[float] | None = None
 
 
 @dataclass
+class Completion:
+    """The ``n`` generations of one request and what they cost.
+
+    One rule on every backend, so that a token budget means the same everywhere: a request
+    costs its prompt once plus every token generated, however the backend had to send it
+    (a provider that takes ``n = 1`` only gets ``n`` requests; their prompt is counted once
+    here, and every one of them in ``Usage``, which is what the provider bills)."""
+
+    generations: list[Generation]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
 class Usage:
-    """Accounting of one backend: calls, tokens, money, retries."""
+    """Accounting of one backend as its provider sees it: requests sent, the tokens they
+    report, money, retries."""
 
     calls: int = 0
     prompt_tokens: int = 0
@@ -73,8 +91,8 @@ class Backend(abc.ABC):
         self.usage = Usage()
 
     @abc.abstractmethod
-    async def generate(self, request: Request) -> list[Generation]:
-        """``request.n`` generations."""
+    async def generate(self, request: Request) -> Completion:
+        """``request.n`` generations (fewer only if a provider returned fewer)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or engines."""
@@ -82,7 +100,7 @@ class Backend(abc.ABC):
 
 @dataclass
 class Thought:
-    text: str
+    text: str  # one step, or several (one per line) when an agent proposes a whole plan
     prior: float  # the agent's own rating in [0, 1]
 
 
@@ -92,6 +110,9 @@ class Reply:
 
     thoughts: list[Thought] = field(default_factory=list)
     programs: list[str] = field(default_factory=list)
+    # per program: the thoughts its writer wrote before the code, when it was asked to
+    # answer its own way (no chain given); they are the program's chain
+    chains: list[list[str]] = field(default_factory=list)
     done: bool = False  # the agent says the thought chain is complete
     tokens: int = 0
     fallback: str = ""  # why the output was not used as intended ("" when it was)
@@ -107,10 +128,16 @@ class Feedback:
     detail: str = ""
 
 
+ROLES = ("propose", "write", "refine", "merge")
+
+
 class Agent(abc.ABC):
-    """One LLM's part in the MC-Tree-of-Agents."""
+    """One LLM's part in the MC-Tree-of-Agents. ``roles``: the parts of the search it takes
+    (the paper's agents take all; a planner paired with a coder may only propose and refine,
+    the coder only write). Best-of-N sampling asks every agent for programs regardless."""
 
     name: str
+    roles: tuple[str, ...] = ROLES
 
     @abc.abstractmethod
     async def propose(self, view: PublicView, thoughts: list[str], width: int,
@@ -124,9 +151,10 @@ class Agent(abc.ABC):
         the agent's own one-shot answer, used by the best-of-N baseline)."""
 
     @abc.abstractmethod
-    async def refine(self, view: PublicView, thoughts: list[str], feedback: list[Feedback],
-                     seed: int) -> Reply:
-        """A rewrite of the last thought that addresses the failing tests."""
+    async def refine(self, view: PublicView, thoughts: list[str], last: str,
+                     feedback: list[Feedback], seed: int) -> Reply:
+        """A rewrite of the thought ``last`` (which followed ``thoughts``) that addresses the
+        failing tests of a program written from it."""
 
     @abc.abstractmethod
     async def merge(self, view: PublicView, thoughts: list[str], candidates: list[str],

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bdc.boost.agents.base import (
+    ROLES,
     Agent,
     Backend,
     Feedback,
@@ -117,32 +118,52 @@ def parse_code(text: str) -> str:
     return (blocks[-1] if blocks else text).strip("\n") + "\n"
 
 
+_STEP = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$")
+
+
+def parse_steps(text: str) -> list[str]:
+    """The numbered (or bulleted) lines of a plan: ``1. Sort xs.`` -> ``Sort xs.``."""
+    return [m.group(1) for line in text.splitlines() if (m := _STEP.match(line))]
+
+
 # ----------------------------------------------------------------------------- styles
 
 class MiniStyle:
     """The tiny models' training format. They were never taught to read test feedback or
-    other agents' thoughts, so refinement resamples the last thought and merging is not
-    offered (``can_merge``); the chat style does both for models that can."""
+    other agents' thoughts, so refinement resamples the thought and merging is not offered
+    (``can_merge``); the chat style does both for models that can.
+
+    A thought is the next line of the plan (``thought: step``), or every line up to the code
+    header (``thought: plan``): a whole plan in one expansion, so that a budget of a few
+    programs reaches complete chains."""
 
     name = "mini"
     can_merge = False
     reads_feedback = False
 
+    def __init__(self, thought: str = "step") -> None:
+        self.plan = thought == "plan"
+
     def propose(self, view: PublicView, thoughts: list[str], width: int, s: Sampling,
                 seed: int) -> Request:
         return Request(render_state(view.prompt, thoughts), n=width, temperature=s.temperature,
-                       max_tokens=s.thought_tokens, stop=("\n",), seed=seed, logprobs=True)
+                       max_tokens=s.thought_tokens, stop=(CODE_HEADER.strip(),) if self.plan
+                       else ("\n",), seed=seed, logprobs=True)
 
     def parse_proposals(self, gens: list[Generation], width: int) -> Reply:
         thoughts, finished = [], 0
         for g in gens:
-            line = g.text.strip()
-            if line.startswith("#"):
-                finished += 1
+            text = g.text
+            if "#" in text:  # the code header (or another section): the plan ends there
+                text = text[:text.index("#")]
+            elif not text.endswith("\n"):  # cut at the length limit: whole lines only
+                text = text[:text.rfind("\n") + 1]
+            lines = [re.sub(r"^\d+\.\s*", "", line).strip() for line in text.splitlines()]
+            lines = [line for line in lines if line][:None if self.plan else 1]
+            if not lines:
+                finished += g.text.lstrip().startswith("#")
                 continue
-            text = re.sub(r"^\d+\.\s*", "", line).strip()
-            if not text:
-                continue
+            text = "\n".join(lines)
             prior = math.exp(g.logprob / max(g.tokens, 1)) if g.logprob is not None \
                 else 1.0 / width
             # 4 significant digits: batch composition moves the last bits of a float, and a
@@ -158,16 +179,19 @@ class MiniStyle:
         tokens = s.program_tokens + (s.thought_tokens * 3 if thoughts is None else 0)
         return Request(prompt, n=n, temperature=s.temperature, max_tokens=tokens, seed=seed)
 
-    def parse_program(self, text: str, free: bool) -> str | None:
+    def parse_program(self, text: str, free: bool) -> tuple[str | None, list[str]]:
+        """The code, and (answering its own way) the thought lines written before it."""
+        chain: list[str] = []
         if free:
             if CODE_HEADER not in text:
-                return None
-            text = text.split(CODE_HEADER, 1)[1]
-        return text.split("\n###", 1)[0]
+                return None, []
+            plan, text = text.split(CODE_HEADER, 1)
+            chain = parse_steps(plan)
+        return text.split("\n###", 1)[0], chain
 
-    def refine(self, view: PublicView, thoughts: list[str], feedback: list[Feedback],
-               s: Sampling, seed: int) -> Request:
-        return self.propose(view, thoughts[:-1], 1, s, seed)
+    def refine(self, view: PublicView, thoughts: list[str], last: str,
+               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
+        return self.propose(view, thoughts, 1, s, seed)
 
     def parse_refined(self, gens: list[Generation]) -> Reply:
         return self.parse_proposals(gens, 1)
@@ -177,6 +201,8 @@ class MiniStyle:
 
 
 def _show(value: object, limit: int = 400) -> str:
+    if isinstance(value, dict) and set(value) == {"repr"}:  # a value JSON cannot hold
+        value = value["repr"]
     text = value if isinstance(value, str) else json.dumps(value, default=repr)
     return text if len(text) <= limit else text[:limit] + " ..."
 
@@ -214,11 +240,17 @@ class ChatStyle:
         return Request((("system", self.system), ("user", text)), n=n,
                        temperature=s.temperature, max_tokens=tokens, seed=seed)
 
+    def __init__(self, thought: str = "step") -> None:
+        self.plan = thought == "plan"
+
     def propose(self, view: PublicView, thoughts: list[str], width: int, s: Sampling,
                 seed: int) -> Request:
+        what = ("complete plans: the remaining steps of reasoning, one per line within the "
+                "thought, up to the point where the program can be written" if self.plan else
+                "possible next steps of reasoning towards a solution, each one short step")
         return self._ask(
             f"{self._problem(view)}\n\n{self._chain(thoughts)}\n\nPropose {width} different "
-            "possible next steps of reasoning towards a solution, each one short step. Rate "
+            f"{what}. Rate "
             "each with a prior in [0, 1]: how likely it leads to a correct program. Reply with "
             'JSON only: {"thoughts": [{"thought": "...", "prior": 0.7}], "done": false}. If '
             'the thoughts so far already suffice to write the program, reply {"thoughts": [], '
@@ -229,16 +261,23 @@ class ChatStyle:
 
     def write(self, view: PublicView, thoughts: list[str] | None, n: int, s: Sampling,
               seed: int) -> Request:
-        chain = "" if thoughts is None else f"{self._chain(thoughts)}\n\nFollow these thoughts. "
-        return self._ask(f"{self._problem(view)}\n\n{chain}Write the complete solution in one "
-                         "```python code block.", n, s.program_tokens, s, seed)
+        if thoughts is None:  # its own way: a plan (kept as the program's chain), then code
+            ask = ("First write your plan as a short numbered list of steps, then the "
+                   "complete solution in one ```python code block.")
+        else:
+            ask = (f"{self._chain(thoughts)}\n\nFollow these thoughts. Write the complete "
+                   "solution in one ```python code block.")
+        return self._ask(f"{self._problem(view)}\n\n{ask}", n, s.program_tokens, s, seed)
 
-    def parse_program(self, text: str, free: bool) -> str | None:
+    def parse_program(self, text: str, free: bool) -> tuple[str | None, list[str]]:
+        """The code, and (answering its own way) the plan's steps written before it."""
         code = parse_code(text)
-        return code if code.strip() else None
+        chain = parse_steps(text.split("```", 1)[0]) if free else []
+        return (code if code.strip() else None), chain
 
-    def refine(self, view: PublicView, thoughts: list[str], feedback: list[Feedback],
-               s: Sampling, seed: int) -> Request:
+    def refine(self, view: PublicView, thoughts: list[str], last: str,
+               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
+        thoughts = [*thoughts, *last.splitlines()]
         failing = "\n\n".join(
             f"input: {_show(f.input)}\nexpected: {_show(f.expected)}\ngot: {_show(f.actual)}"
             + (f"\n({_show(f.detail, 200)})" if f.detail else "") for f in feedback[:3])
@@ -260,15 +299,16 @@ class ChatStyle:
             'with JSON only: {"thought": "...", "prior": 0.7}.', 1, s.thought_tokens, s, seed)
 
 
-STYLES: dict[str, Callable[[], MiniStyle | ChatStyle]] = {"mini": MiniStyle, "chat": ChatStyle}
+STYLES: dict[str, Callable[[str], MiniStyle | ChatStyle]] = {"mini": MiniStyle, "chat": ChatStyle}
 
 
 # ----------------------------------------------------------------------------- the agent
 
 class LLMAgent(Agent):
     def __init__(self, name: str, backend: Backend, style: MiniStyle | ChatStyle,
-                 sampling: Sampling) -> None:
+                 sampling: Sampling, roles: tuple[str, ...] = ROLES) -> None:
         self.name, self.backend, self.style, self.sampling = name, backend, style, sampling
+        self.roles = tuple(roles)
 
     @property
     def usage(self) -> Usage:
@@ -283,9 +323,9 @@ class LLMAgent(Agent):
         """One call, and one retry with another seed when the reply cannot be used."""
         tokens = 0
         for attempt in range(2):
-            gens = await self.backend.generate(make(seed + 7919 * attempt))
-            tokens += sum(g.tokens + g.prompt_tokens for g in gens)
-            reply = parse(gens)
+            done = await self.backend.generate(make(seed + 7919 * attempt))
+            tokens += done.tokens
+            reply = parse(done.generations)
             if not reply.fallback:
                 break
         reply.tokens = tokens
@@ -297,17 +337,19 @@ class LLMAgent(Agent):
             lambda gens: self.style.parse_proposals(gens, width), seed)
 
     async def write(self, view, thoughts, n, seed):
-        gens = await self.backend.generate(
+        done = await self.backend.generate(
             self.style.write(view, thoughts, n, self.sampling, seed))
-        programs = [self.style.parse_program(g.text, thoughts is None) for g in gens]
-        missing = sum(p is None for p in programs)
-        return Reply(programs=[p or "" for p in programs],
-                     tokens=sum(g.tokens + g.prompt_tokens for g in gens),
-                     fallback=f"{missing} of {len(gens)} replies had no code" if missing else "")
+        free = thoughts is None
+        parsed = [self.style.parse_program(g.text, free) for g in done.generations]
+        missing = sum(code is None for code, _ in parsed)
+        return Reply(programs=[code or "" for code, _ in parsed],
+                     chains=[chain for _, chain in parsed], tokens=done.tokens,
+                     fallback=f"{missing} of {len(parsed)} replies had no code" if missing
+                     else "")
 
-    async def refine(self, view, thoughts, feedback, seed):
+    async def refine(self, view, thoughts, last, feedback, seed):
         return await self._ask(
-            lambda s: self.style.refine(view, thoughts, feedback, self.sampling, s),
+            lambda s: self.style.refine(view, thoughts, last, feedback, self.sampling, s),
             self.style.parse_refined, seed)
 
     async def merge(self, view, thoughts, candidates, seed):

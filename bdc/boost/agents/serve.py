@@ -45,7 +45,8 @@ def create_app(backend: HFBackend, model_name: str):
             request = _request(body, chat)
         except (ValueError, KeyError, TypeError) as exc:
             return JSONResponse({"error": {"message": f"bad request: {exc}"}}, status_code=400)
-        gens = await backend.generate(request)
+        done = await backend.generate(request)
+        gens = done.generations
         choices = []
         for i, g in enumerate(gens):
             finish = "stop" if any(g.text.endswith(s) for s in request.stop) or \
@@ -61,14 +62,13 @@ def create_app(backend: HFBackend, model_name: str):
                           "logprobs": {"token_logprobs": g.token_logprobs}
                           if request.logprobs else None}
             choices.append(choice)
-        prompt_tokens = gens[0].prompt_tokens if gens else 0
         return JSONResponse({
             "id": f"cmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()),
             "object": "chat.completion" if chat else "text_completion", "model": model_name,
             "choices": choices,
-            "usage": {"prompt_tokens": prompt_tokens,
-                      "completion_tokens": sum(g.tokens for g in gens),
-                      "total_tokens": prompt_tokens + sum(g.tokens for g in gens)}})
+            "usage": {"prompt_tokens": done.prompt_tokens,
+                      "completion_tokens": done.completion_tokens,
+                      "total_tokens": done.tokens}})
 
     async def completions(request) -> JSONResponse:
         return await complete(request, chat=False)

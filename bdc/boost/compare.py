@@ -1,0 +1,122 @@
+"""Does the tree of agents earn its keep? The same problems, the same budget of executed
+programs, several seeds, for each team of agents:
+
+- the MC-Tree-of-Agents with the whole team, and with each agent alone;
+- best-of-N one-shot sampling from each agent, and from the whole team sharing N (pooled
+  sampling: the strongest baseline when agents are good at different problems).
+
+Every method picks its answer by public pass rate and is scored once on the hidden tests; all
+of them count the same things (every program executed, every token of every request).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from bdc.boost.agents.base import Agent
+from bdc.boost.exploration import search_all
+from bdc.boost.tree_of_agents import Search, Tree, best_of_n
+from bdc.config import ExploreSettings
+from bdc.problems.format import Problem, PublicView
+from bdc.sandbox import ExecutionResult, Sandbox
+
+
+@dataclass(frozen=True)
+class Method:
+    team: str
+    kind: str  # tree | best_of_n
+    agents: tuple[Agent, ...]
+
+    @property
+    def name(self) -> str:
+        names = "+".join(a.name for a in self.agents)
+        return f"tree({names})" if self.kind == "tree" else f"best-of-N({names})"
+
+
+def methods(team: str, agents: list[Agent]) -> list[Method]:
+    """The team's tree, each member's tree and best-of-N, and the team's pooled best-of-N."""
+    out = [Method(team, "tree", tuple(agents))]
+    if len(agents) > 1:
+        out += [Method(team, "tree", (a,)) for a in agents]
+    out += [Method(team, "best_of_n", (a,)) for a in agents]
+    if len(agents) > 1:
+        out.append(Method(team, "best_of_n", tuple(agents)))
+    return out
+
+
+async def run_method(method: Method, problems: list[Problem], settings: ExploreSettings,
+                     sandbox: Sandbox, seed: int) -> dict:
+    """One method on every problem with one seed: what it solved and what it spent."""
+    search = settings.search
+    agents = list(method.agents)
+    results: list[tuple[Tree, ExecutionResult | None]] = []
+    failed: list[str] = []
+
+    def run_one(view: PublicView, executor: ThreadPoolExecutor):
+        if method.kind == "tree":
+            return Search(view, agents, search, sandbox, executor, seed).run()
+        return best_of_n(view, agents, search.max_programs, sandbox, executor, seed,
+                         search.stop_when_solved, search.feedback_tests)
+
+    await search_all(problems, agents, settings, sandbox, seed,
+                     lambda p, tree, hidden: results.append((tree, hidden)),
+                     lambda p, exc: failed.append(p.id), run_one)
+    n = len(problems)
+    return {"hidden_solve_rate": sum(h is not None and h.status == "passed"
+                                     for _, h in results) / n,
+            "programs_per_problem": sum(t.programs for t, _ in results) / n,
+            "tokens_per_problem": sum(t.tokens for t, _ in results) / n,
+            "failed_problems": len(failed)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Mean and sample standard deviation (n - 1) of every figure over the seeds."""
+    return {key: {"mean": statistics.mean(r[key] for r in rows),
+                  "std": statistics.stdev(r[key] for r in rows) if len(rows) > 1 else 0.0}
+            for key in rows[0]} | {"runs": rows}
+
+
+async def compare(teams: dict[str, list[Agent]], problems: list[Problem],
+                  settings: ExploreSettings, seeds: list[int], sandbox: Sandbox,
+                  temperatures: dict[str, float],
+                  on_result: Callable[[str, int, dict], None] | None = None) -> dict:
+    """Every method of every team, every seed, in one event loop (the agents' connections
+    and batches belong to it)."""
+    summary = {}
+    for team, agents in teams.items():
+        for method in methods(team, agents):
+            rows = []
+            for seed in seeds:
+                rows.append(await run_method(method, problems, settings, sandbox, seed))
+                if on_result:
+                    on_result(f"{team}: {method.name}", seed, rows[-1])
+            summary[f"{team}: {method.name}"] = {
+                **summarise(rows), "team": team, "method": method.name,
+                "deterministic": all(temperatures[a.name] == 0 for a in method.agents)}
+    return summary
+
+
+def markdown(summary: dict, budget: int, problems: int, seeds: list[int]) -> str:
+    lines = [f"Explore problems: {problems}; budget: {budget} executed programs per problem; "
+             f"seeds {seeds}; mean ± sample std over the seeds", "",
+             "| team | method | hidden solve rate | programs / problem | tokens / problem |",
+             "|---|---|---|---|---|"]
+    notes = []
+    for row in sorted(summary.values(), key=lambda r: (r["team"],
+                                                         -r["hidden_solve_rate"]["mean"])):
+        rate = f"{row['hidden_solve_rate']['mean']:.3f} ± {row['hidden_solve_rate']['std']:.3f}"
+        if row["deterministic"]:
+            rate += " (t=0)"
+            notes.append(row["method"])
+        if row["failed_problems"]["mean"]:
+            rate += f", {row['failed_problems']['mean']:.1f} failed"
+        lines.append(f"| {row['team']} | {row['method']} | {rate} | "
+                     f"{row['programs_per_problem']['mean']:.1f} | "
+                     f"{row['tokens_per_problem']['mean']:.0f} |")
+    if notes:
+        lines += ["", "(t=0): every agent samples at temperature 0, so the seeds draw the same "
+                  "programs and a std over seeds measures nothing."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""Training the mini profile's tiny models from scratch: data, mixture, loop, generation.
+
+The mini world needs models that really learn and really differ: each model sees a mixture of
+the problem families (``focus``) and learns a part of each text (``loss_on``): a generalist
+learns thoughts and code, a planner only the thoughts, a coder only the code. Training is a
+fixed number of steps with a fixed seed, reproducible on one machine (float training is not
+bit-identical across CPUs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bdc.config import PretrainModel
+from bdc.problems.format import Problem
+from bdc.problems.mini import CODE_HEADER, render
+
+
+@dataclass
+class Example:
+    ids: list[int]  # the whole text: problem, thoughts, code header, code, end of text
+    prompt_len: int  # tokens of "### Problem ... ### Thoughts\n"
+    family: str
+    code_start: int = 0  # first token after "### Code\n" (0: not computed)
+
+
+def training_text(problem: Problem) -> tuple[str, str]:
+    """(prompt part, full text) of a pretrain problem, from its reference chain."""
+    ref = problem.meta["reference"]
+    return render(problem.prompt), render(problem.prompt, ref["thoughts"], ref["program"])
+
+
+def encode(tokenizer, problems: list[Problem], max_len: int) -> list[Example]:
+    prompts, texts = zip(*(training_text(p) for p in problems), strict=True)
+    chains = [render(p.prompt, p.meta["reference"]["thoughts"]) for p in problems]
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    chain_ids = tokenizer(chains)["input_ids"]
+    text_ids = tokenizer(list(texts))["input_ids"]
+    return [Example(ids=(ids + [tokenizer.eos_token_id])[:max_len], prompt_len=len(pids),
+                    family=p.meta["family"], code_start=min(len(cids), max_len))
+            for p, pids, cids, ids in zip(problems, prompt_ids, chain_ids, text_ids,
+                                          strict=True)]
+
+
+def loss_span(example: Example, loss_on: str) -> tuple[int, int]:
+    """Which tokens carry loss. ``all``: thoughts and code (a generalist); ``thoughts``: the
+    thoughts and the ``### Code`` header, so the model plans and then hands over (a planner);
+    ``code``: the code and the end of text, so the model writes code from a given plan but
+    never learns to plan (a coder). The problem text never carries loss: learning to model
+    its random constants ruins a planner (mini-calibration: 38% -> 3.5% exact chains)."""
+    n = len(example.ids)
+    if loss_on == "thoughts":
+        return example.prompt_len, example.code_start
+    if loss_on == "code":
+        return example.code_start, n
+    return example.prompt_len, n
+
+
+def mixture(examples: list[Example], spec: PretrainModel) -> np.ndarray:
+    """Sampling probability per example: ``focus_share`` of the mass on focus families."""
+    families = sorted({e.family for e in examples})
+    focus = [f for f in spec.focus if f in families]
+    other = [f for f in families if f not in focus]
+    share = {f: 1 / len(families) for f in families}
+    if focus and other:
+        share = {**{f: spec.focus_share / len(focus) for f in focus},
+                 **{f: (1 - spec.focus_share) / len(other) for f in other}}
+    counts = defaultdict(int)
+    for e in examples:
+        counts[e.family] += 1
+    weights = np.array([share[e.family] / counts[e.family] for e in examples])
+    return weights / weights.sum()
+
+
+def _batch(examples: list[Example], pad_id: int, loss_on: str = "all") -> dict[str, torch.Tensor]:
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        ids[row, :n] = torch.tensor(e.ids)
+        mask[row, :n] = 1
+        lo, hi = loss_span(e, loss_on)
+        labels[row, lo:hi] = torch.tensor(e.ids[lo:hi])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _grouped_batches(rng: np.random.Generator, examples: list[Example], weights: np.ndarray,
+                     batch_size: int, group: int = 8) -> list[list[int]]:
+    """``group`` batches drawn by the mixture, then regrouped by length: the same examples,
+    far less padding (about 30% of the compute, unsorted)."""
+    picks = rng.choice(len(examples), size=batch_size * group, p=weights)
+    picks = sorted(picks, key=lambda i: len(examples[i].ids))
+    batches = [list(picks[i:i + batch_size]) for i in range(0, len(picks), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def lr_at(step: int, steps: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(model, examples: list[Example], weights: np.ndarray, steps: int, lr: float,
+          batch_size: int, warmup: int, min_lr_ratio: float, bf16: bool, seed: int, pad_id: int,
+          on_step: Callable[[int, float], None] | None = None,
+          loss_on: str = "all") -> list[float]:
+    """Train in place; the loss of every step."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, steps, warmup, min_lr_ratio))
+    model.train()
+    losses = []
+    queue: list[list[int]] = []
+    for step in range(steps):
+        if not queue:
+            queue = _grouped_batches(rng, examples, weights, batch_size)
+        batch = _batch([examples[i] for i in queue.pop()], pad_id, loss_on)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             temperature: float | None = None, seed: int = 0) -> list[str]:
+    """One completion per prompt: greedy, or sampled at ``temperature``."""
+    torch.manual_seed(seed)
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} \
+            if temperature is not None else {"do_sample": False}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling,
+                             eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                        skip_special_tokens=True)
+    return texts
+
+
+def write_programs(model, tokenizer, problems: list[Problem], max_new_tokens: int,
+                   batch_size: int, temperature: float | None = None, seed: int = 0) -> list[str]:
+    """One program per problem, the model planning on its own first."""
+    return [extract_program(t) for t in complete(
+        model, tokenizer, [render(p.prompt) for p in problems], max_new_tokens, batch_size,
+        temperature, seed)]
+
+
+def write_plans(model, tokenizer, problems: list[Problem], max_new_tokens: int,
+                batch_size: int) -> list[list[str]]:
+    """One greedy plan (the thought lines before the code header) per problem."""
+    from bdc.boost.agents.llm import parse_steps
+
+    return [parse_steps(t.split(CODE_HEADER, 1)[0]) for t in complete(
+        model, tokenizer, [render(p.prompt) for p in problems], max_new_tokens, batch_size)]
+
+
+def write_from_plans(model, tokenizer, problems: list[Problem], plans: list[list[str]],
+                     max_new_tokens: int, batch_size: int) -> list[str]:
+    """One greedy program per problem, written after the given plan."""
+    return [t.split("\n###", 1)[0] for t in complete(
+        model, tokenizer, [render(p.prompt, plan) for p, plan in zip(problems, plans,
+                                                                    strict=True)],
+        max_new_tokens, batch_size)]
+
+
+def extract_program(completion: str) -> str:
+    """The code after the ``### Code`` header (empty when the model never got there)."""
+    return completion.split(CODE_HEADER, 1)[1] if CODE_HEADER in completion else ""
+
+
+def fast_bf16() -> bool:
+    """Does this CPU compute bfloat16 natively (AVX512-BF16 or AMX)? Where it does, bf16
+    autocast trains the tiny models ~1.4x faster (mini-calibration); where it does not
+    (AVX2 only), torch emulates it and a step was 12x slower (2.6 s vs 0.22 s, measured)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -1,0 +1,222 @@
+"""Stage explore, hardened: nothing a program or an agent does ends the stage, trees follow
+their settings, and the training data comes from the tree. In-process with scripted agents
+and the real sandbox (fast); `test_explore.py` runs the command end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bdc.boost.agents.base import AgentError
+from bdc.boost.agents.scripted import ScriptedAgent
+from bdc.boost.training_data import preference_pairs, sft_records
+from bdc.config import AgentSettings, ExploreSettings, Params, SandboxSettings, SearchSettings
+from bdc.problems import mini
+from bdc.problems.format import CallTest, Problem
+from bdc.problems.format import Tests as ProblemTests
+from bdc.sandbox import Sandbox
+from bdc.stages.explore import ExploreFailed, code_version, explore, tree_file
+
+PROBLEMS = mini.load(slice="explore", limit=1).problems  # one per family
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with Sandbox(SandboxSettings(workers=2)) as box:
+        yield box
+
+
+def params(agents=("a",), **explore_kw) -> Params:
+    search = SearchSettings(width=1, trials=1, rollouts=1, max_programs=3, max_depth=1)
+    return Params(sandbox=SandboxSettings(workers=2), explore=ExploreSettings(
+        agents={n: AgentSettings(backend="hf", model=f"model-{n}") for n in agents},
+        search=search, concurrency=4, **explore_kw))
+
+
+def returning(expr: str, name: str = "a") -> ScriptedAgent:
+    program = f"def f(*args):\n    return {expr}\n"
+    return ScriptedAgent(name, lambda v, th, w, s: [("plan", 0.5)],
+                         lambda v, th, n, s: [program] * n)
+
+
+def strict_json(path: Path) -> dict:
+    def no_constants(name):
+        raise ValueError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=no_constants)
+
+
+@pytest.mark.parametrize("expr", [
+    "{1, 2}", "frozenset({3})", "b'ab\\xff'", "1+2j", "float('nan')", "{(1, 2): 3}",
+    "[{1}, (b'x', 2j), {(1, 2): frozenset()}]", "'x' * 100000",
+])
+def test_whatever_a_failing_program_returns_its_tree_is_written_and_resumed(
+        tmp_path, sandbox, expr):
+    """Bug: `return {1, 2}` in a failing program crashed json.dump, and every resume."""
+    out = tmp_path / "explore"
+    metrics, _ = explore(params(), PROBLEMS, out, sandbox, agents=[returning(expr)])
+    assert metrics["problems"] == len(PROBLEMS) and metrics["failed_problems"] == 0
+    for p in PROBLEMS:
+        record = strict_json(tree_file(out, p.id))
+        feedback = record["tree"]["nodes"][0]["programs"][0]["feedback"]
+        assert feedback and set(feedback[0]["actual"]) == {"repr"}  # shown, not lost
+        assert len(feedback[0]["actual"]["repr"]) <= 2003
+    again, _ = explore(params(), PROBLEMS, out, sandbox, agents=[returning(expr)])
+    assert again["resumed_problems"] == len(PROBLEMS)
+
+
+def flaky(fails_on: str) -> ScriptedAgent:
+    def propose(view, thoughts, width, seed):
+        if fails_on in view.id:
+            raise AgentError("https://api.example/v1/chat/completions (m): HTTP 400: "
+                             "This model's maximum context length is 8192 tokens")
+        return [("plan", 0.5)]
+
+    return ScriptedAgent("a", propose, lambda v, th, n, s: ["def f(*a):\n    return 0\n"] * n)
+
+
+def test_one_problem_failing_never_loses_the_others_and_a_rerun_retries_it(tmp_path, sandbox):
+    out = tmp_path / "explore"
+    with pytest.raises(ExploreFailed, match="mini/explore/count/") as failed:
+        explore(params(), PROBLEMS, out, sandbox, agents=[flaky("/count/")])
+    assert "maximum context length" in str(failed.value) and "1 of 6" in str(failed.value)
+    records = {p.id: strict_json(tree_file(out, p.id)) for p in PROBLEMS}
+    bad = [pid for pid, r in records.items() if "error" in r]
+    assert len(bad) == 1 and "/count/" in bad[0]
+    assert "Traceback" in records[bad[0]]["error"]["traceback"]
+    assert all("tree" in r for pid, r in records.items() if pid not in bad)
+    assert not (out / "sft.jsonl").exists()  # nothing a later stage could take as complete
+    # within the allowed share, the stage finishes and counts the failure
+    metrics, _ = explore(params(max_failed_share=0.2), PROBLEMS, out, sandbox,
+                         agents=[flaky("/count/")])
+    assert metrics["failed_problems"] == 1 and metrics["failed"] == bad
+    assert metrics["resumed_problems"] == 5 and metrics["problems"] == 5
+    # once the agent works again, a re-run searches only the failed problem
+    metrics, _ = explore(params(), PROBLEMS, out, sandbox, agents=[flaky("no such")])
+    assert metrics["failed_problems"] == 0 and metrics["resumed_problems"] == 5
+
+
+def test_trees_are_reused_only_under_the_settings_that_made_them(tmp_path, sandbox):
+    """Bug: `dvc exp run -S sandbox.timeout=5` reused every tree: the sweep changed nothing."""
+    out = tmp_path / "explore"
+    agents = [returning("0", "a"), returning("1", "b")]
+    first, _ = explore(params(("a", "b")), PROBLEMS, out, sandbox, agents=agents)
+    assert first["resumed_problems"] == 0
+    same, _ = explore(params(("a", "b")), PROBLEMS, out, sandbox, agents=agents)
+    assert same["resumed_problems"] == len(PROBLEMS)
+    slower = params(("a", "b")).model_copy(update={
+        "sandbox": SandboxSettings(workers=2, timeout=5.0)})
+    changed, _ = explore(slower, PROBLEMS, out, sandbox, agents=agents)
+    assert changed["resumed_problems"] == 0
+    # more workers change no outcome: trees are reused
+    wider = slower.model_copy(update={"sandbox": SandboxSettings(workers=1, timeout=5.0)})
+    assert explore(wider, PROBLEMS, out, sandbox, agents=agents)[0]["resumed_problems"] == 6
+    swapped, _ = explore(params(("b", "a")), PROBLEMS, out, sandbox,
+                         agents=list(reversed(agents)))
+    assert swapped["resumed_problems"] == 0  # agent order drives seeds and tie-breaks
+    reseeded = params(("b", "a")).model_copy(update={"seed": 1})
+    assert explore(reseeded, PROBLEMS, out, sandbox,
+                   agents=list(reversed(agents)))[0]["resumed_problems"] == 0
+
+
+def test_limit_never_deletes_finished_trees_outside_the_selection(tmp_path, sandbox):
+    out = tmp_path / "explore"
+    explore(params(), PROBLEMS, out, sandbox, agents=[returning("0")])
+    limited, _ = explore(params(limit=2), PROBLEMS, out, sandbox, agents=[returning("0")])
+    assert limited["problems"] == 2 and limited["resumed_problems"] == 2
+    assert len(list((out / "trees").glob("*.json"))) == len(PROBLEMS)  # paid for: kept
+    again, _ = explore(params(), PROBLEMS, out, sandbox, agents=[returning("0")])
+    assert again["resumed_problems"] == len(PROBLEMS)
+
+
+def test_code_version_follows_the_code_not_its_docstrings(tmp_path):
+    src = tmp_path / "search.py"
+    src.write_text('"""The search."""\n\ndef f():\n    """Doc."""\n    return 1  # one\n')
+    v1 = code_version(tmp_path, ("search.py",))
+    src.write_text('"""The search, reworded."""\n\ndef f():\n    """Other."""\n    return 1\n')
+    assert code_version(tmp_path, ("search.py",)) == v1
+    src.write_text('"""The search."""\n\ndef f():\n    """Doc."""\n    return 2\n')
+    assert code_version(tmp_path, ("search.py",)) != v1
+    assert code_version() == code_version()  # the real tree code hashes stably
+
+
+# ----------------------------------------------------------------------------- training data
+
+VIEW = Problem(id="t/1", source="t", prompt="Add three.", kind="function", entry_point="f",
+               tests=ProblemTests(public=[CallTest(input=[1], output=4)],
+                                  hidden=[CallTest(input=[9], output=12)]),
+               meta={"family": "arith", "reference": {}, "difficulty": "easy"}).public_view()
+
+
+def record(solved: bool, thoughts: list[str]) -> dict:
+    hidden = {"status": "passed" if solved else "failed", "passed": int(solved), "total": 1,
+              "pass_rate": float(solved)}
+    return {"problem_id": "t/1", "solved_hidden": solved, "answer": {
+        "node": 1, "agent": "coder", "thoughts": thoughts, "thought_agents": ["planner"],
+        "program": "def f(x):\n    return x + 3\n", "public_pass_rate": 1.0,
+        "hidden": hidden}, "tree": {"nodes": []}}
+
+
+def test_sft_records_come_only_from_answers_that_pass_every_hidden_test():
+    assert sft_records(VIEW, record(False, ["Add 3."])) == []
+    p2t, t2s = sft_records(VIEW, record(True, ["Add 3."]))
+    assert (p2t["task"], t2s["task"]) == ("p2t", "t2s")
+    assert p2t["thoughts"] == t2s["thoughts"] == ["Add 3."]  # the chain the program came from
+    assert t2s["program"] == "def f(x):\n    return x + 3\n" and t2s["hidden_pass_rate"] == 1.0
+    assert "tests" not in t2s and "reference" not in json.dumps(t2s)
+    (only,) = sft_records(VIEW, record(True, []))  # no chain: no P2T record
+    assert only["task"] == "t2s"
+
+
+def test_preference_pairs_pair_a_child_that_beat_its_parent_with_its_worst_sibling():
+    def node(i, parent, value, thoughts, children=()):
+        return {"id": i, "parent": parent, "value": value, "thoughts": thoughts,
+                "children": list(children), "programs": [{}] if i else []}
+
+    tree = {"nodes": [node(0, None, 0.2, [], [1, 2, 3]), node(1, 0, 0.5, ["a"]),
+                      node(2, 0, 0.0, ["b"]), node(3, 0, 0.1, ["c"])]}
+    pairs = preference_pairs(VIEW, {"tree": tree})
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("a", "b")]
+
+
+def test_public_view_meta_is_an_allow_list():
+    problem = Problem(id="x", source="t", prompt="p", kind="function", entry_point="f",
+                      tests=ProblemTests(), meta={"difficulty": 3, "family": "arith",
+                                                  "reference": {"program": "..."},
+                                                  "url": "https://...", "new_field": 1})
+    assert problem.public_view().meta == {"difficulty": 3}
+
+
+def test_comparison_reports_the_sample_std_and_says_when_seeds_cannot_differ():
+    from bdc.boost.compare import markdown, summarise
+
+    rows = [{"hidden_solve_rate": v, "programs_per_problem": 4.0, "tokens_per_problem": 10.0,
+             "failed_problems": 0} for v in (0.5, 0.7, 0.6)]
+    summary = summarise(rows)
+    assert summary["hidden_solve_rate"]["mean"] == pytest.approx(0.6)
+    assert summary["hidden_solve_rate"]["std"] == pytest.approx(0.1)  # n - 1, not n
+    table = markdown({"t: tree(a)": {**summary, "team": "t", "method": "tree(a)",
+                                     "deterministic": True}}, 16, 90, [0, 1, 2])
+    assert "0.600 ± 0.100 (t=0)" in table and "measures nothing" in table
+
+
+def test_every_method_counts_what_it_executed_and_generated(sandbox):
+    """Bug: best-of-N generated all N programs (and counted their tokens) but counted only
+    those before the first public pass as its budget."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bdc.boost.tree_of_agents import best_of_n
+
+    wrong = ScriptedAgent("w", lambda *x: None,
+                          lambda v, th, n, s: ["def f(x):\n    return x\n"] * n, cost=7)
+    right = ScriptedAgent("r", lambda *x: None,
+                          lambda v, th, n, s: ["def f(x):\n    return x + 3\n"] * n, cost=7)
+    view = VIEW
+    with ThreadPoolExecutor(2) as pool:
+        tree = asyncio.run(best_of_n(view, [wrong, right], 8, sandbox, pool, 0))
+    root = tree.nodes[0]
+    assert tree.programs == len(root.programs) == 2  # one round: both agents, then solved
+    assert tree.tokens == 2 * 7  # exactly the replies that produced those programs

@@ -204,6 +204,54 @@ def explore_compare_cmd(
     print(table)  # the markdown comparison table: a result, on stdout
 
 
+@app.command("validate")
+def validate_cmd(
+    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir",
+                                     help="explore outputs: trees/, sft.jsonl, prefs.jsonl"),
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir",
+                                      help="the explore and test pools"),
+    out_dir: Path = typer.Option(Path("data/validate"), "--out-dir",
+                                 help="Data Docs and, on success, report.json"),
+    metrics: Path = typer.Option(Path("data/metrics/validate.json"), "--metrics"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage validate: Great Expectations over the explored data; fails (exit 2, naming the
+    failed expectations and problems) when it is not fit to train on."""
+    from bdc.stages.validate import run
+
+    result = run(_params(params), explore_dir, problems_dir, out_dir, metrics)
+    console.say(f"validated: {result['expectations']} expectations hold over "
+                f"{result['rows']}; Data Docs in {out_dir / 'docs'}")
+
+
+@app.command("disentangle")
+def disentangle_cmd(
+    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir",
+                                     help="explore outputs (sft.jsonl)"),
+    validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir",
+                                      help="validate's output (report.json vouches for the "
+                                      "SFT file)"),
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    out_dir: Path = typer.Option(Path("data/clusters"), "--out-dir"),
+    metrics: Path = typer.Option(Path("data/metrics/disentangle.json"), "--metrics"),
+    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage disentangle: embed the validated SFT data and cluster it (k fixed or by
+    silhouette); assignments, centroids and the embedder for the experts and hypernetwork."""
+    from bdc.stages.disentangle import run
+
+    m = run(_params(params), explore_dir, validate_dir, problems_dir, out_dir, metrics,
+            plots_dir)
+    console.say(f"{m['k']} clusters of {m['records']} records ({m['problems']} problems), "
+                f"embedding each {m['embed']}; sizes {m['cluster_records']}")
+    for mode in ("problem", "record"):
+        keys = [k for k in ("silhouette", "ari", "nmi", "routing_accuracy")
+                if f"{mode}.{k}" in m]
+        console.say(f"  embed {mode}: k {m[f'{mode}.k']}, " + ", ".join(
+            f"{k} {m[f'{mode}.{k}']:.3f}" for k in keys))
+
+
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),

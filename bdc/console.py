@@ -72,6 +72,9 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
                      *(line(r) for r in rows)]), flush=True)
 
 
+NOISY_LOGGERS = ("great_expectations", "sentence_transformers", "httpx", "mlflow")
+
+
 def setup_logging(verbose: bool) -> None:
     if interactive():
         from rich.logging import RichHandler
@@ -83,6 +86,9 @@ def setup_logging(verbose: bool) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt,
                         handlers=[handler])
+    if not verbose:  # libraries' own INFO chatter (GX logs every config load) is not ours
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @dataclass

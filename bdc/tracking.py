@@ -118,6 +118,17 @@ class StageRun:
 
         mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def artifacts(self, local_dir: str | Path, folder: str | None = None) -> None:
+        """A whole folder (Data Docs, an adapter) under ``folder`` in the run."""
+        import mlflow
+
+        mlflow.log_artifacts(str(local_dir), artifact_path=folder)
+
+    def tag(self, key: str, value: str) -> None:
+        import mlflow
+
+        mlflow.set_tag(key, value)
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], profile: str,

@@ -1,4 +1,4 @@
-"""``python -m flows [pipeline|prepare|pretrain|explore]``: run a flow on ephemeral Prefect.
+"""``python -m flows [FLOW]``: run a flow (pipeline or a stage) on ephemeral Prefect.
 
 Prefect reads PREFECT_HOME when it is imported, so the project's environment (state under
 ``var/``, telemetry off) is set before any flow module is imported.
@@ -14,10 +14,10 @@ from bdc.runtime import configure_environment
 def main() -> None:
     configure_environment()
     from flows.pipeline import pipeline
-    from flows.stages import explore, prepare, pretrain
+    from flows.stages import disentangle, explore, prepare, pretrain, validate
 
     flows = {"pipeline": pipeline, "prepare": prepare, "pretrain": pretrain,
-             "explore": explore}
+             "explore": explore, "validate": validate, "disentangle": disentangle}
     name = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
     if name not in flows:
         sys.exit(f"unknown flow {name!r}; choose one of {', '.join(flows)}")

@@ -26,3 +26,15 @@ def pretrain() -> dict:
 def explore() -> dict:
     """Stage explore (Boost): MC-Tree-of-Agents over the explore problems."""
     return stage_flow("explore")
+
+
+@flow(name="validate")
+def validate() -> dict:
+    """Stage validate: Great Expectations over the explored data (stops a failing run)."""
+    return stage_flow("validate")
+
+
+@flow(name="disentangle")
+def disentangle() -> dict:
+    """Stage disentangle: embed and cluster the validated SFT data."""
+    return stage_flow("disentangle")

@@ -116,12 +116,41 @@ def solver_model(tmp_path_factory) -> Path:
     return save_model(model, tok, tmp_path_factory.mktemp("solver") / "solver")
 
 
+@pytest.fixture(scope="session")
+def ci_pretrained(tmp_path_factory):
+    """The ci pretraining run, once per session: ``(folder, metrics, progress, seconds)``,
+    with ``folder/problems`` (the ci pools) and ``folder/models``. Project copies start with
+    these models, so their pretrain stage reuses them (same fingerprint) instead of training
+    for a minute in every test that runs the pipeline."""
+    import time
+
+    from bdc.config import Params, PretrainSettings, SandboxSettings
+    from bdc.problems import mini
+    from bdc.problems.format import write_problems
+    from bdc.sandbox import Sandbox
+    from bdc.stages.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("ci-pretrained")
+    for name, limit in SMALL.items():
+        write_problems(root / "problems" / f"{name}.jsonl",
+                       mini.load(slice=name, limit=limit, seed=0).problems)
+    progress: list = []
+    start = time.monotonic()
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        metrics = pretrain(Params(pretrain=PretrainSettings(setting="ci")), root / "problems",
+                           root / "models", sandbox, on_progress=lambda *a: progress.append(a))
+    return root, metrics, progress, time.monotonic() - start
+
+
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A throwaway copy of the project at test size; commands run there keep their state
-    there."""
+def project(tmp_path, monkeypatch, ci_pretrained) -> Path:
+    """A throwaway copy of the project at test size, with the ci models already trained;
+    commands run there keep their state there."""
+    import shutil
+
     root = make_project_copy(tmp_path / "project")
     use_ci_profile(root)
+    shutil.copytree(ci_pretrained[0] / "models", root / "data" / "models")
     monkeypatch.chdir(root)
     monkeypatch.setenv("BDC_PROJECT", str(root))
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")

@@ -252,6 +252,35 @@ def disentangle_cmd(
             f"{k} {m[f'{mode}.{k}']:.3f}" for k in keys))
 
 
+@app.command("experts")
+def experts_cmd(
+    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir"),
+    validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir"),
+    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    out_dir: Path = typer.Option(Path("data/experts"), "--out-dir",
+                                 help="one PEFT adapter folder per expert, full and merges"),
+    metrics: Path = typer.Option(Path("data/metrics/experts.json"), "--metrics"),
+    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage experts: one LoRA per cluster and one on all data (PEFT, one loaded base), the
+    static merges and Arrow, a quick competence check, the expert set in the registry."""
+    from bdc.stages.experts import run
+
+    def started(name: str, reused: bool) -> None:
+        console.say(f"{name}: {'already trained, reused' if reused else 'training'}")
+
+    m = run(_params(params), explore_dir, validate_dir, clusters_dir, problems_dir, out_dir,
+            metrics, plots_dir, started)
+    console.table("competence: pass@1 on a held-out slice per cluster",
+                  ["solver", "mean", "by cluster"],
+                  [[name, f"{row['mean']:.3f}", ", ".join(f"{c}: {v:.2f}" for c, v in
+                                                          row["by_cluster"].items())]
+                   for name, row in m["competence"].items()], right=["mean"])
+    console.say(f"registered models:/bdc-experts/{m['registered_version']}")
+
+
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),

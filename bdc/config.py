@@ -253,6 +253,55 @@ class DisentangleSettings(Strict):
     k_max: int = Field(8, ge=1)
 
 
+class LoraSettings(Strict):
+    """One LoRA adapter's shape (paper code: r 8, alpha 16, dropout 0.05, q_proj and v_proj)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+
+
+class MergeSettings(Strict):
+    """A static merge of the experts with PEFT ``add_weighted_adapter``."""
+
+    combination: Literal["cat", "linear", "ties", "dare_linear", "dare_ties"]
+    weight: float | None = Field(None, description="each expert's weight; null: 1/K")
+    density: float | None = Field(None, gt=0, le=1, description="ties / dare: share kept")
+
+
+class ExpertsSettings(Strict):
+    """Stage ``experts``: one LoRA per cluster and one on all data, on the System-1 base."""
+
+    base: str = Field("meta-llama/Llama-3.1-8B-Instruct", description="hub id or folder")
+    template: Literal["auto", "mini", "chat"] = Field("auto", description="auto: the base's "
+                                                      "chat template if it has one")
+    lora: LoraSettings = LoraSettings()
+    lr: float = Field(1e-3, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    micro_batch: int = Field(8, ge=1, description="sequences per forward pass")
+    accumulation: int = Field(8, ge=1, description="micro-batches per optimizer step "
+                              "(effective batch = micro_batch x accumulation)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    max_length: int = Field(1024, ge=16, description="tokens per training text")
+    seed: int = 0
+    device: str = Field("auto", description="auto: cuda when present, else cpu")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on "
+                                                       "cuda, fp32 on cpu")
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (resume)")
+    merges: dict[str, MergeSettings] = {
+        "uniform": MergeSettings(combination="cat"),
+        "linear": MergeSettings(combination="linear"),
+        "ties": MergeSettings(combination="ties", weight=1.0, density=0.3),
+        "dare": MergeSettings(combination="dare_linear", weight=0.7, density=0.3),
+    }
+    arrow_top_k: int = Field(1, ge=1, description="Arrow: experts per token")
+    check_per_cluster: int = Field(10, ge=0, description="held-out test problems per cluster "
+                                   "in the quick competence check")
+    max_new_tokens: int = Field(512, ge=8)
+    generate_batch: int = Field(32, ge=1)
+
+
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
 
@@ -275,6 +324,7 @@ class Params(Strict):
     explore_compare: ExploreCompareSettings = ExploreCompareSettings()
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     disentangle: DisentangleSettings = DisentangleSettings()
+    experts: ExpertsSettings = ExpertsSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

@@ -85,3 +85,11 @@ def summarize(scores: list[SampleScore], ks: tuple[int, ...] = (1, 5, 10, 100)) 
                 pass_at_k(len(v), sum(s.status == "passed" for s in v), k)
                 for v in by_problem.values()) / n_problems
     return summary
+
+
+def solved(problems: list[Problem], programs: list[str], sandbox: Sandbox) -> list[bool]:
+    """Does each program pass all of its problem's hidden tests?"""
+    by_id = {p.id: p for p in problems}
+    samples = [Sample(problem_id=p.id, program=code) for p, code in zip(problems, programs,
+                                                                        strict=True)]
+    return [s.status == "passed" for s in score_samples(by_id, samples, sandbox, "hidden")]

@@ -38,3 +38,9 @@ def validate() -> dict:
 def disentangle() -> dict:
     """Stage disentangle: embed and cluster the validated SFT data."""
     return stage_flow("disentangle")
+
+
+@flow(name="experts")
+def experts() -> dict:
+    """Stage experts: a LoRA per cluster and on all data, merges, Arrow (GPU in paper)."""
+    return stage_flow("experts")

@@ -16,12 +16,14 @@ def test_project_params_load():
 
 def test_defaults_match_params_yaml():
     """params.yaml states every default explicitly; the schema must agree with it. The
-    exceptions are ``explore`` (the schema holds the paper code's defaults: API agents, 16
-    rollouts ...; params.yaml the mini profile's tiny local agents and budget) and
-    ``explore_compare`` (its teams name those mini agents)."""
+    exceptions are the method's recipes, ``explore`` and ``experts`` (the schema holds the
+    paper code's defaults: API agents, 16 rollouts, r 8 on q/v ...; params.yaml the mini
+    profile's tiny models and budgets) and ``explore_compare`` (its teams name those mini
+    agents)."""
     params = load_params(ROOT / "params.yaml")
-    assert params.model_copy(update={"explore": Params().explore,
-                                     "explore_compare": Params().explore_compare}) == Params()
+    paper_defaults = ("explore", "explore_compare", "experts")  # the method's recipes
+    assert params.model_copy(update={k: getattr(Params(), k) for k in paper_defaults}) \
+        == Params()
     paper = Params().explore.search
     assert (paper.c_base, paper.c, paper.width, paper.trials, paper.rollouts, paper.gamma) == \
         (10, 4, 3, 2, 16, 0.9)

@@ -38,10 +38,10 @@ from bdc.pretraining import (
     write_plans,
     write_programs,
 )
-from bdc.problems.format import Problem, Sample, read_problems
+from bdc.problems.format import Problem, read_problems
 from bdc.problems.mini import first_per_family
 from bdc.sandbox import Sandbox
-from bdc.scoring import SampleScore, score_samples
+from bdc.scoring import solved
 
 log = logging.getLogger(__name__)
 # The ci setting: small, fast and still competent where tests need data downstream (a
@@ -50,15 +50,6 @@ log = logging.getLogger(__name__)
 CI_SHAPE = TinyModelSettings(hidden_size=64, layers=2, heads=4, intermediate_size=192,
                              vocab_size=512, max_positions=256)
 CI_STEPS, CI_EVAL_PER_FAMILY, CI_LR, CI_FAMILIES = 400, 3, 6e-3, ["arith"]
-
-
-def solved(problems: list[Problem], programs: list[str], sandbox: Sandbox) -> list[bool]:
-    """Does each program pass all of its problem's hidden tests?"""
-    by_id = {p.id: p for p in problems}
-    samples = [Sample(problem_id=p.id, program=code) for p, code in zip(problems, programs,
-                                                                        strict=True)]
-    scores: list[SampleScore] = list(score_samples(by_id, samples, sandbox, "hidden"))
-    return [s.status == "passed" for s in scores]
 
 
 def by_family(problems: list[Problem], ok: list[bool]) -> dict:

@@ -1,0 +1,228 @@
+"""DisenLoRA experts: one LoRA per cluster and one on all the data, trained with the field's
+loop (transformers ``Trainer``, loss on the output tokens only) on one loaded, frozen base.
+
+All adapters live in one ``PeftModel`` as named adapters and train one after another: the
+base is loaded once, not once per adapter. Each adapter checkpoints under a work folder
+(``var/``) so an interrupted run resumes it; a finished adapter whose base, data, template and
+settings are unchanged (its ``training.json`` fingerprint) is loaded, not retrained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bdc.config import ExpertsSettings
+from bdc.system1 import examples
+
+log = logging.getLogger(__name__)
+TRAINING_RECORD = "training.json"
+FULL = "full"
+
+
+def expert_name(cluster: int) -> str:
+    return f"cluster_{cluster}"
+
+
+def device_and_dtype(settings: ExpertsSettings) -> tuple[str, str]:
+    """``(device, dtype name)``: CUDA and bf16 when present (or as set), else CPU fp32."""
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = settings.precision
+    if precision == "auto":
+        precision = "bf16" if device.startswith("cuda") else "fp32"
+    return device, {"bf16": "bfloat16", "fp32": "float32"}[precision]
+
+
+def lora_config(settings: ExpertsSettings):
+    from peft import LoraConfig, TaskType
+
+    lora = settings.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=lora.target_modules, task_type=TaskType.CAUSAL_LM)
+
+
+def base_identity(base: str) -> str:
+    """A local base's training fingerprint (a retrained base is a new base), else its id."""
+    try:
+        return json.loads((Path(base) / "training.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return base
+
+
+def tokenize(records: list[dict], tokenizer, template, max_length: int) -> list[dict]:
+    """Input and output tokenized apart and joined: labels are exactly the output's tokens
+    (-100 on the input), and the input is tokenized as inference will tokenize its prompt."""
+    rows = []
+    for record in records:
+        ex = examples(record, template)
+        ids_in = tokenizer(ex.input)["input_ids"]
+        ids_out = tokenizer(ex.output, add_special_tokens=False)["input_ids"]
+        ids = (ids_in + ids_out)[:max_length]
+        labels = ([-100] * len(ids_in) + ids_out)[:max_length]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+class Collator:
+    """Right-padded batches for training; padding never carries loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id)
+        labels = torch.full((len(rows), width), -100)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def fingerprint(name: str, base: str, settings: ExpertsSettings, template: str,
+                rows: list[dict]) -> str:
+    blob = json.dumps({
+        "name": name, "base": base_identity(base), "template": template,
+        "lora": settings.lora.model_dump(), "seed": settings.seed,
+        "train": settings.model_dump(include={"lr", "epochs", "micro_batch", "accumulation",
+                                               "warmup_ratio", "max_length"}),
+        "data": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def finished(folder: Path, print_: str) -> dict | None:
+    try:
+        record = json.loads((folder / TRAINING_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("fingerprint") == print_ else None
+
+
+class ExpertSet:
+    """One frozen base and its named LoRA adapters."""
+
+    def __init__(self, base: str, settings: ExpertsSettings, template_kind: str = "auto"):
+        from bdc.models import load_causal_lm
+        from bdc.system1 import template_for
+
+        self.base, self.settings = base, settings
+        self.device, dtype = device_and_dtype(settings)
+        self.model, self.tokenizer = load_causal_lm(base, device=self.device, dtype=dtype)
+        self.template = template_for(self.tokenizer, template_kind)
+        self.peft = None  # the PeftModel, once the first adapter is in
+
+    @property
+    def adapters(self) -> list[str]:
+        return [] if self.peft is None else list(self.peft.peft_config)
+
+    def add(self, name: str, seed: int) -> None:
+        """A new, untrained adapter (its initialisation seeded)."""
+        import torch
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        if self.peft is None:
+            self.peft = get_peft_model(self.model, lora_config(self.settings), adapter_name=name)
+        else:
+            self.peft.add_adapter(name, lora_config(self.settings))
+
+    def load(self, name: str, folder: Path) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+        else:
+            self.peft.load_adapter(str(folder), adapter_name=name)
+
+    def save(self, name: str, folder: Path, extra: dict[str, str]) -> None:
+        """PEFT's own format, written atomically: ``PeftModel.from_pretrained`` loads it."""
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            self.peft.save_pretrained(tmp, selected_adapters=[name])
+            saved = tmp / name if (tmp / name).is_dir() else tmp
+            for file, text in extra.items():
+                (saved / file).write_text(text)
+            if folder.exists():
+                shutil.rmtree(folder)
+            saved.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
+                  on_log: Callable[[str, int, float], None] | None = None) -> dict:
+    """Train one named adapter with ``Trainer``, resuming from its checkpoint if one is
+    there; the training record (loss curve, seconds, data size)."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    s = experts.settings
+    experts.peft.set_adapter(name)  # only this adapter is trainable
+    trainable = sum(p.numel() for p in experts.peft.parameters() if p.requires_grad)
+    steps = math.ceil(math.ceil(len(rows) / s.micro_batch) / s.accumulation * s.epochs)
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=s.micro_batch,
+        gradient_accumulation_steps=s.accumulation, num_train_epochs=s.epochs,
+        learning_rate=s.lr, warmup_steps=int(s.warmup_ratio * steps),
+        lr_scheduler_type="cosine",
+        logging_steps=1, save_strategy="steps", save_steps=s.save_steps, save_total_limit=1,
+        seed=s.seed, data_seed=s.seed, report_to=[], disable_tqdm=True,
+        bf16=device_and_dtype(s)[1] == "bfloat16", use_cpu=experts.device == "cpu",
+        dataloader_num_workers=0, remove_unused_columns=False)
+    trainer = Trainer(model=experts.peft, args=args, train_dataset=rows,
+                      data_collator=Collator(experts.tokenizer.pad_token_id))
+    trainer.remove_callback(PrinterCallback)  # the losses go to MLflow, not stdout
+    resume = any(work.glob("checkpoint-*"))
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    if on_log:
+        for step, loss in losses:
+            on_log(name, step, loss)
+    return {"records": len(rows), "trainable_parameters": trainable,
+            "steps": trainer.state.global_step, "resumed_from_checkpoint": resume,
+            "losses": losses, "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def train_all(experts: ExpertSet, datasets: dict[str, list[dict]], out_dir: Path,
+              work_dir: Path, on_log: Callable[[str, int, float], None] | None = None,
+              on_start: Callable[[str, bool], None] | None = None) -> dict[str, dict]:
+    """Every adapter of ``datasets`` (name -> SFT records): reused if finished with these
+    inputs, else trained (resuming a checkpoint); all end up loaded in ``experts``."""
+    s = experts.settings
+    records: dict[str, dict] = {}
+    for index, (name, data) in enumerate(datasets.items()):
+        rows = tokenize(data, experts.tokenizer, experts.template, s.max_length)
+        print_ = fingerprint(name, experts.base, s, experts.template.name, rows)
+        record = finished(out_dir / name, print_)
+        if on_start:
+            on_start(name, record is not None)
+        if record is not None:
+            log.info("%s: already trained (fingerprint %s), not retraining", name, print_)
+            experts.load(name, out_dir / name)
+            records[name] = {**record, "reused": True}
+            continue
+        experts.add(name, s.seed + index)
+        work = work_dir / f"{name}-{print_}"
+        record = {"fingerprint": print_, "adapter": name,
+                  **train_adapter(experts, name, rows, work, on_log)}
+        experts.save(name, out_dir / name, {TRAINING_RECORD: json.dumps(record)})
+        shutil.rmtree(work, ignore_errors=True)
+        records[name] = {**record, "reused": False}
+    return records

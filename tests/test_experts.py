@@ -1,0 +1,226 @@
+"""Stage experts: the shared prompt template, LoRA training with Trainer on one loaded base
+(reuse, resume), merges equal to the hand-computed combinations, loading with plain PEFT and
+from the MLflow registry, the paper settings dry-run on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bdc.config import ExpertsSettings, LoraSettings, MergeSettings
+from bdc.disentangle.experts import ExpertSet, tokenize, train_all
+from bdc.problems import mini
+from bdc.system1 import MiniTemplate, examples, template_for
+
+PROBLEMS = mini.load(slice="explore", limit=1).problems[:3]
+
+
+def records(problems=PROBLEMS) -> list[dict]:
+    out = []
+    for p in problems:
+        ref = p.meta["reference"]
+        base = {"problem_id": p.id, "prompt": p.prompt, "thoughts": ref["thoughts"],
+                "program": ref["program"]}
+        out += [{**base, "task": "p2t"}, {**base, "task": "t2s"}]
+    return out
+
+
+def settings(**kw) -> ExpertsSettings:
+    base = dict(base="", template="mini", lora=LoraSettings(r=4, alpha=8, dropout=0.0,
+                target_modules=["q_proj", "v_proj"]), lr=5e-3, epochs=2, micro_batch=4,
+                accumulation=1, max_length=160, save_steps=2, check_per_cluster=2,
+                max_new_tokens=24, generate_batch=8)
+    return ExpertsSettings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def base(ci_pretrained) -> str:
+    return str(ci_pretrained[0] / "models" / "base")
+
+
+def test_training_and_inference_share_one_template(base):
+    """P2T output ends with the code header (no end of text) and the T2S input starts where
+    it ends: the two records are the one-pass text the solver is prompted for."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    template = template_for(tok, "auto")
+    assert isinstance(template, MiniTemplate)  # the tiny tokenizer has no chat template
+    p2t, t2s = (examples(r, template) for r in records()[:2])
+    assert p2t.input == template.prompt(PROBLEMS[0].prompt)
+    assert p2t.output.endswith("### Code\n") and tok.eos_token not in p2t.output
+    assert t2s.input == p2t.input + p2t.output and t2s.output.endswith(tok.eos_token)
+    thoughts, program = template.parse(p2t.output + PROBLEMS[0].meta["reference"]["program"])
+    assert thoughts == PROBLEMS[0].meta["reference"]["thoughts"]
+    assert program == PROBLEMS[0].meta["reference"]["program"]
+    rows = tokenize(records()[:2], tok, template, 512)
+    out_ids = tok(p2t.output, add_special_tokens=False)["input_ids"]
+    assert [t for t in rows[0]["labels"] if t != -100] == out_ids  # loss on the output only
+
+
+def test_chat_template_for_chat_models():
+    from bdc.system1 import ChatTemplate
+
+    class Tok:
+        eos_token = "<|eot|>"
+        chat_template = "x"
+
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            return f"<user>{messages[0]['content']}</user><assistant>"
+
+    template = template_for(Tok(), "auto")
+    assert isinstance(template, ChatTemplate)
+    r = records()[:2]
+    p2t, t2s = examples(r[0], template), examples(r[1], template)
+    assert t2s.input == p2t.input + p2t.output and t2s.output.endswith("```<|eot|>")
+    assert template.parse(p2t.output + "def f(x):\n    return 1\n```") == \
+        (r[0]["thoughts"], "def f(x):\n    return 1\n")
+
+
+def test_adapters_train_on_one_base_and_are_reused(tmp_path, base):
+    s = settings(base=base)
+    experts = ExpertSet(base, s, "mini")
+    data = {"full": records(), "cluster_0": records()[:2]}
+    first = train_all(experts, data, tmp_path / "out", tmp_path / "work")
+    assert set(first) == {"full", "cluster_0"} and not any(r["reused"] for r in first.values())
+    assert first["full"]["steps"] == 4 and first["full"]["losses"]  # 6 records, batch 4, 2 ep
+    assert first["full"]["trainable_parameters"] == first["cluster_0"]["trainable_parameters"]
+    assert experts.adapters == ["full", "cluster_0"]
+    # only the LoRA weights changed: the base is frozen and shared
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                      str(tmp_path / "out/full"))
+    batch = experts.tokenizer(["### Problem\nx\n### Thoughts\n"], return_tensors="pt")
+    experts.peft.set_adapter("full")
+    experts.peft.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(**batch).logits, experts.peft(**batch).logits, atol=1e-5)
+    again = train_all(ExpertSet(base, s, "mini"), data, tmp_path / "out", tmp_path / "work")
+    assert all(r["reused"] for r in again.values())
+    changed = train_all(ExpertSet(base, settings(base=base, lr=1e-3), "mini"), data,
+                        tmp_path / "out", tmp_path / "work")
+    assert not any(r["reused"] for r in changed.values())  # a setting changed: retrained
+
+
+def test_an_interrupted_adapter_resumes_from_its_checkpoint(tmp_path, base, monkeypatch):
+    from bdc.disentangle import experts as module
+
+    s = settings(base=base, epochs=4, save_steps=2)
+    calls = {"n": 0}
+    real = module.Collator.__call__
+
+    def dying(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during step 3 or 4: after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real(self, rows)
+
+    monkeypatch.setattr(module.Collator, "__call__", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_all(ExpertSet(base, s, "mini"), {"full": records()}, tmp_path / "out",
+                  tmp_path / "work")
+    assert list((tmp_path / "work").glob("full-*/checkpoint-2"))
+    assert not (tmp_path / "out/full").exists()  # nothing that looks finished
+    batches = []
+
+    def counting(self, rows):
+        batches.append(len(rows))
+        return real(self, rows)
+
+    monkeypatch.setattr(module.Collator, "__call__", counting)
+    done = train_all(ExpertSet(base, s, "mini"), {"full": records()}, tmp_path / "out",
+                     tmp_path / "work")
+    assert done["full"]["resumed_from_checkpoint"] and done["full"]["steps"] == 8
+    assert len(batches) == 6  # steps 1-2 were not trained again
+    assert [step for step, _ in done["full"]["losses"]] == list(range(1, 9))  # whole curve
+    assert not list((tmp_path / "work").glob("full-*"))  # checkpoints cleaned up
+
+
+def delta(peft_model, adapter: str, module: str = "q_proj", layer: int = 0) -> torch.Tensor:
+    target = dict(peft_model.named_modules())[
+        f"base_model.model.model.layers.{layer}.self_attn.{module}"]
+    return (target.lora_B[adapter].weight @ target.lora_A[adapter].weight) * \
+        target.scaling[adapter]
+
+
+def parts(peft_model, adapter: str, module: str = "q_proj", layer: int = 0):
+    target = dict(peft_model.named_modules())[
+        f"base_model.model.model.layers.{layer}.self_attn.{module}"]
+    return target.lora_A[adapter].weight, target.lora_B[adapter].weight, target.scaling[adapter]
+
+
+def test_merges_equal_the_hand_computed_combinations(tmp_path, base):
+    import math
+
+    from peft.utils.merge_utils import ties
+
+    from bdc.disentangle.merging import merge
+
+    s = settings(base=base, epochs=1)
+    experts = ExpertSet(base, s, "mini")
+    train_all(experts, {"cluster_0": records()[:2], "cluster_1": records()[2:4],
+                        "cluster_2": records()[4:]}, tmp_path / "out", tmp_path / "work")
+    names = ["cluster_0", "cluster_1", "cluster_2"]
+    merge(experts.peft, names, "merge_uniform", MergeSettings(combination="cat"))
+    average = sum(delta(experts.peft, n) for n in names) / 3
+    assert torch.allclose(delta(experts.peft, "merge_uniform"), average, atol=1e-6)
+    merge(experts.peft, names, "merge_linear", MergeSettings(combination="linear"))
+    a, b = zip(*[parts(experts.peft, n)[:2] for n in names], strict=True)
+    w = math.sqrt(1 / 3 * parts(experts.peft, names[0])[2])
+    by_hand = (sum(b) * w) @ (sum(a) * w)
+    assert torch.allclose(delta(experts.peft, "merge_linear"), by_hand, atol=1e-6)
+    merge(experts.peft, names, "merge_ties", MergeSettings(combination="ties", weight=1.0,
+                                                           density=0.3))
+    weights = torch.tensor([math.sqrt(parts(experts.peft, n)[2]) for n in names])
+    by_hand = ties(list(b), weights, 0.3) @ ties(list(a), weights, 0.3)
+    assert torch.allclose(delta(experts.peft, "merge_ties"), by_hand, atol=1e-6)
+    # PEFT's quirk: re-using a name returns silently without merging; ours re-merges
+    before = delta(experts.peft, "merge_uniform").clone()
+    merge(experts.peft, names[:2], "merge_uniform", MergeSettings(combination="cat"))
+    assert not torch.allclose(delta(experts.peft, "merge_uniform"), before)
+
+
+def test_paper_settings_validate_and_dry_run_on_a_tiny_model(tmp_path, base):
+    """profiles/paper.yaml's experts settings, with the tiny base standing in for the 8B."""
+    from bdc.config import load_params
+    from tests.conftest import ROOT
+
+    paper = load_params(ROOT / "profiles/paper.yaml").experts
+    assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (8, 16, 0.05)
+    assert paper.lora.target_modules == ["q_proj", "v_proj"] and paper.lr == 1e-3
+    assert paper.micro_batch * paper.accumulation == 64 and paper.epochs == 1
+    dry = paper.model_copy(update={"base": base, "template": "mini", "micro_batch": 2,
+                                   "accumulation": 2, "max_length": 128})
+    done = train_all(ExpertSet(base, dry, "mini"), {"full": records()}, tmp_path / "out",
+                     tmp_path / "work")
+    assert done["full"]["steps"] == 2 and json.loads(
+        (tmp_path / "out/full/adapter_config.json").read_text())["r"] == 8
+
+
+def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from bdc import tracking
+    from bdc.disentangle.registry import MODEL_NAME, register
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup(tmp_path)
+    s = settings(base=base, epochs=1)
+    out = tmp_path / "experts"
+    train_all(ExpertSet(base, s, "mini"), {"full": records(), "cluster_0": records()[:2]},
+              out, tmp_path / "work")
+    with mlflow.start_run():
+        version = register(out, {"base": base, "template": "mini",
+                                 "adapters": ["full", "cluster_0"], "experts": ["cluster_0"]},
+                           {})
+    loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
+    programs = loaded.predict(pd.DataFrame({"prompt": [PROBLEMS[0].prompt] * 2,
+                                            "adapter": ["full", "__base__"]}))
+    assert len(programs) == 2 and all(isinstance(p, str) for p in programs)
+    meta = mlflow.MlflowClient().get_model_version(MODEL_NAME, version)
+    assert str(meta.version) == version

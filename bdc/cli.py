@@ -281,6 +281,87 @@ def experts_cmd(
     console.say(f"registered models:/bdc-experts/{m['registered_version']}")
 
 
+@app.command("customize")
+def customize_cmd(
+    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir"),
+    validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir"),
+    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    experts_dir: Path = typer.Option(Path("data/experts"), "--experts-dir"),
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    out_dir: Path = typer.Option(Path("data/hypernet"), "--out-dir"),
+    metrics: Path = typer.Option(Path("data/metrics/customize.json"), "--metrics"),
+    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage customize: train the input-aware hypernetwork over the experts (base and
+    experts frozen); routing diagnostics; the solver in the registry."""
+    from bdc.stages.customize import run
+
+    m = run(_params(params), explore_dir, validate_dir, clusters_dir, experts_dir,
+            problems_dir, out_dir, metrics, plots_dir)
+    trained = "reused" if m["reused"] else f"trained in {m['train_seconds']}s"
+    console.say(f"hypernetwork over {m['experts']} experts (rank {m['rank']}, "
+                f"{m['adapted_modules']} modules), {trained}: best val loss "
+                f"{m['best_val_loss']}; weight entropy {m['normalised_entropy']:.3f}, "
+                f"own-expert weight {m['own_expert_weight']}; fold cache hit rate "
+                f"{m['fold_cache_hit_rate']:.2f}; registered "
+                f"models:/bdc-solver/{m['registered_version']}")
+
+
+@app.command("solve")
+def solve_cmd(
+    problems: Path | None = typer.Option(None, "--problems", help="problems JSONL (the "
+                                         "interchange format)"),
+    text: str | None = typer.Option(None, "--text", help="one problem as plain text"),
+    out: Path | None = typer.Option(None, "--out", help="samples JSONL (problem_id, "
+                                    "program, thoughts); default: print the programs"),
+    model_uri: str | None = typer.Option(None, "--model-uri", help="a registered solver, "
+                                         "e.g. models:/bdc-solver/1 (default: data/)"),
+    hypernet_dir: Path = typer.Option(Path("data/hypernet"), "--hypernet-dir"),
+    experts_dir: Path = typer.Option(Path("data/experts"), "--experts-dir"),
+    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """The customized solver on a problem (or a file of them): thoughts, then a program."""
+    from bdc.jsonl import write_jsonl
+    from bdc.problems.format import read_problems
+
+    if (problems is None) == (text is None):
+        raise UserError("give exactly one of --problems FILE or --text 'PROBLEM'")
+    items = [(p.id, p.prompt) for p in read_problems(problems)] if problems else \
+        [("text", text)]
+    p = _params(params)
+    if model_uri:
+        import mlflow
+
+        from bdc.customize.registry import load_registered
+        from bdc.tracking import setup
+
+        setup()
+        folder = mlflow.artifacts.download_artifacts(f"{model_uri}/artifacts")
+        solver = load_registered({name: str(Path(folder) / name) for name in
+                                  ("hypernet", "experts", "clusters")})
+    else:
+        from bdc.customize.solver import load
+
+        for folder in (hypernet_dir, experts_dir, clusters_dir):
+            if not folder.exists():
+                raise UserError(f"{folder}: missing; run `make run` (or `dvc repro "
+                                "customize`) first, or pass --model-uri")
+        solver = load(hypernet_dir, experts_dir, clusters_dir)
+    results = solver.solve([prompt for _, prompt in items], p.customize.max_new_tokens,
+                           p.customize.generate_batch)
+    rows = [{"problem_id": pid, "program": program, "thoughts": thoughts}
+            for (pid, _), (thoughts, program) in zip(items, results, strict=True)]
+    if out:
+        write_jsonl(out, rows)
+        console.say(f"wrote {len(rows)} programs to {out}")
+    else:
+        for row in rows:
+            print("".join(f"# {i}. {t}\n" for i, t in enumerate(row["thoughts"], 1))
+                  + row["program"])
+
+
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),

@@ -302,6 +302,36 @@ class ExpertsSettings(Strict):
     generate_batch: int = Field(32, ge=1)
 
 
+class CustomizeSettings(Strict):
+    """Stage ``customize``: the input-aware hypernetwork over the experts (the paper code's
+    values are the defaults)."""
+
+    hidden: int = Field(64, ge=1, description="MLP z -> hidden -> K*r (paper code: 64, ReLU)")
+    normalisation: Literal["expert_softmax", "all_softmax"] = Field(
+        "all_softmax", description="expert_softmax: a softmax over the experts for each rank "
+        "component; all_softmax (paper code): one over all K*r outputs, times r (so that "
+        "its uniform output is the uniform merge; unscaled it shrinks the delta K*r times)")
+    layers: str | list[int] = Field("0-9", description="adapted layers: all, former (first "
+                                    "half), latter, A-B, or a list (paper code: 0-9 of 32); "
+                                    "the others use the base alone")
+    projections: list[str] | None = Field(None, description="adapted projections (default: "
+                                          "every module the experts adapt)")
+    lr: float = Field(1e-5, gt=0)
+    epochs: float = Field(5, gt=0)
+    batch: int = Field(1, ge=1)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = Field(0.0, ge=0)
+    validation_share: float = Field(0.1, ge=0, lt=1, description="problems held out to "
+                                    "choose the best epoch by loss")
+    seed: int = 0
+    fold_precision: float = Field(0.01, gt=0, description="folded-adapter cache: weights "
+                                  "rounded to this step share an adapter")
+    max_new_tokens: int = Field(512, ge=8)
+    generate_batch: int = Field(32, ge=1)
+
+
+
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
 
@@ -325,6 +355,7 @@ class Params(Strict):
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     disentangle: DisentangleSettings = DisentangleSettings()
     experts: ExpertsSettings = ExpertsSettings()
+    customize: CustomizeSettings = CustomizeSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

@@ -111,10 +111,12 @@ def examples(record: dict, template: MiniTemplate | ChatTemplate) -> Example:
 
 def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
           batch_size: int, adapter_names: list[str] | None = None,
-          temperature: float | None = None, seed: int = 0) -> list[tuple[list[str], str]]:
+          temperature: float | None = None, seed: int = 0,
+          z=None) -> list[tuple[list[str], str]]:
     """One pass per problem (greedy, or sampled at ``temperature``): ``(thoughts,
     program)``. With ``adapter_names``, row i runs adapter ``adapter_names[i]`` (PEFT's
-    mixed-adapter batches; ``__base__`` for the base model alone)."""
+    mixed-adapter batches; ``__base__`` for the base model alone); with ``z`` (an array, one
+    row per problem), ``model`` is a customized solver gated by row i's z."""
     import torch
 
     torch.manual_seed(seed)
@@ -126,6 +128,8 @@ def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
                         padding=True).to(model.device)
         extra = {} if adapter_names is None else \
             {"adapter_names": adapter_names[start:start + batch_size]}
+        if z is not None:
+            extra["z"] = torch.as_tensor(z[start:start + batch_size])
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} \
             if temperature else {"do_sample": False}
         with torch.no_grad():

@@ -14,11 +14,19 @@ from bdc.runtime import configure_environment
 def main() -> None:
     configure_environment()
     from flows.pipeline import pipeline
-    from flows.stages import disentangle, experts, explore, prepare, pretrain, validate
+    from flows.stages import (
+        customize,
+        disentangle,
+        experts,
+        explore,
+        prepare,
+        pretrain,
+        validate,
+    )
 
     flows = {"pipeline": pipeline, "prepare": prepare, "pretrain": pretrain,
              "explore": explore, "validate": validate, "disentangle": disentangle,
-             "experts": experts}
+             "experts": experts, "customize": customize}
     name = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
     if name not in flows:
         sys.exit(f"unknown flow {name!r}; choose one of {', '.join(flows)}")

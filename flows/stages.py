@@ -44,3 +44,9 @@ def disentangle() -> dict:
 def experts() -> dict:
     """Stage experts: a LoRA per cluster and on all data, merges, Arrow (GPU in paper)."""
     return stage_flow("experts")
+
+
+@flow(name="customize")
+def customize() -> dict:
+    """Stage customize: the input-aware hypernetwork over the experts (GPU in paper)."""
+    return stage_flow("customize")

@@ -1,0 +1,52 @@
+"""The whole customized solver as one MLflow registered model version (``bdc-solver``): the
+hypernetwork, the experts, the embedder's identity and the centroids, and a reference to the
+base model (never its weights). ``bdc solve --model-uri models:/bdc-solver/N`` runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
+
+MODEL_NAME = "bdc-solver"
+
+
+class SolverModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: a frame with ``prompt`` in, one program per row out."""
+
+    def load_context(self, context) -> None:
+        self.solver = load_registered(context.artifacts)
+
+    def predict(self, context, model_input, params=None):
+        out = self.solver.solve(list(model_input["prompt"]),
+                                (params or {}).get("max_new_tokens", 256), 16)
+        return [program for _, program in out]
+
+
+def load_registered(artifacts: dict[str, str], base: str | None = None):
+    from bdc.customize.solver import load
+
+    return load(Path(artifacts["hypernet"]), Path(artifacts["experts"]),
+                Path(artifacts["clusters"]), base)
+
+
+def register_solver(hypernet_dir: Path, experts_dir: Path, clusters_dir: Path) -> str:
+    """Log and register the solver from the active MLflow run; its version."""
+    import tempfile
+
+    import mlflow
+
+    saved = json.loads((hypernet_dir / "solver.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        clusters = Path(tmp) / "clusters"
+        clusters.mkdir()
+        for name in ("centroids.npy", "embedder.json"):
+            (clusters / name).write_bytes((clusters_dir / name).read_bytes())
+        info = mlflow.pyfunc.log_model(
+            name="solver", python_model=SolverModel(),
+            artifacts={"hypernet": str(hypernet_dir), "experts": str(experts_dir),
+                       "clusters": str(clusters)},
+            registered_model_name=MODEL_NAME, metadata=saved,
+            pip_requirements=["torch", "transformers", "peft", "sentence-transformers"])
+    return str(info.registered_model_version)

@@ -1,0 +1,89 @@
+"""Training the hypernetwork alone (base and experts frozen) with transformers ``Trainer``:
+next-token loss on the output tokens (labels shifted inside the model: the authors' code
+compared logits[t] with token t), the best epoch by loss on held-out problems, checkpoints
+every epoch to resume from."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bdc.config import CustomizeSettings
+from bdc.customize.model import CustomizedModel
+from bdc.disentangle.experts import Collator, tokenize
+
+
+def split(records: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Held out by problem, so a problem's P2T and T2S records stay on one side."""
+    problems = sorted({r["problem_id"] for r in records})
+    random.Random(seed).shuffle(problems)
+    held = set(problems[:round(share * len(problems))]) if share else set()
+    return [r for r in records if r["problem_id"] not in held], \
+        [r for r in records if r["problem_id"] in held]
+
+
+def rows(records: list[dict], tokenizer, template, max_length: int,
+         z: dict[str, np.ndarray]) -> list[dict]:
+    out = tokenize(records, tokenizer, template, max_length)
+    for row, record in zip(out, records, strict=True):
+        row["z"] = z[record["problem_id"]]
+    return out
+
+
+class GatedCollator(Collator):
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        out = super().__call__(batch)
+        out["z"] = torch.as_tensor(np.stack([r["z"] for r in batch]))
+        return out
+
+
+def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
+          settings: CustomizeSettings, pad_id: int, work: Path,
+          on_log: Callable[[str, int, float], None] | None = None) -> dict:
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    s = settings
+    steps = math.ceil(math.ceil(len(train_rows) / s.batch) * s.epochs)
+    evaluate = bool(val_rows)
+    args = TrainingArguments(
+        output_dir=str(work), per_device_train_batch_size=s.batch,
+        per_device_eval_batch_size=max(s.batch, 8), num_train_epochs=s.epochs,
+        learning_rate=s.lr, weight_decay=s.weight_decay, optim="adamw_torch",
+        lr_scheduler_type=s.scheduler, logging_steps=max(1, steps // 200),
+        eval_strategy="epoch" if evaluate else "no", save_strategy="epoch",
+        save_total_limit=2, load_best_model_at_end=evaluate,
+        metric_for_best_model="eval_loss" if evaluate else None, greater_is_better=False,
+        seed=s.seed, data_seed=s.seed, report_to=[], disable_tqdm=True, use_cpu=(
+            model.device.type == "cpu"), dataloader_num_workers=0,
+        remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=train_rows,
+                      eval_dataset=val_rows or None, data_collator=GatedCollator(pad_id))
+    trainer.remove_callback(PrinterCallback)
+    resume = any(work.glob("checkpoint-*"))
+    # the untrained hypernetwork is the uniform merge: its loss is the bar to clear
+    initial = trainer.evaluate()["eval_loss"] if evaluate and not resume else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    history = trainer.state.log_history
+    losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["epoch"], h["eval_loss"]) for h in history
+             if "eval_loss" in h and h.get("epoch", 0) > 0]  # not the untrained one
+    if on_log:
+        for step, loss in losses:
+            on_log("train_loss", step, loss)
+        for epoch, loss in evals:
+            on_log("val_loss", round(epoch), loss)
+    best = min(evals, key=lambda e: e[1]) if evals else None
+    return {"train_records": len(train_rows), "val_records": len(val_rows),
+            "steps": trainer.state.global_step, "resumed_from_checkpoint": resume,
+            "losses": losses, "val_losses": evals,
+            "initial_val_loss": initial,
+            "best_epoch": best[0] if best else None, "best_val_loss": best[1] if best else None,
+            "train_seconds": round(time.perf_counter() - started, 1)}

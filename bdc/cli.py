@@ -362,6 +362,26 @@ def solve_cmd(
                   + row["program"])
 
 
+@app.command("evaluate-solvers")
+def evaluate_solvers_cmd(
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    experts_dir: Path = typer.Option(Path("data/experts"), "--experts-dir"),
+    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    hypernet_dir: Path = typer.Option(Path("data/hypernet"), "--hypernet-dir"),
+    out_dir: Path = typer.Option(Path("data/eval"), "--out-dir"),
+    metrics: Path = typer.Option(Path("data/metrics/evaluate.json"), "--metrics"),
+    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Stage evaluate: every System-1 solver (and the System-2 side) on the test problems'
+    hidden tests; the table and the claims as measured."""
+    from bdc.stages.evaluate import run
+
+    result = run(_params(params), problems_dir, experts_dir, clusters_dir, hypernet_dir,
+                 out_dir, metrics, plots_dir)
+    print(result["table"])  # the result, on stdout
+
+
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),

@@ -332,6 +332,25 @@ class CustomizeSettings(Strict):
 
 
 
+class EvaluateSettings(Strict):
+    """Stage ``evaluate``: every solver on the test problems' hidden tests."""
+
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="sampling seeds: one "
+                             "program per problem, solver and seed")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (then the seeds draw the "
+                               "same programs, and the table says so)")
+    ks: list[int] = Field([1, 3], description="pass@k over the seeds' samples")
+    per_group: int | None = Field(None, ge=1, description="test problems per slice or family "
+                                  "(default: all)")
+    system2: bool = Field(True, description="also the tree of agents and each agent alone "
+                          "on the test problems (the System-2 side, for reference)")
+    system2_seeds: list[int] | None = Field(None, description="seeds of the System-2 rows "
+                                            "(default: seeds)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="generation engine")
+    max_new_tokens: int = Field(512, ge=8)
+    batch: int = Field(32, ge=1)
+
+
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""
 
@@ -356,6 +375,7 @@ class Params(Strict):
     disentangle: DisentangleSettings = DisentangleSettings()
     experts: ExpertsSettings = ExpertsSettings()
     customize: CustomizeSettings = CustomizeSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
 
 

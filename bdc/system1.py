@@ -111,12 +111,13 @@ def examples(record: dict, template: MiniTemplate | ChatTemplate) -> Example:
 
 def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
           batch_size: int, adapter_names: list[str] | None = None,
-          temperature: float | None = None, seed: int = 0,
-          z=None) -> list[tuple[list[str], str]]:
+          temperature: float | None = None, seed: int = 0, z=None,
+          on_batch=None) -> list[tuple[list[str], str]]:
     """One pass per problem (greedy, or sampled at ``temperature``): ``(thoughts,
     program)``. With ``adapter_names``, row i runs adapter ``adapter_names[i]`` (PEFT's
     mixed-adapter batches; ``__base__`` for the base model alone); with ``z`` (an array, one
-    row per problem), ``model`` is a customized solver gated by row i's z."""
+    row per problem), ``model`` is a customized solver gated by row i's z. ``on_batch(start,
+    results, tokens)`` sees each batch as it is done (programs can run meanwhile)."""
     import torch
 
     torch.manual_seed(seed)
@@ -136,7 +137,12 @@ def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
             ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling, **extra,
                                  eos_token_id=tokenizer.eos_token_id,
                                  pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:],
-                                       skip_special_tokens=True)
-        out += [template.parse(t) for t in texts]
+        new = ids[:, enc["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        results = [template.parse(t) for t in texts]
+        if on_batch:
+            ends = (new == tokenizer.pad_token_id) | (new == tokenizer.eos_token_id)
+            lengths = torch.where(ends.any(1), ends.float().argmax(1) + 1, new.shape[1])
+            on_batch(start, results, lengths.tolist())
+        out += results
     return out

@@ -17,6 +17,7 @@ def main() -> None:
     from flows.stages import (
         customize,
         disentangle,
+        evaluate,
         experts,
         explore,
         prepare,
@@ -26,7 +27,8 @@ def main() -> None:
 
     flows = {"pipeline": pipeline, "prepare": prepare, "pretrain": pretrain,
              "explore": explore, "validate": validate, "disentangle": disentangle,
-             "experts": experts, "customize": customize}
+             "experts": experts, "customize": customize,
+             "evaluate": evaluate}
     name = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
     if name not in flows:
         sys.exit(f"unknown flow {name!r}; choose one of {', '.join(flows)}")

@@ -50,3 +50,9 @@ def experts() -> dict:
 def customize() -> dict:
     """Stage customize: the input-aware hypernetwork over the experts (GPU in paper)."""
     return stage_flow("customize")
+
+
+@flow(name="evaluate")
+def evaluate() -> dict:
+    """Stage evaluate: every solver on the hidden tests, the claims in one table."""
+    return stage_flow("evaluate")

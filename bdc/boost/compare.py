@@ -67,6 +67,7 @@ async def run_method(method: Method, problems: list[Problem], settings: ExploreS
     n = len(problems)
     return {"hidden_solve_rate": sum(h is not None and h.status == "passed"
                                      for _, h in results) / n,
+            "hidden_pass_rate": sum(h.pass_rate for _, h in results if h is not None) / n,
             "programs_per_problem": sum(t.programs for t, _ in results) / n,
             "tokens_per_problem": sum(t.tokens for t, _ in results) / n,
             "failed_problems": len(failed)}

@@ -1,0 +1,149 @@
+"""Every System-1 solver on the test problems' hidden tests, the paper's metrics, one table.
+
+Generation is batched across solvers: every adapter-based solver (the base, the full-data
+LoRA, each expert, the merges, the oracle expert) is one row in PEFT's mixed-adapter batches
+(``adapter_names``); the customized solver and Arrow go through the same batched path on
+their own model. Each finished batch's programs run in the sandbox while the next batch
+generates. The metrics follow the protocol: pass rate (mean fraction of hidden tests passed,
+x100) and strict accuracy (share of problems passing all), per slice or family; pass@k with
+the unbiased estimator over the n samples (seeds) per problem; mean and sample std over the
+seeds; tokens and wall time per solver (a shared batch's time is split by tokens).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from bdc.problems.format import Problem, Sample
+from bdc.sandbox import Sandbox
+from bdc.scoring import pass_at_k, score_samples
+
+
+@dataclass
+class Outcome:
+    """One program of one solver for one problem under one seed, scored on hidden tests."""
+
+    solver: str
+    seed: int
+    problem_id: str
+    program: str
+    thoughts: list[str]
+    tokens: int
+    seconds: float  # this row's share of its batch's wall time
+    pass_rate: float = 0.0
+    passed_all: bool = False
+
+
+@dataclass
+class Runner:
+    """Generates batches and scores each in the sandbox while the next one generates."""
+
+    problems: dict[str, Problem]
+    sandbox: Sandbox
+    outcomes: list[Outcome] = field(default_factory=list)
+    _pending: list[Future] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1)
+
+    def _score(self, rows: list[Outcome]) -> None:
+        samples = [Sample(problem_id=r.problem_id, program=r.program) for r in rows]
+        for row, score in zip(rows, score_samples(self.problems, samples, self.sandbox,
+                                                  "hidden"), strict=True):
+            row.pass_rate, row.passed_all = score.pass_rate, score.status == "passed"
+
+    def generate(self, labels: list[tuple[str, str]], seed: int,
+                 run: Callable[[Callable], None]) -> None:
+        """``labels``: (solver, problem id) per row; ``run(on_batch)`` generates them in
+        order, calling ``on_batch(start, results, tokens)`` per batch."""
+        clock = [time.perf_counter()]
+
+        def on_batch(start: int, results: list, tokens: list[int]) -> None:
+            now = time.perf_counter()
+            elapsed, clock[0] = now - clock[0], now
+            total = max(sum(tokens), 1)
+            rows = [Outcome(solver, seed, pid, program, thoughts, n, elapsed * n / total)
+                    for (solver, pid), (thoughts, program), n in
+                    zip(labels[start:start + len(results)], results, tokens, strict=True)]
+            self.outcomes += rows
+            self._pending.append(self._pool.submit(self._score, rows))
+
+        run(on_batch)
+
+    def finish(self) -> list[Outcome]:
+        for future in self._pending:
+            future.result()
+        self._pool.shutdown()
+        return self.outcomes
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def table(outcomes: list[Outcome], groups: dict[str, str], seeds: list[int],
+          ks: list[int]) -> dict:
+    """Per solver: pass rate (x100) and strict accuracy, overall and per group, mean and
+    sample std over the seeds; pass@k over the seeds' samples; tokens and seconds."""
+    by_solver: dict[str, list[Outcome]] = defaultdict(list)
+    for o in outcomes:
+        by_solver[o.solver].append(o)
+    out = {}
+    for solver, rows in by_solver.items():
+        per_seed: dict[int, list[Outcome]] = defaultdict(list)
+        per_problem: dict[str, list[Outcome]] = defaultdict(list)
+        for o in rows:
+            per_seed[o.seed].append(o)
+            per_problem[o.problem_id].append(o)
+        entry = {
+            "pass_rate": mean_std([100 * statistics.mean(o.pass_rate for o in r)
+                                   for r in per_seed.values()]),
+            "strict_accuracy": mean_std([100 * statistics.mean(o.passed_all for o in r)
+                                         for r in per_seed.values()]),
+            "tokens": sum(o.tokens for o in rows) / len(per_seed),
+            "seconds": sum(o.seconds for o in rows) / len(per_seed),
+            "seeds": len(per_seed)}
+        n = min(len(v) for v in per_problem.values())
+        for k in ks:
+            if k <= n:
+                entry[f"pass@{k}"] = 100 * statistics.mean(
+                    pass_at_k(len(v), sum(o.passed_all for o in v), k)
+                    for v in per_problem.values())
+        by_group: dict[str, dict[int, list[Outcome]]] = defaultdict(lambda: defaultdict(list))
+        for o in rows:
+            by_group[groups.get(o.problem_id, "all")][o.seed].append(o)
+        entry["by_group"] = {g: {
+            "pass_rate": mean_std([100 * statistics.mean(o.pass_rate for o in r)
+                                   for r in s.values()]),
+            "strict_accuracy": mean_std([100 * statistics.mean(o.passed_all for o in r)
+                                         for r in s.values()])}
+            for g, s in sorted(by_group.items())}
+        out[solver] = entry
+    return out
+
+
+def cell(stat: dict[str, float]) -> str:
+    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+
+
+def markdown(result: dict, order: list[str], ks: list[int], note: str = "") -> str:
+    groups = sorted({g for r in result.values() for g in r.get("by_group", {})})
+    head = ["solver", "pass rate", "strict acc.", *[f"pass@{k}" for k in ks], "tokens",
+            "seconds", *[f"{g} (strict)" for g in groups]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for solver in [s for s in order if s in result]:
+        r = result[solver]
+        cells = [solver, cell(r["pass_rate"]), cell(r["strict_accuracy"]),
+                 *[f"{r[f'pass@{k}']:.1f}" if f"pass@{k}" in r else "" for k in ks],
+                 f"{r['tokens']:.0f}",
+                 "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
+                 *[cell(r["by_group"][g]["strict_accuracy"]) if g in r.get("by_group", {})
+                   else "" for g in groups]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"

@@ -189,7 +189,19 @@ def run_summary_markdown(stage: str, run, ui_url: str) -> str:
     if run is None:
         return (f"### {stage}\n\nUp to date: DVC found nothing changed (or restored the "
                 "outputs from its run cache), so the stage did not run.")
-    link = f"{ui_url.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    base = ui_url.rstrip("/")
+    link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    text = f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) ({run.info.status.lower()})\n"
+    report = run.data.tags.get("bdc.report")  # e.g. validate's Data Docs
+    if report:
+        text += (f"\nReport: [{report}]({base}/get-artifact?path={report}"
+                 f"&run_uuid={run.info.run_id})\n")
+    summary = run.data.tags.get("bdc.summary")  # a stage's own table (evaluate)
+    if summary:
+        import mlflow
+
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                   artifact_path=summary)
+        return text + "\n" + Path(path).read_text()
     rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(run.data.metrics.items()))
-    return (f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) "
-            f"({run.info.status.lower()})\n\n| metric | value |\n|---|---|\n{rows}\n")
+    return text + f"\n| metric | value |\n|---|---|\n{rows}\n"

@@ -75,6 +75,14 @@ def make_project_copy(dest: Path) -> Path:
 
 SMALL = {"pretrain": 60, "explore": 10, "test": 10}  # mini problems per family
 CI_EXPLORE = {"limit": 12, "search": {"rollouts": 2, "max_programs": 6}}
+CI_LATER = {  # the stages after explore, at test size
+    "disentangle": {"k_min": 2, "k_max": 3},
+    "experts": {"epochs": 2, "max_length": 160, "check_per_cluster": 2, "max_new_tokens": 64,
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                         "target_modules": ["q_proj", "v_proj"]}},
+    "customize": {"epochs": 1, "validation_share": 0.2, "max_new_tokens": 64},
+    "evaluate": {"per_group": 2, "seeds": [0, 1], "max_new_tokens": 64},
+}
 
 
 def use_ci_profile(root: Path) -> None:
@@ -87,6 +95,8 @@ def use_ci_profile(root: Path) -> None:
     params["pretrain"]["setting"] = "ci"
     params["explore"]["limit"] = CI_EXPLORE["limit"]
     params["explore"]["search"].update(CI_EXPLORE["search"])
+    for stage, changes in CI_LATER.items():
+        params[stage].update(changes)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git("commit", "-qam", "ci profile", cwd=root)
 

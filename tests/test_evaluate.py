@@ -1,0 +1,84 @@
+"""Stage evaluate: the metrics against hand-computed values (pass rate, strict accuracy,
+pass@k, the sample std), per group, and the claims; scoring overlaps generation."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bdc.evaluation import Outcome, markdown, table
+
+
+def outcome(solver, seed, pid, rate, tokens=10):
+    return Outcome(solver, seed, pid, "p", [], tokens, 0.5, rate, rate == 1.0)
+
+
+def test_metrics_are_the_hand_computed_values():
+    # problems a (family x) and b (family y); three seeds
+    rows = [outcome("s", 0, "a", 1.0), outcome("s", 0, "b", 0.5),
+            outcome("s", 1, "a", 1.0), outcome("s", 1, "b", 1.0),
+            outcome("s", 2, "a", 0.0), outcome("s", 2, "b", 0.25)]
+    t = table(rows, {"a": "x", "b": "y"}, [0, 1, 2], [1, 3])["s"]
+    rates = [100 * (1 + 0.5) / 2, 100 * (1 + 1) / 2, 100 * (0 + 0.25) / 2]  # per seed
+    assert t["pass_rate"]["mean"] == pytest.approx(statistics.mean(rates))
+    assert t["pass_rate"]["std"] == pytest.approx(statistics.stdev(rates))  # n - 1
+    strict = [50.0, 100.0, 0.0]
+    assert t["strict_accuracy"]["mean"] == pytest.approx(50.0)
+    assert t["strict_accuracy"]["std"] == pytest.approx(statistics.stdev(strict))
+    # pass@k over the 3 samples of each problem: a passed 2 of 3, b 1 of 3
+    assert t["pass@1"] == pytest.approx(100 * (2 / 3 + 1 / 3) / 2)
+    assert t["pass@3"] == pytest.approx(100.0)
+    assert t["by_group"]["x"]["strict_accuracy"]["mean"] == pytest.approx(100 * 2 / 3)
+    assert t["by_group"]["y"]["pass_rate"]["mean"] == pytest.approx(100 * (0.5 + 1 + .25) / 3)
+    assert t["tokens"] == 20 and t["seconds"] == pytest.approx(1.0)  # per seed
+    md = markdown({"s": t}, ["s"], [1, 3], "note")
+    assert "| s | 62.5 ± 45.1 | 50.0 ± 50.0 | 50.0 | 100.0 |" in md and md.endswith("note\n")
+
+
+def test_one_seed_has_no_spread_and_pass_at_k_needs_k_samples():
+    t = table([outcome("s", 0, "a", 1.0)], {}, [0], [1, 3])["s"]
+    assert t["strict_accuracy"] == {"mean": 100.0, "std": 0.0}
+    assert "pass@1" in t and "pass@3" not in t
+
+
+def test_claims_compare_with_the_right_baselines():
+    from bdc.stages.evaluate import claims
+
+    def row(v):
+        return {"strict_accuracy": {"mean": v, "std": 0.0}}
+
+    result = {"full": row(10), "customized": row(15), "merge_uniform": row(5),
+              "arrow": row(1), "oracle expert": row(12), "System-2: tree(a+b)": row(50),
+              "System-2: tree(a)": row(0)}
+    c = claims(result, ["cluster_0"], {})
+    assert c["C_customized_vs_full"]["difference"] == 5
+    assert c["C_customized_vs_uniform"]["difference"] == 10
+    assert c["D_oracle_vs_full"]["difference"] == 2
+    assert c["B_tree_vs_each_agent"] == [{"solver": "System-2: tree(a+b)",
+                                          "baseline": "System-2: tree(a)", "difference": 50}]
+
+
+def test_programs_are_scored_while_the_next_batch_generates():
+    import threading
+
+    from bdc.config import SandboxSettings
+    from bdc.evaluation import Runner
+    from bdc.problems import mini
+    from bdc.sandbox import Sandbox
+
+    problems = mini.load(slice="test", limit=1).problems
+    seen = []
+
+    def run(on_batch):
+        for start in range(0, len(problems), 2):
+            chunk = problems[start:start + 2]
+            on_batch(start, [([], p.meta["reference"]["program"]) for p in chunk], [5] * 2)
+            seen.append(threading.active_count())
+
+    with Sandbox(SandboxSettings(workers=1)) as sandbox:
+        runner = Runner({p.id: p for p in problems}, sandbox)
+        runner.generate([("ref", p.id) for p in problems], 0, run)
+        outcomes = runner.finish()
+    assert [o.passed_all for o in outcomes] == [True] * len(problems)
+    assert max(seen) > 1  # the scoring thread ran beside the generating one

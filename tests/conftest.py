@@ -73,7 +73,7 @@ def make_project_copy(dest: Path) -> Path:
     return dest
 
 
-SMALL = {"pretrain": 60, "explore": 10, "test": 10}  # mini problems per family
+SMALL = {"pretrain": 200, "explore": 10, "test": 10}  # mini problems per family
 CI_EXPLORE = {"limit": 12, "search": {"rollouts": 2, "max_programs": 6}}
 CI_LATER = {  # the stages after explore, at test size
     "disentangle": {"k_min": 2, "k_max": 3},

@@ -16,12 +16,12 @@ def test_project_params_load():
 
 def test_defaults_match_params_yaml():
     """params.yaml states every default explicitly; the schema must agree with it. The
-    exceptions are the method's recipes, ``explore`` and ``experts`` (the schema holds the
-    paper code's defaults: API agents, 16 rollouts, r 8 on q/v ...; params.yaml the mini
-    profile's tiny models and budgets) and ``explore_compare`` (its teams name those mini
-    agents)."""
+    exceptions are the method's recipes, ``explore``, ``experts``, ``customize`` and
+    ``evaluate`` (the schema holds the paper code's defaults: API agents, 16 rollouts, r 8 on
+    q/v, Adam at 1e-5, greedy decoding ...; params.yaml the mini profile's tiny models and
+    budgets) and ``explore_compare`` (its teams name those mini agents)."""
     params = load_params(ROOT / "params.yaml")
-    paper_defaults = ("explore", "explore_compare", "experts")  # the method's recipes
+    paper_defaults = ("explore", "explore_compare", "experts", "customize", "evaluate")
     assert params.model_copy(update={k: getattr(Params(), k) for k in paper_defaults}) \
         == Params()
     paper = Params().explore.search

@@ -82,3 +82,20 @@ def test_programs_are_scored_while_the_next_batch_generates():
         outcomes = runner.finish()
     assert [o.passed_all for o in outcomes] == [True] * len(problems)
     assert max(seen) > 1  # the scoring thread ran beside the generating one
+
+
+def test_oracle_of_a_family_without_training_records_is_the_base():
+    """A test family none of whose problems reached the training data has no home cluster;
+    the evaluate stage crashed on it with KeyError (seen on the ci pools, where only arith
+    is learnt). The oracle uses the base model there, and only there."""
+    from bdc.problems.format import Problem
+    from bdc.stages.evaluate import oracle_adapter
+
+    def problem(family):
+        return Problem(id=f"t/{family}", source="mini", prompt="p", kind="stdio",
+                       tests={"hidden": [{"input": "", "output": "1"}]},
+                       meta={"family": family})
+
+    home = {"arith": 2}
+    assert oracle_adapter(problem("arith"), home) == "cluster_2"
+    assert oracle_adapter(problem("string"), home) == "__base__"

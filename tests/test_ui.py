@@ -39,7 +39,10 @@ def processes_in(folder: Path) -> list[int]:
 
 def test_ui_path_end_to_end(project):
     """Also checks dispatch: `prepare` is marked a GPU stage, so the pipeline (on the cpu
-    worker) must hand it to the gpu pool's worker through the stage-gpu deployment."""
+    worker) must hand it to the gpu pool's worker through the stage-gpu deployment. The run
+    takes the deployment's ``stages`` parameter (as the UI's custom run does) to stop after
+    pretrain: the whole pipeline through a flow is test_flows' test, and running it twice
+    would cost CI four minutes."""
     import yaml
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -59,7 +62,8 @@ def test_ui_path_end_to_end(project):
             "import asyncio\n"
             "from prefect.client.orchestration import get_client\n"
             "from prefect.deployments import run_deployment\n"
-            "fr = run_deployment('pipeline/pipeline', timeout=400, poll_interval=1)\n"
+            "fr = run_deployment('pipeline/pipeline', timeout=400, poll_interval=1,\n"
+            "                    parameters={'stages': ['prepare', 'pretrain']})\n"
             "async def pools():\n"
             "    async with get_client() as c:\n"
             "        return sorted((r.work_pool_name or '-', r.state.type.value)\n"

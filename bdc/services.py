@@ -9,27 +9,18 @@ and their PIDs and logs live under ``var/``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bdc.errors import BDCError
+from bdc.processes import ServiceError, group_alive, stop_groups, wait_http
 from bdc.runtime import configure_environment, state_dir
 from bdc.tracking import artifact_root, tracking_uri
 
 POOLS = ("cpu", "gpu")
-
-
-class ServiceError(BDCError, RuntimeError):
-    """A service did not start, or services are already running."""
 
 
 @dataclass
@@ -49,37 +40,6 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
-def _group_alive(pgid: int) -> bool:
-    """Is any live (non-zombie) process left in process group ``pgid``? (Each service
-    leads its own group, so its pid is the group id.)"""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
-
-
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServiceError(f"{url} did not come up: its process exited "
-                               f"({proc.returncode}); see {log}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise ServiceError(f"{url} did not answer within {timeout:.0f}s; see {log}")
-
-
 def _environment(root: Path, services: Services) -> dict[str, str]:
     configure_environment(root)
     return {**os.environ, "PREFECT_API_URL": f"{services.prefect_url}/api",
@@ -94,7 +54,7 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
     state = _state_file(root)
     if state.exists():
         running = Services(**json.loads(state.read_text()))
-        if any(_group_alive(pid) for pid in running.pids.values()):
+        if any(group_alive(pid) for pid in running.pids.values()):
             raise ServiceError(f"services already running ({running.prefect_url}); "
                                "stop them first with `bdc ui --stop`")
         state.unlink()
@@ -119,9 +79,9 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
             _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
             "--backend-store-uri", tracking_uri(root),
             "--default-artifact-root", artifact_root(root)])
-        _wait_http(f"{services.prefect_url}/api/health", timeout, prefect,
+        wait_http(f"{services.prefect_url}/api/health", timeout, prefect,
                    logs / "prefect-server.log")
-        _wait_http(f"{services.mlflow_url}/health", timeout, mlflow, logs / "mlflow-server.log")
+        wait_http(f"{services.mlflow_url}/health", timeout, mlflow, logs / "mlflow-server.log")
         for pool in POOLS:
             _run([_bin("prefect"), "work-pool", "create", pool, "--type", "process",
                   "--overwrite"], root, env)
@@ -148,16 +108,6 @@ def stop(root: Path, grace: float = 15.0) -> list[str]:
     if not state.exists():
         return []
     services = Services(**json.loads(state.read_text()))
-    for pid in services.pids.values():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_group_alive(p) for p in services.pids.values()):
-        time.sleep(0.2)
-    for pid in services.pids.values():
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)
-    while any(_group_alive(p) for p in services.pids.values()):
-        time.sleep(0.05)
+    stop_groups(list(services.pids.values()), grace)
     state.unlink()
     return list(services.pids)

@@ -146,3 +146,22 @@ def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
             on_batch(start, results, lengths.tolist())
         out += results
     return out
+
+
+def solve_served(server, template, problems: list[str], adapters: list, max_new_tokens: int,
+                 temperature: float | None = None,
+                 seed: int = 0) -> tuple[list[tuple[list[str], str]], list[int]]:
+    """:func:`solve` through a vLLM server (:class:`bdc.vllm_server.VLLMServer`): the same
+    prompt and parse, one request per problem on its own adapter (``adapters[i]``: a
+    :class:`~bdc.vllm_server.Adapter`, or None for the base). Returns the ``(thoughts,
+    program)`` pairs and each completion's token count."""
+    import asyncio
+
+    from bdc.boost.agents.base import Request
+
+    requests = [Request(prompt=template.prompt(p), temperature=temperature or 0.0,
+                        max_tokens=max_new_tokens, seed=seed * 1000003 + i)
+                for i, p in enumerate(problems)]
+    done = asyncio.run(server.run(requests, adapters))
+    return ([template.parse(c.generations[0].text) for c in done],
+            [c.completion_tokens for c in done])

@@ -81,7 +81,8 @@ CI_LATER = {  # the stages after explore, at test size
                 "lora": {"r": 4, "alpha": 8, "dropout": 0.0,
                          "target_modules": ["q_proj", "v_proj"]}},
     "customize": {"epochs": 1, "validation_share": 0.2, "max_new_tokens": 64},
-    "evaluate": {"per_group": 2, "seeds": [0, 1], "max_new_tokens": 64},
+    # greedy, one seed: the flow test compares the vLLM engine's programs with these
+    "evaluate": {"per_group": 2, "seeds": [0], "temperature": 0.0, "max_new_tokens": 64},
 }
 
 
@@ -150,6 +151,28 @@ def ci_pretrained(tmp_path_factory):
         metrics = pretrain(Params(pretrain=PretrainSettings(setting="ci")), root / "problems",
                            root / "models", sandbox, on_progress=lambda *a: progress.append(a))
     return root, metrics, progress, time.monotonic() - start
+
+
+@pytest.fixture(scope="session")
+def ci_experts(tmp_path_factory, ci_pretrained):
+    """Three experts trained on the ci base (r 4, alpha 16) and their exact uniform merge:
+    ``(base folder, experts folder)``."""
+    from bdc.config import MergeSettings
+    from bdc.disentangle.experts import ExpertSet, train_all
+    from bdc.disentangle.merging import merge
+    from tests.test_experts import records, settings
+
+    base = str(ci_pretrained[0] / "models" / "base")
+    out = tmp_path_factory.mktemp("experts")
+    experts = ExpertSet(base, settings(base=base, epochs=2, lora=settings().lora.model_copy(
+        update={"alpha": 16})), "mini")
+    rec = records()
+    train_all(experts, {"cluster_0": rec[:2], "cluster_1": rec[2:4], "cluster_2": rec[4:]},
+              out, tmp_path_factory.mktemp("work"))
+    merge(experts.peft, ["cluster_0", "cluster_1", "cluster_2"], "merge_uniform",
+          MergeSettings(combination="cat"))
+    experts.save("merge_uniform", out / "merge_uniform", {})
+    return base, out
 
 
 @pytest.fixture

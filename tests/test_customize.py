@@ -11,32 +11,19 @@ import numpy as np
 import pytest
 import torch
 
-from bdc.config import CustomizeSettings, MergeSettings
+from bdc.config import CustomizeSettings
 from bdc.customize.config import layer_indices, max_lora_rank
 from bdc.customize.fold import FoldedCache, fold, save_folded
 from bdc.customize.model import CustomizedModel, load_experts
-from bdc.disentangle.experts import ExpertSet, train_all
-from tests.test_experts import records, settings
+from tests.test_experts import records
 
 EXPERTS = ["cluster_0", "cluster_1", "cluster_2"]
 Z_DIM = 6
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, ci_pretrained):
-    """Three trained experts (and their exact uniform merge) on the ci base."""
-    from bdc.disentangle.merging import merge
-
-    base = str(ci_pretrained[0] / "models" / "base")
-    out = tmp_path_factory.mktemp("experts")
-    experts = ExpertSet(base, settings(base=base, epochs=2, lora=settings().lora.model_copy(
-        update={"alpha": 16})), "mini")
-    rec = records()
-    train_all(experts, {"cluster_0": rec[:2], "cluster_1": rec[2:4], "cluster_2": rec[4:]},
-              out, tmp_path_factory.mktemp("work"))
-    merge(experts.peft, EXPERTS, "merge_uniform", MergeSettings(combination="cat"))
-    experts.save("merge_uniform", out / "merge_uniform", {})
-    return base, out
+def trained(ci_experts):
+    return ci_experts
 
 
 def customized(trained, layers="all", normalisation="expert_softmax"):

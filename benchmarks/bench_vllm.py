@@ -1,0 +1,90 @@
+"""Serving the customized solver on vLLM (one folded rank-K*r adapter per problem, fold cache
+on) against serving a single adapter for every request (target: throughput ratio >= 0.8),
+and vLLM against the HF path on the same requests, in the same run.
+
+    .venv/bin/python benchmarks/bench_vllm.py [--problems 60] [--tokens 96] [--max-loras 16]
+
+Uses the pipeline's experts, clusters and hypernetwork (run `make run` first) and the vLLM
+environment (`make .venv-vllm/.installed`). Greedy decoding, so the two engines write the
+same programs and count the same tokens. On tiny CPU models HF's batched generate may win;
+speed claims belong to a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--problems", type=int, default=60)
+    parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--max-loras", type=int, default=16)
+    args = parser.parse_args()
+
+    from bdc.config import load_params
+    from bdc.customize.fold import FoldedCache
+    from bdc.customize.solver import load
+    from bdc.problems.format import read_problems
+    from bdc.runtime import configure_environment, project_root, state_dir
+    from bdc.system1 import solve, solve_served
+    from bdc.vllm_server import Adapter, VLLMServer
+
+    root = project_root()
+    configure_environment(root)
+    params = load_params(root / "params.yaml")
+    data = root / "data"
+    manifest = json.loads((data / "experts/manifest.json").read_text())
+    test = read_problems(data / "problems/test.jsonl")[:args.problems]
+    prompts = [p.prompt for p in test]
+    solver = load(data / "hypernet", data / "experts", data / "clusters", manifest["base"])
+    z = torch.as_tensor(solver.z(prompts))
+    cache = FoldedCache(solver.model, state_dir(root) / "cache" / "folded" / "bench",
+                        manifest["base"], params.customize.fold_precision)
+    folded = [Adapter(f"fold-{cache.key(z[i:i + 1])}", cache.adapter(z[i:i + 1]))
+              for i in range(len(test))]
+    full = [Adapter("full", data / "experts/full")] * len(test)
+    settings = params.vllm.model_copy(update={"max_loras": args.max_loras})
+    template = solver.template
+
+    with VLLMServer(root / manifest["base"], settings, root, "base",
+                    lora_rank=cache.max_lora_rank) as server:
+        solve_served(server, template, prompts[:4], full[:4], 8)  # warm-up
+        rows = {}
+        for name, adapters in (("single adapter (full) for all", full),
+                               ("customized: a folded adapter per problem", folded)):
+            start = time.perf_counter()
+            results, tokens = solve_served(server, template, prompts, adapters, args.tokens)
+            seconds = time.perf_counter() - start
+            rows[name] = (sum(tokens) / seconds, seconds, results)
+
+    counted: list[int] = []
+    start = time.perf_counter()
+    hf = solve(solver.model, solver.tokenizer, template, prompts, args.tokens, 32, z=z,
+               on_batch=lambda _start, _results, tokens: counted.extend(tokens))
+    hf_seconds = time.perf_counter() - start
+    customized = rows["customized: a folded adapter per problem"]
+    hf_tokens = sum(counted)
+    print(f"{len(test)} problems, {args.tokens} new tokens at most, greedy fp32, "
+          f"max_loras {args.max_loras} ({args.max_loras - 1} adapters resident), "
+          f"folded rank {cache.max_lora_rank}, {len(set(a.name for a in folded))} folded "
+          f"adapters (cache hit rate {cache.hit_rate:.2f})")
+    print("| path | tokens/s | seconds |\n|---|---|---|")
+    for name, (rate, seconds, _) in rows.items():
+        print(f"| vLLM, {name} | {rate:.0f} | {seconds:.1f} |")
+    print(f"| HF, customized (gated forward, batch 32) | {hf_tokens / hf_seconds:.0f} | "
+          f"{hf_seconds:.1f} |")
+    single = rows["single adapter (full) for all"][0]
+    print(f"ratio customized / single adapter throughput: {customized[0] / single:.2f} "
+          f"(target >= 0.8)")
+    print(f"ratio vLLM / HF wall time, customized: {customized[1] / hf_seconds:.2f}")
+    same = sum(a == b for a, b in zip(customized[2], hf, strict=True))
+    print(f"customized programs equal on both engines: {same}/{len(hf)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -156,7 +156,7 @@ def test_explore_compare_with_http_agents_over_several_seeds(project, solver_mod
         http = {"backend": "http", "model": "solver", "base_url": url, "api_key_env": None,
                 "style": "mini", "thought": "plan", "temperature": 0.8,
                 "thought_tokens": 48, "program_tokens": 40}
-        params["explore_compare"] = {"seeds": [0, 1], "per_family": 2,
+        params["explore_compare"] = {"seeds": [0, 1], "per_family": 1,
                                      "teams": {"served": ["h1", "h2"]},
                                      "agents": {"h1": http, "h2": {**http, "max_n_per_request": 1}}}
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

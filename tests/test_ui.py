@@ -50,6 +50,7 @@ def test_ui_path_end_to_end(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     prefect_port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # workers poll every 10 s by default
     started = subprocess.run([str(BIN / "bdc"), "ui", "--prefect-port", str(prefect_port),
                               "--mlflow-port", str(mlflow_port)], cwd=project, env=env,
                              capture_output=True, text=True, timeout=300)

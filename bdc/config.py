@@ -374,6 +374,8 @@ class VLLMSettings(Strict):
     one_process: bool = Field(True, description="engine core and worker in the server's "
                               "process (CPU: starts in ~27 s, not ~36 s)")
     max_loras: int = Field(4, ge=2, description="adapters per batch (the base is one)")
+    max_cpu_loras: int = Field(64, ge=2, description="adapters vLLM keeps read in memory "
+                               "(more are read again from disk when a request needs them)")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per client")
     startup_timeout_s: float = Field(300, gt=0)
 

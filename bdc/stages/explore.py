@@ -24,6 +24,7 @@ import time
 import traceback
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from bdc.boost.agents.base import Agent
@@ -211,14 +212,68 @@ def render_tree(record: dict, limit: int = 60) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- searching
+
+async def search_records(problems: list[Problem], agents: list[Agent], params: Params,
+                         sandbox: Sandbox, prints: dict[str, str],
+                         keep: Callable[[Problem, dict], None]) -> None:
+    """Search ``problems``; each ends as a record (its tree and hidden score, or its error)
+    handed to ``keep``."""
+    await search_all(
+        problems, agents, params.explore, sandbox, params.seed,
+        lambda p, tree, hidden: keep(p, record_of(p, tree, hidden, prints[p.id])),
+        lambda p, exc: keep(p, failure_of(p, exc, prints[p.id])))
+
+
+def search_shard(problems: list[Problem], params: Params, prints: dict[str, str]
+                 ) -> list[dict]:
+    """A cluster task: ``problems`` searched together on a worker, with its own sandbox and
+    agents; their records in problem order (the driver writes them). Trees are the same as
+    in one process: every sampled token depends on its own request's seed only."""
+    settings = params.explore
+    got: dict[str, dict] = {}
+
+    def collect(problem: Problem, record: dict) -> None:
+        got[problem.id] = record
+
+    with Sandbox(params.sandbox) as sandbox:
+        agents = make_agents(settings.agents, settings.cpu_threads)
+        asyncio.run(closing(agents, search_records(problems, agents, params, sandbox, prints,
+                                                   collect)))
+    return [got[p.id] for p in problems]
+
+
+def search_on_cluster(params: Params, problems: list[Problem], prints: dict[str, str],
+                      keep: Callable[[Problem, dict], None]) -> None:
+    """``problems`` in shards of ``explore.cluster.shard_size`` on the Dask cluster; each
+    record handed to ``keep`` here as its shard finishes. A shard whose task failed records
+    its problems as failed (searched again by the next run); the others' work is kept."""
+    from bdc.cluster import dask_client, map_shards, shards
+
+    def shard_done(part: list[Problem], got: list[dict]) -> None:
+        for problem, record in zip(part, got, strict=True):
+            keep(problem, record)
+
+    def shard_failed(part: list[Problem], exc: BaseException) -> None:
+        for problem in part:
+            keep(problem, failure_of(problem, exc, prints[problem.id]))
+
+    cluster = params.explore.cluster
+    with dask_client(cluster) as client:
+        map_shards(client, search_shard, shards(problems, cluster.shard_size), params, prints,
+                   done=shard_done, failed=shard_failed)
+
+
 # ----------------------------------------------------------------------------- the stage
 
-def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: Sandbox,
+def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: Sandbox | None,
             agents: list[Agent] | None = None,
             on_progress: Callable[[int, int, int, float], None] | None = None,
             ) -> tuple[dict, list[dict]]:
     """Search every selected problem not already explored with these settings; writes the
-    outputs, returns the metrics and the per-problem records (in problem order)."""
+    outputs, returns the metrics and the per-problem records (in problem order). With
+    ``explore.cluster.address`` the problems are searched in shards on a Dask cluster (each
+    worker with its own sandbox; ``sandbox`` unused), the trees written here as they come."""
     settings = params.explore
     if settings.limit:
         problems = problems[:settings.limit]
@@ -244,31 +299,29 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
     solved = sum(r["solved_hidden"] for r in records.values())
     failed: dict[str, dict] = {}
 
-    def save(problem: Problem, record: dict) -> None:
+    def keep(problem: Problem, record: dict) -> None:
+        """One problem's record (its tree, or its error), written as soon as it exists."""
+        nonlocal solved
+        if "error" in record:
+            failed[problem.id] = record
+        else:
+            records[problem.id] = record
+            solved += record["solved_hidden"]
         with atomic_open(tree_file(out_dir, problem.id)) as f:
             json.dump(record, f, allow_nan=False)
         if on_progress:
             on_progress(len(records) + len(failed), len(problems), solved,
                         time.perf_counter() - started)
 
-    def finish(problem: Problem, tree: Tree, hidden: ExecutionResult | None) -> None:
-        nonlocal solved
-        record = record_of(problem, tree, hidden, prints[problem.id])
-        records[problem.id] = record
-        solved += record["solved_hidden"]
-        save(problem, record)
-
-    def fail(problem: Problem, exc: BaseException) -> None:
-        failed[problem.id] = failure_of(problem, exc, prints[problem.id])
-        save(problem, failed[problem.id])
-
     if on_progress:
         on_progress(len(records), len(problems), solved, 0.0)
-    if todo:
+    if todo and settings.cluster.address:
+        search_on_cluster(params, todo, prints, keep)
+    elif todo:
         agents = agents if agents is not None else make_agents(settings.agents,
                                                                settings.cpu_threads)
-        asyncio.run(closing(agents, search_all(todo, agents, settings, sandbox, params.seed,
-                                               finish, fail)))
+        asyncio.run(closing(agents, search_records(todo, agents, params, sandbox, prints,
+                                                   keep)))
     if len(failed) > settings.max_failed_share * len(problems):
         raise ExploreFailed(
             f"explore: {len(failed)} of {len(problems)} problems could not be searched "
@@ -316,7 +369,9 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
     problems = read_problems(problems_path)
     with stage_run("explore", {"explore": params.explore.model_dump(), "seed": params.seed,
                                "sandbox": params.sandbox.model_dump(exclude=SANDBOX_NEUTRAL)},
-                   params.profile) as tracked, Sandbox(params.sandbox) as sandbox:
+                   params.profile) as tracked, \
+            (nullcontext() if params.explore.cluster.address else Sandbox(params.sandbox)) \
+            as sandbox:
         metrics, records = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
         metrics["hidden_solve_rate_by_family"] = per_family(problems, records)
         with atomic_open(metrics_path) as f:

@@ -1,0 +1,75 @@
+"""Work spread over a Dask cluster: a local one started here, or a running scheduler.
+
+Dask, not Ray, because what explore spreads is plain Python work (tree searches whose agents
+call HTTP servers or small local models, and sandbox runs): Dask's distributed scheduler runs
+it with no services beside the scheduler and its workers (Ray adds a GCS, a raylet per node
+and an object store), a local cluster of two workers starts in about two seconds on two cores,
+and a lost worker's tasks are run again on the others by the scheduler itself. The GPU side of
+the pipeline does not need either: vLLM brings its own multi-node serving, and GPU stages go
+to a Prefect work pool of GPU workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from bdc.config import ClusterSettings
+from bdc.errors import BDCError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ClusterError(BDCError, RuntimeError):
+    """The cluster could not be reached or started."""
+
+
+@contextmanager
+def dask_client(settings: ClusterSettings) -> Iterator[Any]:
+    """A ``distributed.Client``: ``address: local`` starts a cluster of ``workers``
+    processes (one thread each: a shard's searches share one event loop) for the block."""
+    from distributed import Client, LocalCluster
+
+    if settings.address == "local":
+        with LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
+                Client(cluster) as client:
+            yield client
+        return
+    try:
+        client = Client(settings.address, timeout=30)
+    except OSError as exc:
+        raise ClusterError(f"explore.cluster.address = {settings.address}: no Dask scheduler "
+                           f"answers there ({exc})") from exc
+    with client:
+        yield client
+
+
+def shards(items: Sequence[T], size: int) -> list[list[T]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def map_shards(client: Any, fn: Callable[..., Any], parts: list[list[T]], *args: Any,
+               done: Callable[[list[T], Any], None],
+               failed: Callable[[list[T], BaseException], None]) -> None:
+    """``fn(part, *args)`` for every part on the cluster; each result is handed to ``done``
+    as it arrives (in completion order), a part whose task failed (an error in ``fn``, or
+    its workers lost more often than Dask allows) to ``failed``. The scheduler runs a lost
+    worker's tasks again elsewhere."""
+    from distributed import as_completed
+
+    futures = {client.submit(fn, part, *args, pure=False, key=f"{fn.__name__}-{i}"): part
+               for i, part in enumerate(parts)}
+    log.info("cluster: %d tasks on %d workers", len(futures),
+             len(client.scheduler_info()["workers"]))
+    for future in as_completed(futures):
+        part = futures[future]
+        try:
+            result = future.result()
+        except Exception as exc:  # noqa: BLE001 - the part is recorded as failed, not lost
+            failed(part, exc)
+            continue
+        done(part, result)

@@ -524,10 +524,17 @@ def ui(
         stopped = services.stop(root)
         console.say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
         return
+    from bdc.tracking import runs_view_url, setup
+
     started = services.start(root, prefect_port, mlflow_port)
+    runs = runs_view_url(started.mlflow_url, setup(root))
     console.say(f"Prefect UI : {started.prefect_url}  (deployment pipeline/pipeline: Run)\n"
-                  f"MLflow UI  : {started.mlflow_url}\n"
-                  f"workers    : {', '.join(services.POOLS)} pools; stop all: bdc ui --stop")
+                f"MLflow UI  : {runs}  (the runs; MLflow opens on traces otherwise)\n"
+                f"workers    : {', '.join(services.POOLS)} pools; stop all: bdc ui --stop\n"
+                f"CLI        : export PREFECT_API_URL={started.prefect_url}/api  (without it "
+                "`prefect deployment run` starts a temporary server of its own: 'database is "
+                "locked')\n"
+                f"             prefect deployment run pipeline/pipeline")
 
 
 def main() -> None:

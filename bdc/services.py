@@ -45,7 +45,15 @@ def _environment(root: Path, services: Services) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": f"{services.prefect_url}/api",
             "BDC_MLFLOW_UI": services.mlflow_url, "BDC_PROJECT": str(root),
             "MLFLOW_TRACKING_URI": tracking_uri(root),
+            # the job queue runs GenAI scorers (huey workers); nothing here uses it
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+
+def mlflow_workers() -> int:
+    """Web workers for this machine: MLflow's default of 4 (plus its job queue) ran 15
+    processes on 2 cores; one per two cores, at most 4, is plenty for a team's browsing."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) // 2))
 
 
 def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
@@ -78,7 +86,8 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
         mlflow = launch("mlflow-server", [
             _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
             "--backend-store-uri", tracking_uri(root),
-            "--default-artifact-root", artifact_root(root)])
+            "--default-artifact-root", artifact_root(root),
+            "--workers", str(mlflow_workers())])
         wait_http(f"{services.prefect_url}/api/health", timeout, prefect,
                    logs / "prefect-server.log")
         wait_http(f"{services.mlflow_url}/health", timeout, mlflow, logs / "mlflow-server.log")

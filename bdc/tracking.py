@@ -68,8 +68,39 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def metric_name(key: str) -> str:
-    """MLflow's allowed characters: ``pass@1`` becomes ``pass_at_1``."""
-    return re.sub(r"[^\w\-. :/]", "_", key.replace("@", "_at_"))
+    """Letters, digits, ``_ - .`` only: ``pass@1`` becomes ``pass_at_1``, ``by_difficulty.n/a``
+    ``by_difficulty.n_a``. MLflow allows spaces and ``/`` too, but its chart view groups
+    metrics by what comes before a ``/`` and sorts names with spaces first, so such names
+    led the page with sections of one useless chart each."""
+    name = re.sub(r"[^\w\-.]+", "_", key.replace("@", "_at_"))
+    return re.sub(r"_+", "_", name).strip("_")
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """A float as a person reads it in a table (``0.19999999999999996`` -> ``0.2``); the
+    metrics keep full precision for code."""
+    return round(value, digits) if isinstance(value, float) else value
+
+
+def runs_view_url(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI's page for the experiment's runs (or one run), in its machine-learning
+    view: MLflow 3 opens an experiment on its GenAI traces view, where runs do not show."""
+    base = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}"
+    if run_id:
+        return f"{base}/runs/{run_id}"
+    return f"{base}/runs?workflowType=machine_learning"
+
+
+def stage_description(stage: str) -> str:
+    """A stage run's description in MLflow: the first paragraph of its stage module's
+    docstring (``bdc/stages/<stage>.py``), so a run says what it is."""
+    import importlib
+
+    try:
+        doc = importlib.import_module(f"bdc.stages.{stage.replace('-', '_')}").__doc__ or ""
+    except ImportError:
+        return ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
 
 
 def params_hash(params: Mapping[str, Any]) -> str:
@@ -106,7 +137,21 @@ class StageRun:
         import mlflow
 
         columns = sorted({k for row in rows for k in row})
-        mlflow.log_table({c: [row.get(c) for row in rows] for c in columns}, artifact_file=name)
+        mlflow.log_table({c: [rounded(row.get(c)) for row in rows] for c in columns},
+                         artifact_file=name)
+
+    def dataset(self, path: str | Path, name: str, context: str) -> None:
+        """A JSONL file (problems, SFT records) as an MLflow dataset input of the run: its
+        name, source, digest, row count and schema (not its contents)."""
+        import mlflow
+        import pandas as pd
+
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        frame = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None
+                               else json.dumps(v, sort_keys=True) for k, v in row.items()}
+                              for row in rows])
+        mlflow.log_input(mlflow.data.from_pandas(frame, source=str(Path(path).resolve()),
+                                                 name=name), context=context)
 
     def figure(self, figure, name: str) -> None:
         import mlflow
@@ -140,7 +185,8 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
     tags = {"bdc.stage": stage, "bdc.git_commit": git_commit(root),
             "bdc.params_hash": params_hash(params), "bdc.profile": profile}
     parent = os.environ.get(PARENT_ENV) or None
-    with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent) as run:
+    with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent,
+                          description=stage_description(stage) or None) as run:
         flat = {k: json.dumps(v) if isinstance(v, list | dict) else v
                 for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
@@ -150,7 +196,10 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
 @contextlib.contextmanager
 def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
                  root: Path | None = None) -> Iterator[str]:
-    """The parent run of one pipeline run; yields its id for the stage processes.
+    """The parent run of one pipeline run; yields its id for the stage processes. At the end
+    it holds what the pipeline produced: the final table (``data/eval/table.md``, as its
+    description and an artifact, with the table's headline numbers as metrics) and which
+    stages ran, so a run in which every stage was up to date is not an empty run.
 
     Made through the client, not ``mlflow.start_run``: the flow process keeps no active
     run, so nothing else in it can log into the parent by accident."""
@@ -160,13 +209,39 @@ def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name="pipeline", tags={
         "bdc.stage": "pipeline", "bdc.git_commit": git_commit(root), "bdc.profile": profile,
-        **(tags or {})})
+        "mlflow.note.content": "The pipeline's stages run under Prefect; their runs nest "
+                               "under this one.", **(tags or {})})
     try:
         yield run.info.run_id
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
+    summarize_pipeline(client, run.info.run_id, root or project_root())
     client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def summarize_pipeline(client, run_id: str, root: Path) -> None:
+    """The final table and the stages that ran, on the pipeline's parent run."""
+    ran = sorted(r.data.tags.get("bdc.stage", "?") for r in client.search_runs(
+        [client.get_run(run_id).info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run_id}'"))
+    table = root / "data" / "eval" / "table.md"
+    note = (f"Stages that ran: {', '.join(ran)}." if ran else
+            "Every stage was up to date: DVC ran nothing; the table below is the current "
+            "one.") + " Stage runs nest under this run.\n\n"
+    if table.exists():
+        note += table.read_text()
+        client.log_artifact(run_id, str(table))
+        headline = root / "data" / "eval" / "table.json"
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            rows = json.loads(headline.read_text())["solvers"]
+            for name, row in rows.items():
+                for key in ("strict_accuracy", "pass_rate"):  # {mean, std} over seeds
+                    for stat, value in (row.get(key) or {}).items():
+                        client.log_metric(run_id, metric_name(f"{name}.{key}.{stat}"),
+                                          float(value))
+    client.set_tag(run_id, "mlflow.note.content", note)
+    client.set_tag(run_id, "bdc.stages_ran", ",".join(ran) or "none")
 
 
 def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,
@@ -184,14 +259,47 @@ def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,
     return runs[0] if runs else None
 
 
-def run_summary_markdown(stage: str, run, ui_url: str) -> str:
-    """A short human summary of a stage's MLflow run (Prefect artifact)."""
+def last_stage_run(stage: str, root: Path | None = None):
+    """The newest run of ``stage``, wherever it ran (None if it never ran)."""
+    import mlflow
+
+    runs = mlflow.search_runs([setup(root)], filter_string=f"tags.`bdc.stage` = '{stage}'",
+                              max_results=1, order_by=["attributes.start_time DESC"],
+                              output_format="list")
+    return runs[0] if runs else None
+
+
+def metrics_table(metrics: Mapping[str, Any], limit: int = 40) -> str:
+    """Numeric metrics as a markdown table, rounded where a person reads them."""
+    flat = [(k, v) for k, v in sorted(flatten(metrics).items())
+            if isinstance(v, int | float) and not isinstance(v, bool)]
+    rows = "\n".join(f"| {k} | {rounded(float(v)):.4g} |" for k, v in flat[:limit])
+    more = f"\n\n({len(flat) - limit} more in the metrics file)" if len(flat) > limit else ""
+    return f"| metric | value |\n|---|---|\n{rows}{more}\n"
+
+
+def run_summary_markdown(stage: str, run, ui_url: str, root: Path | None = None) -> str:
+    """A short human summary of a stage's MLflow run (Prefect artifact). A stage DVC found
+    up to date did not run: its current metrics (``data/metrics/<stage>.json``) and a link
+    to its last MLflow run instead."""
     if run is None:
-        return (f"### {stage}\n\nUp to date: DVC found nothing changed (or restored the "
-                "outputs from its run cache), so the stage did not run.")
+        root = root or project_root()
+        text = (f"### {stage}\n\nUp to date: DVC found nothing changed (or restored the "
+                "outputs from its run cache), so the stage did not run this time.\n")
+        last = last_stage_run(stage, root)
+        if last is not None:
+            link = runs_view_url(ui_url, last.info.experiment_id, last.info.run_id)
+            text += f"\nIts last MLflow run: [{last.info.run_id}]({link})\n"
+        current = root / "data" / "metrics" / f"{stage.replace('-', '_')}.json"
+        if current.exists():
+            text += "\nCurrent metrics:\n\n" + metrics_table(json.loads(current.read_text()))
+        return text
     base = ui_url.rstrip("/")
-    link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    text = f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) ({run.info.status.lower()})\n"
+    link = runs_view_url(ui_url, run.info.experiment_id, run.info.run_id)
+    text = (f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) "
+            f"({run.info.status.lower()}); all runs: "
+            f"[{runs_view_url(ui_url, run.info.experiment_id)}]"
+            f"({runs_view_url(ui_url, run.info.experiment_id)})\n")
     report = run.data.tags.get("bdc.report")  # e.g. validate's Data Docs
     if report:
         text += (f"\nReport: [{report}]({base}/get-artifact?path={report}"
@@ -203,5 +311,4 @@ def run_summary_markdown(stage: str, run, ui_url: str) -> str:
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                    artifact_path=summary)
         return text + "\n" + Path(path).read_text()
-    rows = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(run.data.metrics.items()))
-    return text + f"\n| metric | value |\n|---|---|\n{rows}\n"
+    return text + "\n" + metrics_table(run.data.metrics)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
+from typing import Literal, get_args
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -25,6 +26,12 @@ from prefect.context import get_run_context
 from bdc import tracking
 from bdc.config import Params, load_params
 from bdc.runtime import configure_environment, project_root
+
+# The stages of dvc.yaml, in order: a choice in the Prefect UI's run form, not free text
+# (tests/test_flows.py checks it against dvc.yaml).
+Stage = Literal["prepare", "pretrain", "explore", "validate", "disentangle", "experts",
+                "customize", "evaluate"]
+STAGES: tuple[str, ...] = get_args(Stage)
 
 
 class StageFailed(RuntimeError):
@@ -46,7 +53,8 @@ def stage_names(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
-@task(name="dvc-stage", cache_policy=NO_CACHE, persist_result=False)
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE,
+      persist_result=False)
 def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
               timeout_s: float | None = None) -> dict:
     """``dvc repro`` one stage in its own process group, logging its output as it comes.
@@ -85,7 +93,7 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
     run = tracking.find_stage_run(stage, parent_run_id, started_ms, root)
     ui_url = os.environ.get("BDC_MLFLOW_UI") or params.orchestration.mlflow_ui
     create_markdown_artifact(
-        tracking.run_summary_markdown(stage, run, ui_url),
+        tracking.run_summary_markdown(stage, run, ui_url, root),
         key=f"stage-{stage}".replace("_", "-"), description=f"DVC stage {stage}")
     return {"stage": stage, "ran": run is not None,
             "mlflow_run_id": run.info.run_id if run else None}
@@ -103,9 +111,15 @@ def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None) -> dict:
     return {"stage": stage, "flow_run_id": str(flow_run.id)}
 
 
-@flow(name="stage")
-def stage_flow(stage: str, parent_run_id: str | None = None, single: bool = False) -> dict:
-    """One DVC stage (with its stale upstream stages unless ``single``)."""
+@flow(name="stage", flow_run_name="stage-{stage}")
+def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = False) -> dict:
+    """One DVC stage (with its stale upstream stages unless ``single``).
+
+    Args:
+        stage: the DVC stage to run (dvc.yaml)
+        parent_run_id: the MLflow run to nest the stage's run under (the pipeline sets it)
+        single: run only this stage, not the stale stages before it
+    """
     root = _project()
     orchestration = _params(root).orchestration
     return run_stage.with_options(retries=orchestration.retries,
@@ -114,12 +128,21 @@ def stage_flow(stage: str, parent_run_id: str | None = None, single: bool = Fals
 
 
 @flow(name="pipeline")
-def pipeline(stages: list[str] | None = None) -> list[dict]:
-    """Every DVC stage in order, under one parent MLflow run."""
+def pipeline(stages: list[Stage] | None = None) -> list[dict]:
+    """Every DVC stage in order, under one parent MLflow run.
+
+    Args:
+        stages: run only these stages, in the pipeline's order (empty: every stage); each
+            runs only if DVC finds it stale
+    """
     root = _project()
     params = _params(root)
     orchestration = params.orchestration
-    names = stages or stage_names(root)
+    declared = stage_names(root)
+    unknown = sorted(set(stages or ()) - set(declared))
+    if unknown:
+        raise ValueError(f"stages {unknown} are not in {root / 'dvc.yaml'}: {declared}")
+    names = [s for s in declared if not stages or s in stages]
     flow_run_id = str(get_run_context().flow_run.id)
     results = []
     with tracking.pipeline_run(params.profile, {"prefect.flow_run_id": flow_run_id},

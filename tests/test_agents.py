@@ -239,6 +239,25 @@ def test_http_agent_against_a_local_openai_compatible_server(served, tiny):
     assert written.tokens == local.tokens  # served or in-process: the same count
 
 
+def test_bdc_serve_with_the_official_openai_client(served):
+    """The `openai` package against `bdc serve`: completions work; a chat request to a model
+    without a chat template, and stream=True, answered HTTP 500 with a server traceback;
+    they are the client's errors: 400 with the reason (BadRequestError)."""
+    import openai
+
+    client = openai.OpenAI(base_url=served, api_key="unused", max_retries=0)
+    done = client.completions.create(model="tiny", prompt="# add one\n", max_tokens=8,
+                                     temperature=0.0)
+    assert done.choices[0].text and done.usage.completion_tokens > 0
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model="tiny", max_tokens=8,
+                                       messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="does not stream"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=8, stream=True)
+    # the server is still up and answers the next request
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices
+
+
 # Anthropic's OpenAI-compatibility endpoint refuses n > 1 (and ignores seed) like this
 ANTHROPIC_N_ERROR = {"type": "error", "error": {
     "type": "invalid_request_error", "message": "n: only n=1 is supported"}}

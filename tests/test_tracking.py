@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -78,3 +80,61 @@ def test_flatten_and_hash():
     assert tracking.flatten({"a": {"b": 1}, "l": [{"x": 2}], "v": [1, 2]}) == \
         {"a.b": 1, "l.0.x": 2, "v": [1, 2]}
     assert tracking.params_hash({"a": 1, "b": 2}) == tracking.params_hash({"b": 2, "a": 1})
+
+
+def test_metric_names_read_well_in_mlflow_charts():
+    """Names with spaces or '/' (explore's `notes.1 of 2 replies had no code`, prepare's
+    `by_difficulty.n/a`) made MLflow's chart view lead with sections of one useless chart."""
+    assert tracking.metric_name("notes.1 of 2 replies had no code") == \
+        "notes.1_of_2_replies_had_no_code"
+    assert tracking.metric_name("by_difficulty.n/a") == "by_difficulty.n_a"
+    assert tracking.metric_name("pass@1") == "pass_at_1"
+
+
+def test_stage_runs_explain_themselves(store, tmp_path):
+    """A stage run carries its stage's description and its data as an MLflow dataset input;
+    tables are rounded for people (0.19999999999999996 showed as such)."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"problem_id": "a", "thoughts": ["x"], "n": 1}\n'
+                    '{"problem_id": "b", "thoughts": [], "n": 2}\n')
+    with tracking.stage_run("explore", {}, "mini", root=store) as run:
+        run.dataset(data, "SFT records", "training")
+        run.table([{"rate": 0.1 + 0.1 + 0.1 - 0.1}], "t.json")
+    (r,) = only_run(store, **{"bdc.stage": "explore"})
+    assert r.data.tags["mlflow.note.content"].startswith("Stage ``explore`` (Boost)")
+    (inp,) = mlflow.get_run(r.info.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "SFT records" and inp.tags[0].value == "training"
+    assert '"num_rows": 2' in inp.dataset.profile
+    path = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="t.json")
+    table = Path(path).read_text()
+    assert "0.2]" in table and "0.20000000000000004" not in table
+
+
+def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monkeypatch):
+    """A Run press with every stage up to date showed only 'did not run' and left an empty
+    parent run: the summary now shows the stage's current metrics and its last run, and the
+    parent run holds the final table and says that nothing ran."""
+    import json
+
+    with tracking.stage_run("prepare", {}, "mini", root=store):
+        pass
+    (store / "data/metrics").mkdir(parents=True)
+    (store / "data/metrics/prepare.json").write_text(json.dumps({"explore": {"problems": 60}}))
+    (store / "data/eval").mkdir(parents=True)
+    (store / "data/eval/table.md").write_text("| solver | strict |\n|---|---|\n| full | 9.4 |\n")
+    (store / "data/eval/table.json").write_text(json.dumps(
+        {"solvers": {"full": {"strict_accuracy": {"mean": 9.4, "std": 1.0}}}}))
+    text = tracking.run_summary_markdown("prepare", None, "http://ui:5000", store)
+    (last,) = only_run(store, **{"bdc.stage": "prepare"})
+    assert "Up to date" in text and "| explore.problems | 60 |" in text
+    assert f"#/experiments/{last.info.experiment_id}/runs/{last.info.run_id}" in text
+    with tracking.pipeline_run("mini", root=store):
+        pass
+    (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
+    assert pipe.data.tags["bdc.stages_ran"] == "none"
+    assert "Every stage was up to date" in pipe.data.tags["mlflow.note.content"]
+    assert "| full | 9.4 |" in pipe.data.tags["mlflow.note.content"]
+    assert pipe.data.metrics == {"full.strict_accuracy.mean": 9.4,
+                                 "full.strict_accuracy.std": 1.0}
+    assert tracking.runs_view_url("http://ui:5000/", "7") == \
+        "http://ui:5000/#/experiments/7/runs?workflowType=machine_learning"

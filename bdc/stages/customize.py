@@ -102,6 +102,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     device, dtype = device_and_dtype(params.experts)
     with stage_run("customize", {"customize": s.model_dump(), "seed": params.seed},
                    params.profile) as tracked:
+        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "training")
         solver = build(params.experts.base, experts_dir, experts, clusters_dir, s.layers,
                        s.projections, s.hidden, s.normalisation, params.experts.template,
                        device, dtype)

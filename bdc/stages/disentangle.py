@@ -110,6 +110,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Pat
     require_validated(validate_dir / REPORT, sft)
     with stage_run("disentangle", {"disentangle": params.disentangle.model_dump(),
                                    "seed": params.seed}, params.profile) as tracked:
+        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "clustering")
         out = disentangle(params, sft, problems_dir)
         metrics = write_outputs(out, params.disentangle, out_dir, plots_dir)
         with atomic_open(metrics_path) as f:

@@ -274,6 +274,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
     with stage_run("evaluate", {"evaluate": s.model_dump(), "experts.base": params.experts.base,
                                 "problems": len(test)}, params.profile) as tracked, \
             Sandbox(params.sandbox) as sandbox:
+        tracked.dataset(problems_dir / "test.jsonl", "test problems", "evaluation")
         runner = Runner({p.id: p for p in test}, sandbox)
         clock = time.perf_counter()
 

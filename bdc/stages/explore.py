@@ -372,6 +372,7 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
                    params.profile) as tracked, \
             (nullcontext() if params.explore.cluster.address else Sandbox(params.sandbox)) \
             as sandbox:
+        tracked.dataset(problems_path, "explore problems", "search")
         metrics, records = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
         metrics["hidden_solve_rate_by_family"] = per_family(problems, records)
         with atomic_open(metrics_path) as f:

@@ -76,6 +76,8 @@ def run(params: Params, out_dir: Path, metrics_path: Path, plots_path: Path) -> 
     with stage_run("prepare", {"problems": params.problems.model_dump()},
                    params.profile) as tracked:
         metrics = prepare(params, out_dir, metrics_path, plots_path)
+        for pool in ("pretrain", "explore", "test"):
+            tracked.dataset(out_dir / f"{pool}.jsonl", f"{pool} problems", "output")
         tracked.metrics(metrics)
         tracked.table([{"pool": pool, "source": source, "problems": n}
                        for pool in ("pretrain", "explore", "test")

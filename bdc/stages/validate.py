@@ -68,6 +68,7 @@ def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
                                 "explore_dir": str(explore_dir)},
                    params.profile) as tracked:
         (out_dir / REPORT).unlink(missing_ok=True)  # no stale vouching for new data
+        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "validation")
         metrics, failed = validate(params, explore_dir, problems_dir, out_dir)
         with atomic_open(metrics_path) as f:
             json.dump(metrics, f, indent=2)

@@ -9,7 +9,17 @@ import time
 import uuid
 
 from bdc.boost.agents.backends import HFBackend
-from bdc.boost.agents.base import Request
+from bdc.boost.agents.base import AgentError, Request
+
+
+def _error(message: str, status: int, param: str | None = None):
+    """An error the way OpenAI's API sends one (its clients raise ``BadRequestError`` on a
+    400 with this message)."""
+    from starlette.responses import JSONResponse
+
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": None}}, status_code=status)
 
 
 def _request(body: dict, chat: bool) -> Request:
@@ -44,8 +54,18 @@ def create_app(backend: HFBackend, model_name: str):
             body = await http_request.json()
             request = _request(body, chat)
         except (ValueError, KeyError, TypeError) as exc:
-            return JSONResponse({"error": {"message": f"bad request: {exc}"}}, status_code=400)
-        done = await backend.generate(request)
+            return _error(f"bad request: {exc}", 400)
+        if body.get("stream"):
+            return _error("bdc serve does not stream: send the request with stream false "
+                          "(vLLM's server streams: bdc serve --engine vllm)", 400, "stream")
+        if chat and not getattr(backend.tokenizer, "chat_template", None):
+            # checked here, not in the batch: it would fail the other requests batched with it
+            return _error(f"{model_name} has no chat template, so it cannot answer chat "
+                          "requests: send a prompt to /v1/completions", 400, "messages")
+        try:
+            done = await backend.generate(request)
+        except AgentError as exc:  # the request asks what this model cannot do
+            return _error(str(exc), 400, "messages" if chat else "prompt")
         gens = done.generations
         choices = []
         for i, g in enumerate(gens):

@@ -148,6 +148,8 @@ def explore_cmd(
     out_dir: Path = typer.Option(Path("data/explore"), "--out-dir",
                                  help="trees/, sft.jsonl, prefs.jsonl, example_tree.md"),
     metrics: Path = typer.Option(Path("data/metrics/explore.json"), "--metrics"),
+    plots_dir: Path | None = typer.Option(None, "--plots-dir",
+                                          help="where explore.png goes (none: no plot)"),
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage explore (Boost): MC-Tree-of-Agents over the explore problems; resumes from the
@@ -162,7 +164,7 @@ def explore_cmd(
             progress.update(task, completed=done, total=total,
                             info=f"solved {solved}/{done} (hidden){rate}" if done else "")
 
-        result = run(_params(params), problems, out_dir, metrics, tick)
+        result = run(_params(params), problems, out_dir, metrics, tick, plots_dir)
     console.say(
         f"{result['problems']} problems: hidden solve rate {result['hidden_solve_rate']:.3f}, "
         f"public {result['public_solve_rate']:.3f}; {result['sft_records']} SFT records "

@@ -187,7 +187,7 @@ class ClusterSettings(Strict):
                                 "local cluster of `workers`; tcp://host:8786: a running "
                                 "Dask scheduler")
     workers: int = Field(2, ge=1, description="processes of a local cluster")
-    shard_size: int = Field(8, ge=1, description="problems per task, searched together on "
+    shard_size: int = Field(32, ge=1, description="problems per task, searched together on "
                             "one worker (a lost worker loses at most its shards in flight)")
 
 
@@ -386,7 +386,8 @@ class VLLMSettings(Strict):
     enforce_eager: bool = Field(True, description="skip torch.compile (30 s per start)")
     one_process: bool = Field(True, description="engine core and worker in the server's "
                               "process (CPU: starts in ~27 s, not ~36 s)")
-    max_loras: int = Field(4, ge=2, description="adapters per batch (the base is one)")
+    max_loras: int = Field(32, ge=2, description="adapters per batch (the base is one); "
+                           "with an adapter per request, the most requests in one batch")
     max_cpu_loras: int = Field(64, ge=2, description="adapters vLLM keeps read in memory "
                                "(more are read again from disk when a request needs them)")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per client")

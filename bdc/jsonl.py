@@ -115,3 +115,50 @@ def _plain(value: object, limit: int, depth: int) -> bool:
         return len(value) <= limit and all(type(k) is str and _plain(v, limit, depth + 1)
                                            for k, v in value.items())
     return False
+
+
+def details_path(metrics_path: str | Path) -> Path:
+    """Where a stage's full metrics go: ``data/metrics/details/<stage>.json``."""
+    path = Path(metrics_path)
+    return path.parent / "details" / path.name
+
+
+def _select(tree: dict, key: str) -> dict | None:
+    """The part of ``tree`` at dotted ``key``, in ``tree``'s own shape: keys may hold dots
+    themselves (``{"problem.ari": ...}``) or nest (``{"test": {"problems": ...}}``)."""
+    if key in tree:
+        return {key: tree[key]}
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head, rest = ".".join(parts[:i]), ".".join(parts[i:])
+        if isinstance(tree.get(head), dict):
+            found = _select(tree[head], rest)
+            if found is not None:
+                return {head: found}
+    return None
+
+
+def _merge(into: dict, part: dict) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def write_metrics(metrics_path: str | Path, metrics: dict, headline: Iterable[str]) -> dict:
+    """A stage's metrics in two files: the headline numbers (``headline``: dotted keys of
+    ``metrics``; a key naming a mapping keeps all of it; one this run did not measure, such
+    as another clustering mode's, is left out) at ``metrics_path``, which DVC shows (`dvc
+    metrics show` and `dvc exp show` stay readable in a terminal), and every number at
+    :func:`details_path`, which DVC keeps but does not show. Returns the headline."""
+    small: dict = {}
+    for key in headline:
+        part = _select(metrics, key)
+        if part is not None:
+            _merge(small, part)
+    with atomic_open(details_path(metrics_path)) as f:
+        json.dump(metrics, f, indent=2)
+    with atomic_open(metrics_path) as f:
+        json.dump(small, f, indent=2)
+    return small

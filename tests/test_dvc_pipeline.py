@@ -71,6 +71,12 @@ def test_repro_noop_and_param_change(pipeline):
     assert len(rows) == 60 and all(r["status"] == "passed" for r in rows)
     assert json.loads((pipeline / "data/metrics/prepare.json").read_text())["test"]["problems"] \
         == 60
+    # `dvc metrics show` was one table ~4,000 characters wide: headline numbers only now,
+    # every number in data/metrics/details/ (kept by DVC, not shown)
+    shown = dvc("metrics", "show", cwd=pipeline)
+    assert max(map(len, shown.splitlines())) < 120, shown
+    details = json.loads((pipeline / "data/metrics/details/prepare.json").read_text())
+    assert sum(details["test"]["by_family"].values()) == 60
     lock = (pipeline / "dvc.lock").read_text()
 
     start = time.monotonic()
@@ -135,3 +141,23 @@ def test_killed_stage_leaves_no_valid_looking_output(pipeline):
     assert "slow" in status and "up to date" not in status.lower()
     dvc("repro", "slow", cwd=pipeline, env={"FAST": "1"})
     assert len((data / "slow.txt").read_text().splitlines()) == 50
+
+
+def test_a_teammates_fresh_clone_pulls_the_results_from_the_remote(pipeline, tmp_path):
+    """The DVC remote story: outputs pushed to a (here local) remote; a fresh clone of the
+    repository gets them with `dvc pull`, up to date, without running a stage."""
+    dvc("repro", "prepare", cwd=pipeline)
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "team", str(remote), cwd=pipeline)
+    git("add", "-A", cwd=pipeline)
+    git("commit", "-qm", "results and the team remote", cwd=pipeline)
+    assert "pushed" in dvc("push", cwd=pipeline)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(pipeline), str(clone)], check=True)
+    assert not (clone / "data/problems/test.jsonl").exists()
+    dvc("pull", "prepare", cwd=clone)
+    for name in ("explore.jsonl", "test.jsonl"):
+        assert (clone / "data/problems" / name).read_bytes() == \
+            (pipeline / "data/problems" / name).read_bytes()
+    assert "up to date" in dvc("status", "prepare", cwd=clone)
+    assert "Running stage" not in dvc("repro", "prepare", cwd=clone)

@@ -22,6 +22,27 @@ def prefect_server():
         yield
 
 
+def test_deployment_parameters_are_choices_with_descriptions():
+    """The run form showed `stage` as free text and no parameter said what it does: the
+    stage is a choice of dvc.yaml's stages (kept equal to them here), each described."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import STAGES, pipeline, stage_flow, stage_names
+    from tests.conftest import ROOT
+
+    assert list(STAGES) == stage_names(ROOT)
+    stage = parameter_schema(stage_flow.fn).model_dump()["properties"]
+    assert stage["stage"]["enum"] == list(STAGES)
+    assert all(p.get("description") for p in stage.values())
+    stages = parameter_schema(pipeline.fn).model_dump()["properties"]["stages"]
+    assert stages["anyOf"][0]["items"]["enum"] == list(STAGES) and stages["description"]
+
+
+async def _task_run_names() -> list[str]:
+    async with get_client() as client:
+        return [t.name for t in await client.read_task_runs()]
+
+
 async def _artifacts(key: str):
     async with get_client() as client:
         return await client.read_artifacts(
@@ -56,12 +77,23 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
             assert "customized.strict_accuracy" in stage.data.metrics
     assert (project / "data/eval/table.md").exists()
     assert parent.info.status == "FINISHED" and "prefect.flow_run_id" in parent.data.tags
+    # runs that explain themselves: descriptions, datasets, the table on the parent run
+    by = {r.data.tags["bdc.stage"]: r for r in runs}
+    assert all(r.data.tags.get("mlflow.note.content") for r in runs)
+    assert "| customized |" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.tags["bdc.stages_ran"].count(",") == 7
+    inputs = mlflow.get_run(by["experts"].info.run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["SFT records"]
+    # task runs are named after their stage, not `dvc-stage-6bc`
+    assert {"prepare", "evaluate"} <= set(asyncio.run(_task_run_names()))
 
     # a second run (of the first stage: what matters is DVC's decision, not eight stages of
     # it): DVC finds prepare up to date, so no new stage run; the artifact says so
     again = pipeline(["prepare"])
     assert not any(r["ran"] for r in again)
-    assert any("Up to date" in (a.data or "") for a in asyncio.run(_artifacts("stage-prepare")))
+    (up_to_date,) = [a.data for a in asyncio.run(_artifacts("stage-prepare"))
+                     if "Up to date" in (a.data or "")]
+    assert "Current metrics" in up_to_date and results[0]["mlflow_run_id"] in up_to_date
     evaluate_on_vllm_equals_transformers(project)
 
 

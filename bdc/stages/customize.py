@@ -16,11 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import Params
-from bdc.jsonl import atomic_open, read_jsonl
+from bdc.jsonl import atomic_open, read_jsonl, write_metrics
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
 TRAINING_RECORD = "training.json"
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("initial_val_loss", "best_val_loss", "own_expert_weight", "normalised_entropy",
+            "fold_cache_hit_rate")
+
 
 
 def fingerprint(params: Params, experts_dir: Path, experts: list[str], clusters_dir: Path,
@@ -89,6 +94,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     from bdc.customize.solver import build
     from bdc.customize.training import rows, split, train
     from bdc.disentangle.experts import device_and_dtype
+    from bdc.plots import line_figure, save_png
     from bdc.stages.validate import REPORT, require_validated
     from bdc.tracking import stage_run
 
@@ -155,13 +161,18 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
                    "adapted_modules": len(solver.model.config.modules),
                    "fold_cache_hit_rate": cache.hit_rate, "folded_adapters": cache.misses,
                    "vllm_max_lora_rank": cache.max_lora_rank, **diag}
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics_path, metrics, HEADLINE)
         with atomic_open(plots_dir / "customize_loss.csv") as f:
             f.write("series,step,loss\n" + "".join(
                 f"train,{step},{loss:.4f}\n" for step, loss in record.get("losses", []))
                 + "".join(f"val,{epoch},{loss:.4f}\n"
                           for epoch, loss in record.get("val_losses", [])))
+        curves = [{"series": "train (per step)", "step": step, "loss": loss}
+                  for step, loss in record.get("losses", [])] + \
+                 [{"series": "validation (per epoch)", "step": epoch, "loss": loss}
+                  for epoch, loss in record.get("val_losses", [])]
+        tracked.artifact(save_png(line_figure(curves, "series", title="hypernetwork loss"),
+                                  plots_dir / "customize_loss.png"))
         tracked.metrics({key: v for key, v in metrics.items()
                          if key != "mean_weight_by_cluster"})
         tracked.figure(weights_figure(diag["mean_weight_by_cluster"], k),

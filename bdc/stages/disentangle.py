@@ -19,7 +19,12 @@ import numpy as np
 from bdc.config import DisentangleSettings, Params
 from bdc.disentangle.clustering import Clustering
 from bdc.disentangle.partition import disentangle
-from bdc.jsonl import atomic_open, write_jsonl
+from bdc.jsonl import atomic_open, write_jsonl, write_metrics
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("k", "records", "problem.silhouette", "problem.ari", "problem.routing_accuracy",
+            "record.silhouette", "record.ari", "record.routing_accuracy")
+
 
 
 def cards(out: dict, examples: int = 3) -> str:
@@ -113,8 +118,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Pat
         tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "clustering")
         out = disentangle(params, sft, problems_dir)
         metrics = write_outputs(out, params.disentangle, out_dir, plots_dir)
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics_path, metrics, HEADLINE)
         tracked.metrics(metrics)
         for mode, r in out["results"].items():
             for row in r["curve"]:

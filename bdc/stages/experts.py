@@ -17,12 +17,17 @@ import numpy as np
 
 from bdc.config import Params
 from bdc.disentangle.experts import FULL, ExpertSet, expert_name, train_all
-from bdc.jsonl import atomic_open, read_jsonl
+from bdc.jsonl import atomic_open, read_jsonl, write_metrics
 from bdc.problems.format import Problem, read_problems
 from bdc.runtime import state_dir
 
 log = logging.getLogger(__name__)
 BASE = "__base__"
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("k", "train_seconds", "competence.base.mean", "competence.full.mean",
+            "competence.expert.mean")
+
 
 
 def datasets(records: list[dict], assignments: list[dict]) -> dict[str, list[dict]]:
@@ -82,6 +87,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     """The stage with its MLflow run and the registered expert set."""
     from bdc.disentangle.merging import merge
     from bdc.disentangle.registry import register
+    from bdc.plots import line_figure, save_png
     from bdc.sandbox import Sandbox
     from bdc.stages.validate import REPORT, require_validated
     from bdc.tracking import stage_run
@@ -121,11 +127,12 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
                    "k": k, "competence": check,
                    "train_seconds": round(sum(r["train_seconds"] for r in records.values()
                                               if not r["reused"]), 1)}
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics_path, metrics, HEADLINE)
         with atomic_open(plots_dir / "experts_loss.csv") as f:
             f.write("adapter,step,loss\n" + "".join(
                 f"{r['adapter']},{r['step']},{r['loss']:.4f}\n" for r in loss_rows))
+        tracked.artifact(save_png(line_figure(loss_rows, "adapter", title="training loss per "
+                                              "adapter"), plots_dir / "experts_loss.png"))
         tracked.metrics({key: value for key, value in metrics.items() if key != "adapters"})
         tracked.metrics({"adapters": metrics["adapters"]})
         manifest = {"base": s.base, "template": experts.template.name,

@@ -33,7 +33,7 @@ from bdc.boost.training_data import preference_pairs, sft_records
 from bdc.boost.tree_of_agents import Tree
 from bdc.config import AgentSettings, ExploreSettings, Params, SandboxSettings
 from bdc.errors import BDCError
-from bdc.jsonl import atomic_open, write_jsonl
+from bdc.jsonl import atomic_open, write_jsonl, write_metrics
 from bdc.problems.format import Problem, read_problems
 from bdc.sandbox import ExecutionResult, Sandbox
 
@@ -45,6 +45,11 @@ DERIVED = ("sft.jsonl", "prefs.jsonl", "example_tree.md")
 TREE_CODE = ("boost/tree_of_agents.py", "boost/exploration.py", "boost/agents", "sandbox")
 # Sandbox settings that cannot change a program's outcome (how many workers, which uids).
 SANDBOX_NEUTRAL = {"workers", "uid_base", "strict"}
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("problems", "hidden_solve_rate", "public_solve_rate", "sft_records",
+            "preference_pairs", "tokens", "wall_seconds", "failed_problems")
+
 
 
 class ExploreFailed(BDCError):
@@ -175,7 +180,9 @@ def metrics_of(records: list[dict], seconds: float, resumed: int) -> dict:
         "nodes_per_problem": sum(len(t["nodes"]) for t in trees) / n if n else 0.0,
         "programs_per_problem": sum(t["programs"] for t in trees) / n if n else 0.0,
         "tokens": sum(t["tokens"] for t in trees),
-        "search_seconds": round(sum(t["seconds"] for t in trees), 1),
+        # trees are searched concurrently: their summed search time exceeds the wall time by
+        # about the number of trees in flight
+        "tree_seconds_summed": round(sum(t["seconds"] for t in trees), 1),
         "wall_seconds": round(seconds, 1),
         "resumed_problems": resumed,
         "stopped": dict(stops),
@@ -362,8 +369,10 @@ def per_family(problems: list[Problem], records: list[dict]) -> dict[str, float]
 
 
 def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
-        on_progress=None) -> dict:
-    """The stage with its MLflow run: metrics, per-problem table, an example tree."""
+        on_progress=None, plots_dir: Path | None = None) -> dict:
+    """The stage with its MLflow run: metrics, per-problem table, an example tree, and a plot
+    of the hidden solve rate per family (``plots_dir/explore.png``)."""
+    from bdc.plots import bar_figure, save_png
     from bdc.tracking import stage_run
 
     problems = read_problems(problems_path)
@@ -375,9 +384,15 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
         tracked.dataset(problems_path, "explore problems", "search")
         metrics, records = explore(params, problems, out_dir, sandbox, on_progress=on_progress)
         metrics["hidden_solve_rate_by_family"] = per_family(problems, records)
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
-        tracked.metrics(metrics)
+        write_metrics(metrics_path, metrics, HEADLINE)
+        # the notes' keys are free text (what agents got wrong): the metrics file has them
+        tracked.metrics({k: v for k, v in metrics.items() if k != "notes"})
+        if plots_dir is not None:
+            rates = {"all": metrics["hidden_solve_rate"],
+                     **metrics["hidden_solve_rate_by_family"]}
+            tracked.artifact(save_png(bar_figure(
+                rates, "hidden solve rate", f"explore: {metrics['problems']} problems, "
+                f"{metrics['sft_records']} SFT records"), plots_dir / "explore.png"))
         rows = []
         for rec in records:
             ans = rec["answer"] or {}

@@ -6,15 +6,18 @@ They must not share a problem, so overlap is an error rather than a warning.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from pathlib import Path
 
 from bdc.config import Params, SourceSettings
-from bdc.jsonl import atomic_open
+from bdc.jsonl import atomic_open, write_metrics
 from bdc.problems.format import Problem, write_problems
 from bdc.problems.sources import SourceError, load_source
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("pretrain.problems", "explore.problems", "test.problems")
+
 
 
 def load_pool(sources: list[SourceSettings], default_min_tests: int,
@@ -58,8 +61,7 @@ def prepare(params: Params, out_dir: Path, metrics_path: Path,
         write_problems(out_dir / f"{name}.jsonl", problems)
     explore, test = pools["explore"], pools["test"]
     metrics = {name: pool_metrics(problems) for name, problems in pools.items()}
-    with atomic_open(metrics_path) as f:
-        json.dump(metrics, f, indent=2)
+    write_metrics(metrics_path, metrics, HEADLINE)
     if plots_path:
         with atomic_open(plots_path) as f:
             f.write("problem,pool,tests\n")

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import Params, PretrainModel, TinyModelSettings
-from bdc.jsonl import atomic_open
+from bdc.jsonl import atomic_open, write_metrics
+from bdc.plots import line_figure, save_png
 from bdc.pretraining import (
     Example,
     encode,
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 CI_SHAPE = TinyModelSettings(hidden_size=64, layers=2, heads=2, intermediate_size=192,
                              vocab_size=512, max_positions=256)
 CI_STEPS, CI_EVAL_PER_FAMILY, CI_LR, CI_FAMILIES = 700, 3, 6e-3, ["arith"]
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = (*(f"models.{m}.{s}.pass@1" for m in ("planner", "coder", "base")
+                    for s in ("explore", "test")), "boosting.composition_gain", "train_seconds")
+
 
 
 def by_family(problems: list[Problem], ok: list[bool]) -> dict:
@@ -286,34 +292,24 @@ def run(params: Params, problems_dir: Path, models_dir: Path, metrics_path: Path
             metrics["targets"] = targets(metrics)
         rows = competence_rows(metrics)
         # outputs first: a tracking failure must not lose what was measured
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics_path, metrics, HEADLINE)
         with atomic_open(plots_dir / "pretrain_loss.csv") as f:
             f.write("model,step,loss\n" + "".join(
                 f"{r['model']},{r['step']},{r['loss']:.4f}\n" for r in loss_rows))
         with atomic_open(plots_dir / "competence.csv") as f:
             f.write("model,split,family,pass_at_1\n" + "".join(
                 f"{r['model']},{r['split']},{r['family']},{r['pass@1']:.3f}\n" for r in rows))
+        loss_png = save_png(line_figure(loss_rows, "model", ylabel="loss (thoughts + code)",
+                                        title="pretraining loss per model"),
+                            plots_dir / "pretrain_loss.png")
         tracked.metrics({k: v for k, v in metrics.items() if k != "models"})
-        tracked.metrics({"models": metrics["models"]})
+        # per model and split only: the 60 per-family numbers are the competence table's,
+        # not 60 charts of one point each
+        tracked.metrics({"models": {name: {split: {k: v for k, v in m[split].items()
+                                                   if k != "by_family"}
+                                           for split in ("explore", "test")}
+                                    for name, m in metrics["models"].items()}})
         tracked.table(rows, "competence.json")
-        tracked.figure(_loss_figure(loss_rows), "loss_curves.png")
+        tracked.artifact(loss_png)
         tracked.artifact(metrics_path)
     return metrics
-
-
-def _loss_figure(rows: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for name in sorted({r["model"] for r in rows}):
-        pts = [(r["step"], r["loss"]) for r in rows if r["model"] == name]
-        ax.plot(*zip(*pts, strict=True), label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (thoughts + code)")
-    ax.legend()
-    fig.tight_layout()
-    return fig

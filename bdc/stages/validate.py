@@ -17,9 +17,13 @@ from pathlib import Path
 
 from bdc.config import Params
 from bdc.errors import BDCError
-from bdc.jsonl import atomic_open
+from bdc.jsonl import atomic_open, write_metrics
 
 REPORT = "report.json"
+
+# the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
+HEADLINE = ("success", "expectations", "failed")
+
 
 
 class ValidationFailed(BDCError):
@@ -70,8 +74,7 @@ def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
         (out_dir / REPORT).unlink(missing_ok=True)  # no stale vouching for new data
         tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "validation")
         metrics, failed = validate(params, explore_dir, problems_dir, out_dir)
-        with atomic_open(metrics_path) as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics(metrics_path, metrics, HEADLINE)
         tracked.metrics(metrics)
         tracked.artifacts(out_dir / "docs", "docs")
         tracked.tag("bdc.report", "docs/index.html")

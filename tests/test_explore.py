@@ -54,7 +54,8 @@ def comparable(folder: Path) -> dict:
     return out
 
 
-def test_explore_writes_trees_records_and_resumes_after_a_kill(project, solver_model):
+def test_explore_writes_trees_resumes_after_a_kill_and_runs_on_a_dask_cluster(
+        project, solver_model):
     setup_explore(project, solver_model)
     full = subprocess.run(explore_cmd("full"), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stdout + full.stderr
@@ -91,6 +92,34 @@ def test_explore_writes_trees_records_and_resumes_after_a_kill(project, solver_m
     resumed = json.loads((project / "part/metrics.json").read_text())["resumed_problems"]
     assert resumed >= done_before
     assert comparable(project / "part") == comparable(project / "full")
+    on_a_dask_cluster_equals_one_process_and_survives_a_lost_worker(project)
+
+
+def on_a_dask_cluster_equals_one_process_and_survives_a_lost_worker(project: Path) -> None:
+    """The same 12 problems in shards of 3 on a local Dask cluster of 2 workers (each with
+    its own sandbox and agents), one worker killed once the first shard's trees are written:
+    the scheduler runs its shard again, and trees, SFT records, preference pairs and metrics
+    equal those of the one-process run (`full`)."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["explore"]["cluster"] = {"address": "local", "workers": 2, "shard_size": 3}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.Popen(explore_cmd("cluster"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while len(list((project / "cluster/trees").glob("*.json"))) < 3 and \
+            time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    workers = worker_processes(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None
+    assert len(list((project / "cluster/trees").glob("*.json"))) < 12
+    workers[0].kill()  # its shard in flight is lost; the scheduler runs it again
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert comparable(project / "cluster") == comparable(project / "full")
+    timing = {"wall_seconds", "tree_seconds_summed"}
+    metrics = [{k: v for k, v in json.loads((project / f"{d}/metrics.json").read_text()).items()
+                if k not in timing} for d in ("full", "cluster")]
+    assert metrics[0] == metrics[1] and metrics[0]["problems"] == 12
 
 
 def worker_processes(pid: int) -> list:
@@ -99,40 +128,6 @@ def worker_processes(pid: int) -> list:
 
     return [c for c in psutil.Process(pid).children()
             if "spawn_main" in " ".join(c.cmdline())]
-
-
-def test_explore_on_a_dask_cluster_equals_one_process_and_survives_a_lost_worker(
-        project, solver_model):
-    """Explore's problems in shards of 2 on a local Dask cluster of 2 workers (each with its
-    own sandbox and agents), one worker killed once the first shard's trees are written: the
-    scheduler runs its shard again, and trees, SFT records, preference pairs and metrics
-    equal those of the same search in one process."""
-    setup_explore(project, solver_model)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["explore"]["limit"] = 6
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    one = subprocess.run(explore_cmd("one"), capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stdout + one.stderr
-    params["explore"]["cluster"] = {"address": "local", "workers": 2, "shard_size": 2}
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    proc = subprocess.Popen(explore_cmd("cluster"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while len(list((project / "cluster/trees").glob("*.json"))) < 2 and \
-            time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    workers = worker_processes(proc.pid)
-    assert len(workers) == 2 and proc.poll() is None
-    assert len(list((project / "cluster/trees").glob("*.json"))) < 6
-    workers[0].kill()  # its shard in flight is lost; the scheduler runs it again
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    assert comparable(project / "cluster") == comparable(project / "one")
-    timing = {"wall_seconds", "tree_seconds_summed"}
-    metrics = [{k: v for k, v in json.loads((project / f"{d}/metrics.json").read_text()).items()
-                if k not in timing} for d in ("one", "cluster")]
-    assert metrics[0] == metrics[1] and metrics[0]["problems"] == 6
 
 
 def test_explore_stage_is_logged_to_mlflow(project, solver_model):

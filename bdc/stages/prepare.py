@@ -16,8 +16,7 @@ from bdc.problems.format import Problem, write_problems
 from bdc.problems.sources import SourceError, load_source
 
 # the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
-HEADLINE = ("pretrain.problems", "explore.problems", "test.problems")
-
+HEADLINE = ("explore.problems", "test.problems")
 
 
 def load_pool(sources: list[SourceSettings], default_min_tests: int,

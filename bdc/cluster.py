@@ -12,6 +12,7 @@ to a Prefect work pool of GPU workers.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -61,8 +62,11 @@ def map_shards(client: Any, fn: Callable[..., Any], parts: list[list[T]], *args:
     worker's tasks again elsewhere."""
     from distributed import as_completed
 
-    futures = {client.submit(fn, part, *args, pure=False, key=f"{fn.__name__}-{i}"): part
-               for i, part in enumerate(parts)}
+    # keys unique to this call: a scheduler reuses a task whose key it already holds, so
+    # fixed keys would hand one driver another driver's results on a shared cluster
+    run = uuid.uuid4().hex[:12]
+    futures = {client.submit(fn, part, *args, pure=False, key=f"{fn.__name__}-{run}-{i}"):
+               part for i, part in enumerate(parts)}
     log.info("cluster: %d tasks on %d workers", len(futures),
              len(client.scheduler_info()["workers"]))
     for future in as_completed(futures):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 from bdc.runtime import project_root, state_dir
 
+log = logging.getLogger(__name__)
 EXPERIMENT = "bdc"
 PARENT_ENV = "BDC_MLFLOW_PARENT_RUN_ID"
 
@@ -216,8 +218,12 @@ def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
     except BaseException:
         client.set_terminated(run.info.run_id, "FAILED")
         raise
-    summarize_pipeline(client, run.info.run_id, root or project_root())
-    client.set_terminated(run.info.run_id, "FINISHED")
+    try:
+        summarize_pipeline(client, run.info.run_id, root or project_root())
+    except Exception as exc:  # noqa: BLE001 - the stages' work is done; a summary is extra
+        log.warning("pipeline run %s: could not add its summary: %s", run.info.run_id, exc)
+    finally:
+        client.set_terminated(run.info.run_id, "FINISHED")
 
 
 def summarize_pipeline(client, run_id: str, root: Path) -> None:

@@ -22,6 +22,7 @@ its tokens equal the base's), and no token ever carries index -1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import os
@@ -221,8 +222,7 @@ class VLLMServer:
     # ------------------------------------------------------------------ adapters
 
     async def _post(self, http, path: str, body: dict) -> None:
-        response = await http.post(f"http://{self.client_host}:{self.port}{path}", json=body,
-                                   timeout=120)
+        response = await http.post(f"http://{self.client_host}:{self.port}{path}", json=body)
         if response.status_code != 200:
             raise VLLMError(f"vLLM {path} {body}: HTTP {response.status_code}: "
                             f"{response.text[:300]}\n{log_tail(self.log, 1500)}")
@@ -251,9 +251,11 @@ class VLLMServer:
         adapter per request. Each adapter's requests are sent as soon as it is registered,
         all at once, so vLLM's scheduler packs batches of up to ``vllm.max_loras`` adapters
         while the next ones load (waves loaded one after another left the engine idle at
-        each wave's tail: 0.63 of a single adapter's throughput, measured). Every adapter
-        registered here is unregistered after. On a server with LoRA the base rows run on
-        the zero adapter (see the module's note on the CPU LoRA bug)."""
+        each wave's tail: 0.63 of a single adapter's throughput, measured). At most
+        ``vllm.max_cpu_loras`` adapters are registered at a time (more would evict each other
+        from vLLM's cache); each is unregistered once its requests are answered. On a server
+        with LoRA the base rows run on the zero adapter (see the module's note on the CPU
+        LoRA bug)."""
         import httpx
 
         if len(requests) != len(adapters):
@@ -267,25 +269,33 @@ class VLLMServer:
         for i, adapter in enumerate(adapters):
             groups.setdefault(adapter.name if adapter else None, []).append(i)
         by_name = {a.name: a for a in adapters if a is not None}
+        registered = asyncio.Semaphore(max(self.settings.max_cpu_loras, self.settings.max_loras))
         client = self.client()
         results: list[Completion | None] = [None] * len(requests)
 
         async def serve(http, name: str | None, rows: list[int]) -> None:
-            if name is not None:
-                await self.load(http, by_name[name])
-            done = await asyncio.gather(*[client.generate(replace(requests[i], model=name))
-                                          for i in rows])
-            for i, completion in zip(rows, done, strict=True):
-                results[i] = completion
+            async with registered:
+                if name is not None:
+                    await self.load(http, by_name[name])
+                done = await asyncio.gather(*[client.generate(
+                    replace(requests[i], model=name)) for i in rows])
+                for i, completion in zip(rows, done, strict=True):
+                    results[i] = completion
+                if name is not None:
+                    await self.unload(http, name)
 
         try:
-            async with httpx.AsyncClient() as http:
-                try:
-                    await asyncio.gather(*[serve(http, name, rows)
-                                           for name, rows in groups.items()])
+            async with httpx.AsyncClient(timeout=600) as http:
+                try:  # a failure cancels the other groups before anything is closed
+                    async with asyncio.TaskGroup() as group:
+                        for name, rows in groups.items():
+                            group.create_task(serve(http, name, rows))
+                except ExceptionGroup as failed:  # the first cause, as a caller expects
+                    raise failed.exceptions[0] from failed
                 finally:
                     for name in list(self.resident):
-                        await self.unload(http, name)
+                        with contextlib.suppress(VLLMError, httpx.HTTPError):
+                            await self.unload(http, name)
         finally:
             await client.aclose()
         return results

@@ -59,7 +59,7 @@ def test_explore_writes_trees_resumes_after_a_kill_and_runs_on_a_dask_cluster(
     setup_explore(project, solver_model)
     full = subprocess.run(explore_cmd("full"), capture_output=True, text=True, timeout=600)
     assert full.returncode == 0, full.stdout + full.stderr
-    metrics = json.loads((project / "full/metrics.json").read_text())
+    metrics = json.loads((project / "full/details/metrics.json").read_text())
     assert metrics["problems"] == 12 and metrics["resumed_problems"] == 0
     assert set(metrics["agents"]) == {"agent_a", "agent_b"}
     assert 0 < metrics["programs_per_problem"] <= 6 and metrics["tokens"] > 0
@@ -89,7 +89,7 @@ def test_explore_writes_trees_resumes_after_a_kill_and_runs_on_a_dask_cluster(
     assert not (project / "part/sft.jsonl").exists()  # nothing that looks finished
     again = subprocess.run(explore_cmd("part"), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    resumed = json.loads((project / "part/metrics.json").read_text())["resumed_problems"]
+    resumed = json.loads((project / "part/details/metrics.json").read_text())["resumed_problems"]
     assert resumed >= done_before
     assert comparable(project / "part") == comparable(project / "full")
     on_a_dask_cluster_equals_one_process_and_survives_a_lost_worker(project)
@@ -117,8 +117,9 @@ def on_a_dask_cluster_equals_one_process_and_survives_a_lost_worker(project: Pat
     assert proc.returncode == 0, out
     assert comparable(project / "cluster") == comparable(project / "full")
     timing = {"wall_seconds", "tree_seconds_summed"}
-    metrics = [{k: v for k, v in json.loads((project / f"{d}/metrics.json").read_text()).items()
-                if k not in timing} for d in ("full", "cluster")]
+    metrics = [{k: v for k, v in json.loads(
+        (project / f"{d}/details/metrics.json").read_text()).items() if k not in timing}
+        for d in ("full", "cluster")]
     assert metrics[0] == metrics[1] and metrics[0]["problems"] == 12
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import Params
-from bdc.jsonl import atomic_open, read_jsonl, write_metrics
+from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
@@ -176,7 +176,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
                          if key != "mean_weight_by_cluster"})
         tracked.figure(weights_figure(diag["mean_weight_by_cluster"], k),
                        "expert_weights.png")
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
         version = register_solver(out_dir, experts_dir, clusters_dir)
         tracked.tag("bdc.registered_model", f"models:/bdc-solver/{version}")
         metrics["registered_version"] = version

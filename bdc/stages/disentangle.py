@@ -19,7 +19,7 @@ import numpy as np
 from bdc.config import DisentangleSettings, Params
 from bdc.disentangle.clustering import Clustering
 from bdc.disentangle.partition import disentangle
-from bdc.jsonl import atomic_open, write_jsonl, write_metrics
+from bdc.jsonl import atomic_open, details_path, write_jsonl, write_metrics
 
 # the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
 HEADLINE = ("k", "problem.ari", "problem.routing_accuracy")
@@ -127,7 +127,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Pat
         tracked.figure(_k_figure(out), "k_selection.png")
         for name in ("cards.md", "embedder.json", "k_selection.json", "assignments.jsonl"):
             tracked.artifact(out_dir / name)
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
     return metrics
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from bdc.config import Params
 from bdc.disentangle.experts import FULL, ExpertSet, expert_name, train_all
-from bdc.jsonl import atomic_open, read_jsonl, write_metrics
+from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
 from bdc.problems.format import Problem, read_problems
 from bdc.runtime import state_dir
 
@@ -141,5 +141,5 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         version = register(out_dir, manifest, {"centroids": clusters_dir / "centroids.npy"})
         tracked.tag("bdc.registered_model", f"models:/bdc-experts/{version}")
         metrics["registered_version"] = version
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
     return metrics

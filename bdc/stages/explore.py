@@ -33,7 +33,7 @@ from bdc.boost.training_data import preference_pairs, sft_records
 from bdc.boost.tree_of_agents import Tree
 from bdc.config import AgentSettings, ExploreSettings, Params, SandboxSettings
 from bdc.errors import BDCError
-from bdc.jsonl import atomic_open, write_jsonl, write_metrics
+from bdc.jsonl import atomic_open, details_path, write_jsonl, write_metrics
 from bdc.problems.format import Problem, read_problems
 from bdc.sandbox import ExecutionResult, Sandbox
 
@@ -258,6 +258,9 @@ def search_on_cluster(params: Params, problems: list[Problem], prints: dict[str,
 
     def shard_done(part: list[Problem], got: list[dict]) -> None:
         for problem, record in zip(part, got, strict=True):
+            if record.get("problem_id") != problem.id:
+                raise RuntimeError(f"cluster: a shard answered {record.get('problem_id')!r} "
+                                   f"for {problem.id!r}")
             keep(problem, record)
 
     def shard_failed(part: list[Problem], exc: BaseException) -> None:
@@ -405,5 +408,5 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
         tracked.table(rows, "problems.json")
         for name in DERIVED:
             tracked.artifact(out_dir / name)
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
     return metrics

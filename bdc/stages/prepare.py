@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from bdc.config import Params, SourceSettings
-from bdc.jsonl import atomic_open, write_metrics
+from bdc.jsonl import atomic_open, details_path, write_metrics
 from bdc.problems.format import Problem, write_problems
 from bdc.problems.sources import SourceError, load_source
 
@@ -85,7 +85,7 @@ def run(params: Params, out_dir: Path, metrics_path: Path, plots_path: Path) -> 
                        for source, n in metrics[pool]["by_source"].items()],
                       "problems_by_source.json")
         tracked.figure(_tests_histogram(plots_path), "tests_per_problem.png")
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
     return metrics
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import Params, PretrainModel, TinyModelSettings
-from bdc.jsonl import atomic_open, write_metrics
+from bdc.jsonl import atomic_open, details_path, write_metrics
 from bdc.plots import line_figure, save_png
 from bdc.pretraining import (
     Example,
@@ -302,13 +302,14 @@ def run(params: Params, problems_dir: Path, models_dir: Path, metrics_path: Path
                                         title="pretraining loss per model"),
                             plots_dir / "pretrain_loss.png")
         tracked.metrics({k: v for k, v in metrics.items() if k != "models"})
-        # per model and split only: the 60 per-family numbers are the competence table's,
-        # not 60 charts of one point each
-        tracked.metrics({"models": {name: {split: {k: v for k, v in m[split].items()
-                                                   if k != "by_family"}
-                                           for split in ("explore", "test")}
+        # without the per-family numbers: those 60 are the competence table, not 60 charts
+        # of one point each
+        tracked.metrics({"models": {name: {k: ({s: v for s, v in value.items()
+                                                 if s != "by_family"}
+                                                if isinstance(value, dict) else value)
+                                            for k, value in m.items()}
                                     for name, m in metrics["models"].items()}})
         tracked.table(rows, "competence.json")
         tracked.artifact(loss_png)
-        tracked.artifact(metrics_path)
+        tracked.artifact(details_path(metrics_path))
     return metrics

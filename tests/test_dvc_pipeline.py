@@ -75,7 +75,7 @@ def a_teammates_fresh_clone_pulls_the_results(pipeline: Path, tmp_path: Path) ->
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(pipeline), str(clone)], check=True)
     assert not (clone / "data/problems/test.jsonl").exists()
-    dvc("pull", cwd=clone)
+    dvc("pull", "--with-deps", "check", cwd=clone)  # the stage and what it depends on
     for name in ("problems/explore.jsonl", "problems/test.jsonl", "check.jsonl"):
         assert (clone / "data" / name).read_bytes() == (pipeline / "data" / name).read_bytes()
     assert "up to date" in dvc("status", "check", cwd=clone)

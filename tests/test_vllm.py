@@ -200,7 +200,7 @@ def test_served_programs_equal_the_hf_path_token_for_token(served, adapters, tmp
     assert got == hf
     assert hf[:n] != hf[n:2 * n] and len({p for _, p in hf}) >= 3  # the solvers differ
     assert all(t > 0 for t in tokens)
-    assert served.resident == set()  # every wave unloaded what it loaded
+    assert served.resident == set()  # every adapter unregistered once answered
 
 
 def test_base_requests_batched_with_adapters_stay_on_the_base(served, adapters):

@@ -39,6 +39,17 @@ def project_root(start: Path | None = None) -> Path:
     return here
 
 
+def pipeline_folder(profile: str) -> Path:
+    """Where a profile's pipeline lives, relative to the project root: its ``dvc.yaml``,
+    ``params.yaml`` and ``data/`` (the DVC outputs). The mini pipeline is the project's
+    own; the paper pipeline is ``paper/`` (its stages run at the root, ``wdir: ..``, so both
+    share the code, ``gx/`` suites, ``var/`` state and MLflow store)."""
+    folders = {"mini": Path("."), "paper": Path("paper")}
+    if profile not in folders:
+        raise ValueError(f"profile {profile!r}: one of {', '.join(folders)}")
+    return folders[profile]
+
+
 def state_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "var"
 

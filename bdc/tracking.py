@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from bdc.runtime import project_root, state_dir
+from bdc.runtime import pipeline_folder, project_root, state_dir
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "bdc"
@@ -199,9 +199,10 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
 def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
                  root: Path | None = None) -> Iterator[str]:
     """The parent run of one pipeline run; yields its id for the stage processes. At the end
-    it holds what the pipeline produced: the final table (``data/eval/table.md``, as its
-    description and an artifact, with the table's headline numbers as metrics) and which
-    stages ran, so a run in which every stage was up to date is not an empty run.
+    it holds what the pipeline produced: the final table (``data/eval/table.md`` of the
+    profile's pipeline, as its description and an artifact, with the table's headline
+    numbers as metrics) and which stages ran, so a run in which every stage was up to date
+    is not an empty run.
 
     Made through the client, not ``mlflow.start_run``: the flow process keeps no active
     run, so nothing else in it can log into the parent by accident."""
@@ -219,26 +220,28 @@ def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
         client.set_terminated(run.info.run_id, "FAILED")
         raise
     try:
-        summarize_pipeline(client, run.info.run_id, root or project_root())
+        data = (root or project_root()) / pipeline_folder(profile) / "data"
+        summarize_pipeline(client, run.info.run_id, data)
     except Exception as exc:  # noqa: BLE001 - the stages' work is done; a summary is extra
         log.warning("pipeline run %s: could not add its summary: %s", run.info.run_id, exc)
     finally:
         client.set_terminated(run.info.run_id, "FINISHED")
 
 
-def summarize_pipeline(client, run_id: str, root: Path) -> None:
-    """The final table and the stages that ran, on the pipeline's parent run."""
+def summarize_pipeline(client, run_id: str, data: Path) -> None:
+    """The final table (under the pipeline's ``data`` folder) and the stages that ran, on
+    the pipeline's parent run."""
     ran = sorted(r.data.tags.get("bdc.stage", "?") for r in client.search_runs(
         [client.get_run(run_id).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{run_id}'"))
-    table = root / "data" / "eval" / "table.md"
+    table = data / "eval" / "table.md"
     note = (f"Stages that ran: {', '.join(ran)}." if ran else
             "Every stage was up to date: DVC ran nothing; the table below is the current "
             "one.") + " Stage runs nest under this run.\n\n"
     if table.exists():
         note += table.read_text()
         client.log_artifact(run_id, str(table))
-        headline = root / "data" / "eval" / "table.json"
+        headline = data / "eval" / "table.json"
         with contextlib.suppress(OSError, ValueError, KeyError):
             rows = json.loads(headline.read_text())["solvers"]
             for name, row in rows.items():
@@ -251,13 +254,14 @@ def summarize_pipeline(client, run_id: str, root: Path) -> None:
 
 
 def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,
-                   root: Path | None = None):
-    """The newest run of ``stage`` started after ``since_ms`` (under the parent, if any);
-    None when DVC found the stage up to date and did not run it."""
+                   root: Path | None = None, profile: str = "mini"):
+    """The newest run of ``stage`` of ``profile`` started after ``since_ms`` (under the
+    parent, if any); None when DVC found the stage up to date and did not run it."""
     import mlflow
 
     experiment_id = setup(root)
-    query = f"tags.`bdc.stage` = '{stage}' and attributes.start_time >= {since_ms}"
+    query = (f"tags.`bdc.stage` = '{stage}' and tags.`bdc.profile` = '{profile}' "
+             f"and attributes.start_time >= {since_ms}")
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     runs = mlflow.search_runs([experiment_id], filter_string=query, max_results=1,
@@ -265,11 +269,12 @@ def find_stage_run(stage: str, parent_run_id: str | None, since_ms: int,
     return runs[0] if runs else None
 
 
-def last_stage_run(stage: str, root: Path | None = None):
-    """The newest run of ``stage``, wherever it ran (None if it never ran)."""
+def last_stage_run(stage: str, root: Path | None = None, profile: str = "mini"):
+    """The newest run of ``stage`` of ``profile``, wherever it ran (None if it never ran)."""
     import mlflow
 
-    runs = mlflow.search_runs([setup(root)], filter_string=f"tags.`bdc.stage` = '{stage}'",
+    query = f"tags.`bdc.stage` = '{stage}' and tags.`bdc.profile` = '{profile}'"
+    runs = mlflow.search_runs([setup(root)], filter_string=query,
                               max_results=1, order_by=["attributes.start_time DESC"],
                               output_format="list")
     return runs[0] if runs else None
@@ -284,19 +289,21 @@ def metrics_table(metrics: Mapping[str, Any], limit: int = 40) -> str:
     return f"| metric | value |\n|---|---|\n{rows}{more}\n"
 
 
-def run_summary_markdown(stage: str, run, ui_url: str, root: Path | None = None) -> str:
+def run_summary_markdown(stage: str, run, ui_url: str, root: Path | None = None,
+                         profile: str = "mini") -> str:
     """A short human summary of a stage's MLflow run (Prefect artifact). A stage DVC found
-    up to date did not run: its current metrics (``data/metrics/<stage>.json``) and a link
-    to its last MLflow run instead."""
+    up to date did not run: its current metrics (``<pipeline>/data/metrics/<stage>.json``)
+    and a link to its last MLflow run instead."""
     if run is None:
         root = root or project_root()
         text = (f"### {stage}\n\nUp to date: DVC found nothing changed (or restored the "
                 "outputs from its run cache), so the stage did not run this time.\n")
-        last = last_stage_run(stage, root)
+        last = last_stage_run(stage, root, profile)
         if last is not None:
             link = runs_view_url(ui_url, last.info.experiment_id, last.info.run_id)
             text += f"\nIts last MLflow run: [{last.info.run_id}]({link})\n"
-        current = root / "data" / "metrics" / f"{stage.replace('-', '_')}.json"
+        current = (root / pipeline_folder(profile) / "data" / "metrics" /
+                   f"{stage.replace('-', '_')}.json")
         if current.exists():
             text += "\nCurrent metrics:\n\n" + metrics_table(json.loads(current.read_text()))
         return text

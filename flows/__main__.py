@@ -1,4 +1,5 @@
-"""``python -m flows [FLOW]``: run a flow (pipeline or a stage) on ephemeral Prefect.
+"""``python -m flows [FLOW] [--profile mini|paper]``: run a flow (pipeline or a stage) on
+ephemeral Prefect.
 
 Prefect reads PREFECT_HOME when it is imported, so the project's environment (state under
 ``var/``, telemetry off) is set before any flow module is imported.
@@ -6,12 +7,17 @@ Prefect reads PREFECT_HOME when it is imported, so the project's environment (st
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 from bdc.runtime import configure_environment
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows")
+    parser.add_argument("flow", nargs="?", default="pipeline")
+    parser.add_argument("--profile", choices=["mini", "paper"], default="mini",
+                        help="mini: dvc.yaml, params.yaml; paper: paper/dvc.yaml")
+    args = parser.parse_args()
     configure_environment()
     from flows.pipeline import pipeline
     from flows.stages import (
@@ -29,10 +35,9 @@ def main() -> None:
              "explore": explore, "validate": validate, "disentangle": disentangle,
              "experts": experts, "customize": customize,
              "evaluate": evaluate}
-    name = sys.argv[1] if len(sys.argv) > 1 else "pipeline"
-    if name not in flows:
-        sys.exit(f"unknown flow {name!r}; choose one of {', '.join(flows)}")
-    flows[name]()
+    if args.flow not in flows:
+        parser.error(f"unknown flow {args.flow!r}; choose one of {', '.join(flows)}")
+    flows[args.flow](profile=args.profile)
 
 
 if __name__ == "__main__":

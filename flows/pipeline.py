@@ -4,6 +4,9 @@ Prefect owns execution (order, retries, timeouts, dispatch of GPU stages to the 
 pool, the UI); DVC decides whether a stage is stale (a task runs ``dvc repro`` for its stage
 and Prefect caches nothing of its own); MLflow holds what each stage logged. One parent MLflow
 run per pipeline run; the stage processes nest their runs under it via the environment.
+Each profile is its own DVC pipeline (``bdc.runtime.pipeline_folder``): mini is the project's
+``dvc.yaml``, paper is ``paper/dvc.yaml`` (no ``pretrain``; its GPU stages go to the ``gpu``
+pool).
 """
 
 from __future__ import annotations
@@ -25,13 +28,14 @@ from prefect.context import get_run_context
 
 from bdc import tracking
 from bdc.config import Params, load_params
-from bdc.runtime import configure_environment, project_root
+from bdc.runtime import configure_environment, pipeline_folder, project_root
 
 # The stages of dvc.yaml, in order: a choice in the Prefect UI's run form, not free text
-# (tests/test_flows.py checks it against dvc.yaml).
+# (tests/test_flows.py checks it against dvc.yaml; paper/dvc.yaml has them but pretrain).
 Stage = Literal["prepare", "pretrain", "explore", "validate", "disentangle", "experts",
                 "customize", "evaluate"]
 STAGES: tuple[str, ...] = get_args(Stage)
+Profile = Literal["mini", "paper"]
 
 
 class StageFailed(RuntimeError):
@@ -44,28 +48,51 @@ def _project() -> Path:
     return root
 
 
-def _params(root: Path) -> Params:
-    return load_params(root / "params.yaml")
+def _params(root: Path, profile: str) -> Params:
+    path = root / pipeline_folder(profile) / "params.yaml"
+    params = load_params(path)
+    if params.profile != profile:
+        raise ValueError(f"{path}: profile is {params.profile!r}, but it is the {profile} "
+                         "pipeline's settings")
+    return params
 
 
-def stage_names(root: Path) -> list[str]:
-    """Stages in dvc.yaml order (declared in dependency order)."""
-    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+def stage_names(root: Path, profile: str = "mini") -> list[str]:
+    """Stages of the profile's dvc.yaml, in its order (declared in dependency order)."""
+    path = root / pipeline_folder(profile) / "dvc.yaml"
+    return list(yaml.safe_load(path.read_text())["stages"])
+
+
+def dvc_target(stage: str, profile: str) -> str:
+    """``dvc repro``'s name of a stage: ``explore`` (dvc.yaml), ``paper/dvc.yaml:explore``."""
+    folder = pipeline_folder(profile)
+    return stage if folder == Path(".") else f"{(folder / 'dvc.yaml').as_posix()}:{stage}"
+
+
+def _known(root: Path, profile: str, stages: list[str]) -> list[str]:
+    declared = stage_names(root, profile)
+    unknown = sorted(set(stages) - set(declared))
+    if unknown:
+        raise ValueError(f"stages {unknown} are not in the {profile} pipeline "
+                         f"({root / pipeline_folder(profile) / 'dvc.yaml'}): {declared}")
+    return declared
 
 
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE,
       persist_result=False)
 def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
-              timeout_s: float | None = None) -> dict:
-    """``dvc repro`` one stage in its own process group, logging its output as it comes.
+              timeout_s: float | None = None, profile: str = "mini") -> dict:
+    """``dvc repro`` one stage of the profile's pipeline in its own process group, logging
+    its output as it comes.
 
     A timeout kills the whole process group, so nothing the stage started lives on.
     """
     logger = get_run_logger()
     root = _project()
-    params = _params(root)
+    params = _params(root, profile)
+    _known(root, profile, [stage])
     timeout_s = timeout_s or params.orchestration.stage_timeout_s
-    cmd = ["dvc", "repro", *(["--single-item"] if single else []), stage]
+    cmd = ["dvc", "repro", *(["--single-item"] if single else []), dvc_target(stage, profile)]
     env = {**os.environ, tracking.PARENT_ENV: parent_run_id or ""}
     started_ms = int(time.time() * 1000)
     logger.info("running %s", " ".join(cmd))
@@ -90,21 +117,21 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
         reader.join(timeout=5)
     if code != 0:
         raise StageFailed(f"stage {stage} failed (exit {code}):\n" + "\n".join(tail))
-    run = tracking.find_stage_run(stage, parent_run_id, started_ms, root)
+    run = tracking.find_stage_run(stage, parent_run_id, started_ms, root, profile)
     ui_url = os.environ.get("BDC_MLFLOW_UI") or params.orchestration.mlflow_ui
     create_markdown_artifact(
-        tracking.run_summary_markdown(stage, run, ui_url, root),
+        tracking.run_summary_markdown(stage, run, ui_url, root, profile),
         key=f"stage-{stage}".replace("_", "-"), description=f"DVC stage {stage}")
     return {"stage": stage, "ran": run is not None,
             "mlflow_run_id": run.info.run_id if run else None}
 
 
-def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None) -> dict:
+def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None, profile: str) -> dict:
     """Run the stage as a deployment on a worker of the GPU pool and wait for it."""
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(f"stage/stage-{pool}", parameters={
-        "stage": stage, "parent_run_id": parent_run_id, "single": True})
+        "stage": stage, "parent_run_id": parent_run_id, "single": True, "profile": profile})
     if not flow_run.state or not flow_run.state.is_completed():
         raise StageFailed(f"stage {stage} on the {pool} pool ended "
                           f"{flow_run.state.name if flow_run.state else 'without a state'}")
@@ -112,36 +139,37 @@ def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None) -> dict:
 
 
 @flow(name="stage", flow_run_name="stage-{stage}")
-def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = False) -> dict:
+def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = False,
+               profile: Profile = "mini") -> dict:
     """One DVC stage (with its stale upstream stages unless ``single``).
 
     Args:
-        stage: the DVC stage to run (dvc.yaml)
+        stage: the DVC stage to run (of the profile's dvc.yaml)
         parent_run_id: the MLflow run to nest the stage's run under (the pipeline sets it)
         single: run only this stage, not the stale stages before it
+        profile: mini (dvc.yaml, params.yaml) or paper (paper/dvc.yaml, paper/params.yaml)
     """
     root = _project()
-    orchestration = _params(root).orchestration
+    orchestration = _params(root, profile).orchestration
     return run_stage.with_options(retries=orchestration.retries,
                                   retry_delay_seconds=orchestration.retry_delay_s)(
-        stage, parent_run_id, single)
+        stage, parent_run_id, single, profile=profile)
 
 
 @flow(name="pipeline")
-def pipeline(stages: list[Stage] | None = None) -> list[dict]:
-    """Every DVC stage in order, under one parent MLflow run.
+def pipeline(stages: list[Stage] | None = None, profile: Profile = "mini") -> list[dict]:
+    """Every DVC stage of the profile's pipeline in order, under one parent MLflow run.
 
     Args:
         stages: run only these stages, in the pipeline's order (empty: every stage); each
             runs only if DVC finds it stale
+        profile: mini (dvc.yaml, params.yaml) or paper (paper/dvc.yaml, paper/params.yaml:
+            real benchmarks and models, no pretrain, GPU stages on the gpu pool)
     """
     root = _project()
-    params = _params(root)
+    params = _params(root, profile)
     orchestration = params.orchestration
-    declared = stage_names(root)
-    unknown = sorted(set(stages or ()) - set(declared))
-    if unknown:
-        raise ValueError(f"stages {unknown} are not in {root / 'dvc.yaml'}: {declared}")
+    declared = _known(root, profile, list(stages or ()))
     names = [s for s in declared if not stages or s in stages]
     flow_run_id = str(get_run_context().flow_run.id)
     results = []
@@ -149,9 +177,11 @@ def pipeline(stages: list[Stage] | None = None) -> list[dict]:
                                root) as parent_run_id:
         for stage in names:
             if stage in orchestration.gpu_stages and orchestration.gpu_pool:
-                results.append(_dispatch_gpu(stage, orchestration.gpu_pool, parent_run_id))
+                results.append(_dispatch_gpu(stage, orchestration.gpu_pool, parent_run_id,
+                                             profile))
             else:
                 results.append(run_stage.with_options(
                     retries=orchestration.retries,
-                    retry_delay_seconds=orchestration.retry_delay_s)(stage, parent_run_id))
+                    retry_delay_seconds=orchestration.retry_delay_s)(
+                    stage, parent_run_id, profile=profile))
     return results

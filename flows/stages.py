@@ -7,52 +7,84 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.pipeline import stage_flow
+from flows.pipeline import Profile, stage_flow
 
 
 @flow(name="prepare")
-def prepare() -> dict:
-    """Stage prepare: the explore and test problem pools."""
-    return stage_flow("prepare")
+def prepare(profile: Profile = "mini") -> dict:
+    """Stage prepare: the explore and test problem pools.
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("prepare", profile=profile)
 
 
 @flow(name="pretrain")
-def pretrain() -> dict:
-    """Stage pretrain (mini profile): the tiny agents and base model, with competence."""
-    return stage_flow("pretrain")
+def pretrain(profile: Profile = "mini") -> dict:
+    """Stage pretrain (mini profile): the tiny agents and base model, with competence.
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("pretrain", profile=profile)
 
 
 @flow(name="explore")
-def explore() -> dict:
-    """Stage explore (Boost): MC-Tree-of-Agents over the explore problems."""
-    return stage_flow("explore")
+def explore(profile: Profile = "mini") -> dict:
+    """Stage explore (Boost): MC-Tree-of-Agents over the explore problems.
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("explore", profile=profile)
 
 
 @flow(name="validate")
-def validate() -> dict:
-    """Stage validate: Great Expectations over the explored data (stops a failing run)."""
-    return stage_flow("validate")
+def validate(profile: Profile = "mini") -> dict:
+    """Stage validate: Great Expectations over the explored data (stops a failing run).
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("validate", profile=profile)
 
 
 @flow(name="disentangle")
-def disentangle() -> dict:
-    """Stage disentangle: embed and cluster the validated SFT data."""
-    return stage_flow("disentangle")
+def disentangle(profile: Profile = "mini") -> dict:
+    """Stage disentangle: embed and cluster the validated SFT data.
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("disentangle", profile=profile)
 
 
 @flow(name="experts")
-def experts() -> dict:
-    """Stage experts: a LoRA per cluster and on all data, merges, Arrow (GPU in paper)."""
-    return stage_flow("experts")
+def experts(profile: Profile = "mini") -> dict:
+    """Stage experts: a LoRA per cluster and on all data, merges, Arrow (GPU in paper).
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("experts", profile=profile)
 
 
 @flow(name="customize")
-def customize() -> dict:
-    """Stage customize: the input-aware hypernetwork over the experts (GPU in paper)."""
-    return stage_flow("customize")
+def customize(profile: Profile = "mini") -> dict:
+    """Stage customize: the input-aware hypernetwork over the experts (GPU in paper).
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("customize", profile=profile)
 
 
 @flow(name="evaluate")
-def evaluate() -> dict:
-    """Stage evaluate: every solver on the hidden tests, the claims in one table."""
-    return stage_flow("evaluate")
+def evaluate(profile: Profile = "mini") -> dict:
+    """Stage evaluate: every solver on the hidden tests, the claims in one table.
+
+    Args:
+        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+    """
+    return stage_flow("evaluate", profile=profile)

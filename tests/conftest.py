@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
     configure_environment(ROOT)
     tempfile.tempdir = None  # re-read TMPDIR
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server for the flow tests (one per session: it takes seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +82,40 @@ def make_project_copy(dest: Path) -> Path:
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "copy", cwd=dest)
     return dest
+
+
+@contextlib.contextmanager
+def bdc_serve(model: Path, name: str) -> Iterator[str]:
+    """``bdc serve`` over a local model in its own process; yields its OpenAI base URL once
+    it answers, and stops it after."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from bdc.vllm_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model", str(model),
+                             "--port", str(port), "--name", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            proc.kill()
+            pytest.fail(f"bdc serve did not start: {proc.stdout.read().decode()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 SMALL = {"pretrain": 200, "explore": 10, "test": 10}  # mini problems per family

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from bdc.boost.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
@@ -31,6 +26,8 @@ from bdc.config import TinyModelSettings
 from bdc.problems.format import CallTest, Problem
 from bdc.problems.format import Tests as ProblemTests
 from bdc.tiny_model import build_tiny_model
+from bdc.vllm_server import free_port
+from tests.conftest import bdc_serve
 
 SMALL = TinyModelSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64,
                           vocab_size=300, max_positions=128)
@@ -185,34 +182,12 @@ def test_mini_style_agent_on_a_local_model(tiny):
 
 # ----------------------------------------------------------------------------- HTTP
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(tiny):
     """``bdc serve`` in its own process: the protocol over a real socket."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model", str(tiny),
-                             "--port", str(port), "--name", "tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"bdc serve did not start: {proc.stdout.read().decode()[-2000:]}")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with bdc_serve(tiny, "tiny") as url:
+        yield url
 
 
 def test_http_agent_against_a_local_openai_compatible_server(served, tiny):

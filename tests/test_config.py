@@ -32,9 +32,9 @@ def test_defaults_match_params_yaml():
 
 
 def test_paper_profile_holds_the_paper_settings():
-    """profiles/paper.yaml: real benchmarks, the paper's test slices, API agents, and the
+    """paper/params.yaml: real benchmarks, the paper's test slices, API agents, and the
     schema's (the paper code's) exploration settings, every one stated."""
-    paper = load_params(ROOT / "profiles" / "paper.yaml")
+    paper = load_params(ROOT / "paper" / "params.yaml")
     assert paper.profile == "paper" and paper.explore == Params().explore
     assert not paper.problems.pretrain and paper.sandbox.strict
     explore = {(s.name, s.split) for s in paper.problems.explore}

@@ -185,11 +185,11 @@ def test_merges_equal_the_hand_computed_combinations(tmp_path, base):
 
 
 def test_paper_settings_validate_and_dry_run_on_a_tiny_model(tmp_path, base):
-    """profiles/paper.yaml's experts settings, with the tiny base standing in for the 8B."""
+    """paper/params.yaml's experts settings, with the tiny base standing in for the 8B."""
     from bdc.config import load_params
     from tests.conftest import ROOT
 
-    paper = load_params(ROOT / "profiles/paper.yaml").experts
+    paper = load_params(ROOT / "paper/params.yaml").experts
     assert (paper.lora.r, paper.lora.alpha, paper.lora.dropout) == (8, 16, 0.05)
     assert paper.lora.target_modules == ["q_proj", "v_proj"] and paper.lr == 1e-3
     assert paper.micro_batch * paper.accumulation == 64 and paper.epochs == 1

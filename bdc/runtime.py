@@ -29,12 +29,17 @@ OFFLINE_SWITCHES = {
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The nearest folder holding ``params.yaml`` (or ``BDC_PROJECT``), else the cwd."""
+    """The nearest folder holding ``params.yaml`` (or ``BDC_PROJECT``), else the cwd. A
+    pipeline folder of a project (``paper/``, with its own params.yaml) is not a project:
+    from inside it, the project is its parent."""
     if os.environ.get("BDC_PROJECT"):
         return Path(os.environ["BDC_PROJECT"]).resolve()
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "params.yaml").exists():
+            parent = folder.parent
+            if (parent / "params.yaml").exists() and folder == parent / pipeline_folder("paper"):
+                return parent
             return folder
     return here
 
@@ -69,6 +74,10 @@ def configure_environment(root: Path | None = None) -> Path:
         "DVC_SITE_CACHE_DIR": str(var / "dvc"),
         **OFFLINE_SWITCHES,
     }
+    if "HF_HUB_OFFLINE" in os.environ:  # one switch for the hub: datasets and transformers
+        # read their own, and datasets lets HF_DATASETS_OFFLINE=1 win over HF_HUB_OFFLINE=0
+        for key in ("HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            defaults[key] = os.environ["HF_HUB_OFFLINE"]
     if not sys.stderr.isatty():  # hub and transformers bars would be noise in stage logs
         defaults["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     for key, value in defaults.items():

@@ -121,17 +121,25 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
     ui_url = os.environ.get("BDC_MLFLOW_UI") or params.orchestration.mlflow_ui
     create_markdown_artifact(
         tracking.run_summary_markdown(stage, run, ui_url, root, profile),
-        key=f"stage-{stage}".replace("_", "-"), description=f"DVC stage {stage}")
+        key=artifact_key(stage, profile), description=f"DVC stage {stage} ({profile})")
     return {"stage": stage, "ran": run is not None,
             "mlflow_run_id": run.info.run_id if run else None}
 
 
-def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None, profile: str) -> dict:
+def artifact_key(stage: str, profile: str) -> str:
+    """A stage's Prefect artifact key: ``stage-explore`` (mini), ``paper-stage-explore``, so
+    the newest artifact of a key is always the same pipeline's."""
+    prefix = "" if profile == "mini" else f"{profile}-"
+    return f"{prefix}stage-{stage}".replace("_", "-")
+
+
+def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None, profile: str,
+                  single: bool = True) -> dict:
     """Run the stage as a deployment on a worker of the GPU pool and wait for it."""
     from prefect.deployments import run_deployment
 
     flow_run = run_deployment(f"stage/stage-{pool}", parameters={
-        "stage": stage, "parent_run_id": parent_run_id, "single": True, "profile": profile})
+        "stage": stage, "parent_run_id": parent_run_id, "single": single, "profile": profile})
     if not flow_run.state or not flow_run.state.is_completed():
         raise StageFailed(f"stage {stage} on the {pool} pool ended "
                           f"{flow_run.state.name if flow_run.state else 'without a state'}")
@@ -151,6 +159,10 @@ def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = Fa
     """
     root = _project()
     orchestration = _params(root, profile).orchestration
+    pool = orchestration.gpu_pool
+    here = get_run_context().flow_run.work_pool_name
+    if pool and stage in orchestration.gpu_stages and here != pool:  # e.g. from a cpu worker
+        return _dispatch_gpu(stage, pool, parent_run_id, profile, single)
     return run_stage.with_options(retries=orchestration.retries,
                                   retry_delay_seconds=orchestration.retry_delay_s)(
         stage, parent_run_id, single, profile=profile)

@@ -74,10 +74,11 @@ def make_project_copy(dest: Path) -> Path:
     for rel in git("ls-files", "--cached", "--others", "--exclude-standard",
                    cwd=ROOT).splitlines():
         src = ROOT / rel
-        if src.is_file() and not rel.startswith("data/"):  # outputs are regenerated
+        if src.is_file() and not rel.startswith(("data/", "paper/data/")):  # regenerated
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
+    (dest / "paper" / "dvc.lock").unlink(missing_ok=True)
     git("init", "-q", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "copy", cwd=dest)
@@ -96,9 +97,10 @@ def bdc_serve(model: Path, name: str) -> Iterator[str]:
     from bdc.vllm_server import free_port
 
     port = free_port()
+    log = Path(tempfile.mkdtemp()) / f"serve-{name}.log"  # a pipe nobody reads could fill
     proc = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model", str(model),
                              "--port", str(port), "--name", name],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -110,12 +112,15 @@ def bdc_serve(model: Path, name: str) -> Iterator[str]:
             except httpx.HTTPError:
                 time.sleep(0.2)
         else:
-            proc.kill()
-            pytest.fail(f"bdc serve did not start: {proc.stdout.read().decode()[-2000:]}")
+            pytest.fail(f"bdc serve did not start: {log.read_text()[-2000:]}")
         yield url
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 SMALL = {"pretrain": 200, "explore": 10, "test": 10}  # mini problems per family

@@ -146,3 +146,36 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
                str(tmp_path / "r.jsonl"), check=False)
     assert proc.returncode == 2 and f"{bad}:1:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_hf_hub_offline_0_lets_datasets_and_transformers_download_too():
+    """Bug: `HF_HUB_OFFLINE=0` (the README's switch for a machine that reaches the hub)
+    left HF_DATASETS_OFFLINE=1 set, and datasets lets that win: the paper pipeline's
+    prepare could not download APPS, CodeContests or MBPP."""
+    code = ("from bdc.runtime import configure_environment\nimport os, json\n"
+            "configure_environment()\nprint(json.dumps(dict(os.environ)))")
+    env = {k: v for k, v in os.environ.items() if "OFFLINE" not in k}
+    out = json.loads(subprocess.run([sys.executable, "-c", code],
+                                    env={**env, "HF_HUB_OFFLINE": "0"}, capture_output=True,
+                                    text=True, check=True).stdout)
+    assert (out["HF_HUB_OFFLINE"], out["HF_DATASETS_OFFLINE"],
+            out["TRANSFORMERS_OFFLINE"]) == ("0", "0", "0")
+
+
+def test_the_project_root_from_inside_a_pipeline_folder(tmp_path):
+    """paper/ holds a params.yaml of its own: from inside it, state (var/, MLflow) must still
+    be the project's, not a second store under paper/."""
+    from bdc.runtime import project_root
+
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "paper").mkdir()
+    (tmp_path / "paper" / "params.yaml").write_text("profile: paper\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "params.yaml").write_text("seed: 0\n")
+    env = os.environ.pop("BDC_PROJECT", None)
+    try:
+        assert project_root(tmp_path / "paper") == tmp_path.resolve()
+        assert project_root(tmp_path / "other") == (tmp_path / "other").resolve()
+    finally:
+        if env is not None:
+            os.environ["BDC_PROJECT"] = env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import mlflow
 import pytest
@@ -35,6 +36,32 @@ def test_deployment_parameters_are_choices_with_descriptions():
     assert set(STAGES) - set(stage_names(ROOT, "paper")) == {"pretrain"}
 
 
+def test_gpu_stages_of_either_profile_go_to_the_gpu_pool(prefect_server, project,
+                                                        monkeypatch):
+    """A GPU stage started on its own (a stage flow, from a cpu worker or a shell) ran where
+    it was started, and the profile must travel with a dispatched stage, or the gpu worker
+    runs the mini pipeline's stage of that name. (The dispatch itself, to a real gpu worker,
+    is test_ui's.)"""
+    import prefect.deployments
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.states import Completed
+
+    from flows.pipeline import stage_flow
+
+    sent = []
+
+    def run_deployment(name, parameters):
+        sent.append((name, parameters))
+        return FlowRun(flow_id=uuid.uuid4(), state=Completed())
+
+    monkeypatch.setattr(prefect.deployments, "run_deployment", run_deployment)
+    params = yaml.safe_load((project / "paper/params.yaml").read_text())
+    assert params["orchestration"]["gpu_pool"] == "gpu"
+    assert stage_flow("experts", profile="paper")["stage"] == "experts"
+    assert sent == [("stage/stage-gpu", {"stage": "experts", "parent_run_id": None,
+                                         "single": False, "profile": "paper"})]
+
+
 async def _task_run_names() -> list[str]:
     async with get_client() as client:
         return [t.name for t in await client.read_task_runs()]
@@ -46,6 +73,7 @@ async def _artifacts(key: str):
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
 
+@pytest.mark.timeout(900)  # eight stages, then vLLM: ~4 min here
 def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server, project):
     from flows.pipeline import pipeline
 
@@ -97,8 +125,9 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
 def evaluate_on_vllm_equals_transformers(project):
     """`evaluate.engine: vllm` on the pipeline's own experts and hypernetwork (real vLLM,
     the customized solver as folded adapters): greedy, every solver's programs and token
-    counts equal those of the pipeline's own (transformers) evaluate run, so the two tables
-    are the same."""
+    counts equal those of the pipeline's own (transformers) evaluate run. On the first test
+    problem of each family (a subset of the pipeline's two: vLLM on CPU generates ~10x
+    slower than transformers on these tiny models, and generation is this check's cost)."""
     import json
     import subprocess
     from pathlib import Path
@@ -107,7 +136,7 @@ def evaluate_on_vllm_equals_transformers(project):
     assert python.exists(), f"{python} is missing: `make test` builds it"
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["evaluate"]["temperature"] == 0.0  # the ci profile's: greedy
-    params["evaluate"].update(engine="vllm", system2=False)
+    params["evaluate"].update(engine="vllm", system2=False, per_group=1)
     params["vllm"].update(python=str(python), max_model_len=256)
     (project / "vllm.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     done = subprocess.run(
@@ -122,5 +151,7 @@ def evaluate_on_vllm_equals_transformers(project):
         samples[engine] = {(r["solver"], r["problem_id"]): (r["program"], r["tokens"])
                            for r in rows}
     assert {s for s, _ in samples["hf"]} >= {"base", "full", "customized", "arrow"}
-    assert samples["vllm"] == samples["hf"]
+    first = {p for _, p in samples["vllm"]}
+    assert len(first) == 6  # one per family
+    assert samples["vllm"] == {k: v for k, v in samples["hf"].items() if k[1] in first}
     assert "Generated on vLLM" in (project / "var/eval-vllm/table.md").read_text()

@@ -56,7 +56,7 @@ def test_paper_pipeline_is_the_mini_pipeline_without_pretrain():
     assert list(paper) == [s for s in mini if s != "pretrain"]
 
 
-def apps_rows(problems, first_id: int) -> list[dict]:
+def apps_rows(problems, first_id: int, difficulty: str) -> list[dict]:
     """Mini problems as APPS rows (the Hugging Face format: call-based, each expected value
     wrapped in a list), so the tiny agents can solve some of the paper pipeline's stand-ins."""
     import json
@@ -65,7 +65,7 @@ def apps_rows(problems, first_id: int) -> list[dict]:
     for index, problem in enumerate(problems):
         tests = problem.tests.public + problem.tests.hidden
         rows.append({"problem_id": first_id + index, "question": problem.prompt,
-                     "starter_code": "", "difficulty": "interview", "url": "",
+                     "starter_code": "", "difficulty": difficulty, "url": "",
                      "input_output": json.dumps({"fn_name": problem.entry_point,
                                                  "inputs": [t.input for t in tests],
                                                  "outputs": [[t.output] for t in tests]}),
@@ -128,6 +128,7 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     formats, agents over HTTP (`bdc serve`), the paper's LoRA and hypernetwork recipe on the
     tiny base standing in for the 8B; outputs under paper/data, runs tagged paper, and the
     mini pipeline's outputs untouched."""
+    import asyncio
     import json
     import subprocess
 
@@ -138,16 +139,18 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     from bdc.problems import mini
     from flows.pipeline import pipeline
     from tests.conftest import bdc_serve
+    from tests.test_flows import _artifacts
 
     standins = project / "var" / "standins"
-    for pool, name, first_id in (("explore", "apps_train", 0), ("test", "apps_test", 4000)):
+    for pool, name, first_id, difficulty in (("explore", "apps_train", 0, "interview"),
+                                             ("test", "apps_test", 4000, "introductory")):
         # the tiny solver knows arith problems: most of those, one of each other family
         problems = mini.load(slice=pool, limit=4, seed=0).problems
         families: dict[str, list] = {}
         for problem in problems:
             families.setdefault(problem.meta["family"], []).append(problem)
         chosen = [p for f, ps in families.items() for p in (ps if f == "arith" else ps[:1])]
-        write_jsonl(standins / f"{name}.jsonl", apps_rows(chosen, first_id))
+        write_jsonl(standins / f"{name}.jsonl", apps_rows(chosen, first_id, difficulty))
     with bdc_serve(project / "data/models/planner", "planner") as planner, \
             bdc_serve(solver_model, "solver") as solver:
         params = stand_in_params(project, {"planner": planner, "solver": solver}, standins)
@@ -162,8 +165,15 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     assert prepared["test"]["by_source"] == {"apps": 9, "humaneval": 4, "mbpp": 2}
     sft = (data / "explore/sft.jsonl").read_text().splitlines()
     assert sft, "the agents over HTTP solved nothing"
-    assert (data / "eval/table.md").exists() and "customized" in \
-        (data / "eval/table.md").read_text()
+    # evaluate: two problems per slice or source, every solver, the System-2 tree of the
+    # HTTP agents among the headline numbers
+    samples = [json.loads(line) for line in
+               (data / "eval/samples.jsonl").read_text().splitlines()]
+    assert len({r["problem_id"] for r in samples}) == 6
+    assert {r["problem_id"].split("/")[0].lower() for r in samples} == {
+        "apps", "humaneval", "mbpp"}
+    headline = json.loads((data / "metrics/evaluate.json").read_text())
+    assert {"customized", "system2.tree(planner+solver)"} <= set(headline)
     assert not (project / "data/explore").exists()  # the mini pipeline's outputs
     experiment = tracking.setup(project)
     runs = mlflow.search_runs([experiment], output_format="list")
@@ -174,6 +184,7 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
         r["stage"] for r in results)
     assert {r.data.tags["bdc.profile"] for r in stages} == {"paper"}
     assert "| customized |" in parent.data.tags["mlflow.note.content"]
+    assert asyncio.run(_artifacts("paper-stage-evaluate"))  # not the mini pipeline's key
     status = subprocess.run(["dvc", "status", f"{PAPER}/dvc.yaml"], cwd=project,
                             capture_output=True, text=True, timeout=120)
     assert "up to date" in status.stdout, status.stdout + status.stderr

@@ -316,14 +316,16 @@ def render_state(prompt: str, thoughts: list[str]) -> str:
         f"{i}. {t}\n" for i, t in enumerate(thoughts, 1))
 
 
-def first_per_family(problems: list[Problem], limit: int | None) -> list[Problem]:
-    """The first ``limit`` problems of each family, in order (all when ``limit`` is None)."""
+def first_per_family(problems: list[Problem], limit: int | None,
+                     group: Callable[[Problem], str] | None = None) -> list[Problem]:
+    """The first ``limit`` problems of each family (or of each ``group``, e.g. a benchmark's
+    slice), in order (all when ``limit`` is None)."""
     if limit is None:
         return problems
     counts: dict[str, int] = {}
     kept = []
     for p in problems:
-        family = p.meta.get("family", p.source)
+        family = group(p) if group else p.meta.get("family", p.source)
         if counts.get(family, 0) < limit:
             counts[family] = counts.get(family, 0) + 1
             kept.append(p)

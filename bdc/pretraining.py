@@ -10,7 +10,6 @@ bit-identical across CPUs).
 from __future__ import annotations
 
 import math
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from bdc.config import PretrainModel
 from bdc.problems.format import Problem
 from bdc.problems.mini import CODE_HEADER, render
+from bdc.runtime import cpu_cores
 
 
 @dataclass
@@ -118,7 +118,7 @@ def train(model, examples: list[Example], weights: np.ndarray, steps: int, lr: f
           on_step: Callable[[int, float], None] | None = None,
           loss_on: str = "all") -> list[float]:
     """Train in place; the loss of every step."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpu_cores())  # undo a search's share_cpu in this process
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)

@@ -59,6 +59,15 @@ def pipeline_folder(profile: str) -> Path:
     return PROFILES[profile]
 
 
+def cpu_cores() -> int:
+    """The cores this process should use: ``OMP_NUM_THREADS`` where set (a batch system or a
+    test worker given fewer cores than the machine has), else its CPU affinity (a
+    container's or job's share; ``os.cpu_count()`` counts the whole machine)."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else \
+        len(os.sched_getaffinity(0))
+
+
 def state_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "var"
 

@@ -4,20 +4,70 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Keep every test's runtime state (temp files, caches, stores) inside the project."""
+    """Keep every test's runtime state (temp files, caches, stores) inside the project.
+    Under pytest-xdist (``make test`` runs one worker per core) each worker and what it
+    starts computes on one thread: torch's default of a thread per core in every worker
+    oversubscribed the cores (measured: the ci pretraining fixture, ~45 s alone, ran past
+    300 s with two workers training at once)."""
     from bdc.runtime import configure_environment
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     configure_environment(ROOT)
     tempfile.tempdir = None  # re-read TMPDIR
+
+
+# The order modules start in. With a worker per core (pytest-xdist, a module at a time per
+# worker: its module fixtures start once), the longest first, so that no long module starts
+# last and leaves one worker running alone (measured: ~1 min at the end). test_flows trains
+# the session's ci models (~100 s on its one thread); the modules that need none of them run
+# next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s).
+FIRST = ("test_flows", "test_agents", "test_sandbox_hostile", "test_models", "test_tracking",
+         "test_cli", "test_explore_hardening", "test_problems", "test_tree_of_agents",
+         "test_paper_pipeline", "test_explore", "test_ui", "test_vllm", "test_customize",
+         "test_dvc_pipeline", "test_validate", "test_mini", "test_disentangle")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.stem
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
+
+
+def shared(tmp_path_factory: pytest.TempPathFactory, name: str,
+           produce: Callable[[Path], T]) -> T:
+    """``produce(folder)`` once per test run, also under pytest-xdist: the first worker to
+    ask builds it in the run's shared temp dir while the others wait on a lock, then read
+    its result (the documented pytest-xdist recipe for session fixtures)."""
+    import pickle
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return produce(tmp_path_factory.mktemp(name))
+    base = tmp_path_factory.getbasetemp().parent
+    result = base / f"{name}.pickle"
+    with FileLock(str(base / f"{name}.lock")):
+        if not result.exists():
+            folder = base / name
+            folder.mkdir()
+            value = produce(folder)
+            result.write_bytes(pickle.dumps(value))
+            return value
+    return pickle.loads(result.read_bytes())
 
 
 @pytest.fixture(scope="session")
@@ -160,6 +210,10 @@ def solver_model(tmp_path_factory) -> Path:
     """A tiny model that really solves something (arith problems, ~half of them): trained
     once per session, so that tests of the explore stage compare real SFT records, not the
     empty files of random-weight models."""
+    return shared(tmp_path_factory, "solver", train_solver)
+
+
+def train_solver(folder: Path) -> Path:
     from bdc.config import PretrainModel, TinyModelSettings
     from bdc.pretraining import encode, mixture, train, training_text
     from bdc.problems import mini
@@ -174,7 +228,7 @@ def solver_model(tmp_path_factory) -> Path:
     model = new_model(shape, tok, seed=0)
     train(model, examples, mixture(examples, PretrainModel(role="agent", steps=1)),
           SOLVER_STEPS, 6e-3, 8, 10, 0.1, False, 0, tok.pad_token_id)
-    return save_model(model, tok, tmp_path_factory.mktemp("solver") / "solver")
+    return save_model(model, tok, folder / "solver")
 
 
 @pytest.fixture(scope="session")
@@ -183,6 +237,10 @@ def ci_pretrained(tmp_path_factory):
     with ``folder/problems`` (the ci pools) and ``folder/models``. Project copies start with
     these models, so their pretrain stage reuses them (same fingerprint) instead of training
     for a minute in every test that runs the pipeline."""
+    return shared(tmp_path_factory, "ci-pretrained", pretrain_ci)
+
+
+def pretrain_ci(root: Path) -> tuple[Path, dict, list, float]:
     import time
 
     from bdc.config import Params, PretrainSettings, SandboxSettings
@@ -191,7 +249,6 @@ def ci_pretrained(tmp_path_factory):
     from bdc.sandbox import Sandbox
     from bdc.stages.pretrain import pretrain
 
-    root = tmp_path_factory.mktemp("ci-pretrained")
     for name, limit in SMALL.items():
         write_problems(root / "problems" / f"{name}.jsonl",
                        mini.load(slice=name, limit=limit, seed=0).problems)
@@ -207,18 +264,22 @@ def ci_pretrained(tmp_path_factory):
 def ci_experts(tmp_path_factory, ci_pretrained):
     """Three experts trained on the ci base (r 4, alpha 16) and their exact uniform merge:
     ``(base folder, experts folder)``."""
+    base = str(ci_pretrained[0] / "models" / "base")
+    return shared(tmp_path_factory, "experts", lambda folder: train_ci_experts(base, folder))
+
+
+def train_ci_experts(base: str, folder: Path) -> tuple[str, Path]:
     from bdc.config import MergeSettings
     from bdc.disentangle.experts import ExpertSet, train_all
     from bdc.disentangle.merging import merge
     from tests.test_experts import records, settings
 
-    base = str(ci_pretrained[0] / "models" / "base")
-    out = tmp_path_factory.mktemp("experts")
+    out = folder / "experts"
     experts = ExpertSet(base, settings(base=base, epochs=2, lora=settings().lora.model_copy(
         update={"alpha": 16})), "mini")
     rec = records()
     train_all(experts, {"cluster_0": rec[:2], "cluster_1": rec[2:4], "cluster_2": rec[4:]},
-              out, tmp_path_factory.mktemp("work"))
+              out, folder / "work")
     merge(experts.peft, ["cluster_0", "cluster_1", "cluster_2"], "merge_uniform",
           MergeSettings(combination="cat"))
     experts.save("merge_uniform", out / "merge_uniform", {})

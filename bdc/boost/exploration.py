@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -18,6 +17,7 @@ from bdc.boost.agents.base import Agent, Backend
 from bdc.boost.tree_of_agents import Search, Tree
 from bdc.config import AgentSettings, ExploreSettings
 from bdc.problems.format import Problem, PublicView
+from bdc.runtime import cpu_cores
 from bdc.sandbox import Execution, ExecutionResult, Sandbox
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def share_cpu(models: int, threads: int | None) -> None:
     one thread each searched 7% faster than two each. Process-wide, as torch's setting is."""
     import torch
 
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) // models))
+    torch.set_num_threads(threads or max(1, cpu_cores() // models))
 
 
 async def closing(agents: list[Agent], work: Awaitable[T]) -> T:

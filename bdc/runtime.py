@@ -61,10 +61,11 @@ def pipeline_folder(profile: str) -> Path:
 
 def cpu_cores() -> int:
     """The cores this process should use: ``OMP_NUM_THREADS`` where set (a batch system or a
-    test worker given fewer cores than the machine has), else its CPU affinity (a
-    container's or job's share; ``os.cpu_count()`` counts the whole machine)."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    return int(threads) if threads.isdigit() and int(threads) > 0 else \
+    test worker given fewer cores than the machine has; of a nested list like ``4,2`` the
+    outer level), else its CPU affinity (a container's or job's share: ``os.cpu_count()``
+    counts the whole machine)."""
+    outer = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(outer) if outer.isdecimal() and int(outer) > 0 else \
         len(os.sched_getaffinity(0))
 
 

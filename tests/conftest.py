@@ -22,8 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
     300 s with two workers training at once)."""
     from bdc.runtime import configure_environment
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # also over an exported value: N workers
+        os.environ["OMP_NUM_THREADS"] = "1"       # of N threads each would oversubscribe
     configure_environment(ROOT)
     tempfile.tempdir = None  # re-read TMPDIR
 
@@ -37,6 +37,12 @@ FIRST = ("test_flows", "test_agents", "test_sandbox_hostile", "test_models", "te
          "test_cli", "test_explore_hardening", "test_problems", "test_tree_of_agents",
          "test_paper_pipeline", "test_explore", "test_ui", "test_vllm", "test_customize",
          "test_dvc_pipeline", "test_validate", "test_mini", "test_disentangle")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per core this run may use (its CPU affinity), where xdist would
+    count the host's physical cores."""
+    return len(os.sched_getaffinity(0))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -53,6 +59,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory, name: str,
     ask builds it in the run's shared temp dir while the others wait on a lock, then read
     its result (the documented pytest-xdist recipe for session fixtures)."""
     import pickle
+    import shutil
 
     from filelock import FileLock
 
@@ -62,7 +69,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory, name: str,
     result = base / f"{name}.pickle"
     with FileLock(str(base / f"{name}.lock")):
         if not result.exists():
-            folder = base / name
+            folder = base / name  # a build that failed left its part: start over
+            shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
             value = produce(folder)
             result.write_bytes(pickle.dumps(value))

@@ -282,6 +282,17 @@ ATTACKS = {
 }
 
 
+def leftovers(uid: int, workers: set[int]) -> list[str]:
+    """What is wrong with the uid's live processes: alive may be only the worker itself and
+    its stock of unused program processes (at most SPARES, children of a worker, childless)."""
+    leftover = [p for p in processes_of_uid(uid, live_only=True) if p not in workers]
+    wrong = [f"{len(leftover)} > {SPARES} spares: {leftover}"] if len(leftover) > SPARES else []
+    wrong += [f"{p}: parent not a worker" for p in leftover if parent_of(p) not in workers]
+    wrong += [f"{p}: child of a spare" for p in processes_of_uid(uid, live_only=True)
+              if parent_of(p) in leftover]
+    return wrong
+
+
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_resource_attack_ends_within_limit_and_leaves_nothing(sandbox, name):
     tests = [CallTest(input=[], output=SECRET)] * 2
@@ -297,16 +308,9 @@ def test_resource_attack_ends_within_limit_and_leaves_nothing(sandbox, name):
         # killed processes exit when next scheduled: a fork bomb's ~30 took over 0.2 s with
         # the other core busy (two test workers), so wait for them, up to a deadline
         deadline = time.monotonic() + 5
-        while True:
-            leftover = [p for p in processes_of_uid(uid, live_only=True) if p not in workers]
-            if len(leftover) <= SPARES or time.monotonic() > deadline:
-                break
+        while (wrong := leftovers(uid, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        # alive: the worker itself and its stock of unused program processes, nothing else
-        assert len(leftover) <= SPARES, (name, leftover)
-        assert all(parent_of(p) in workers for p in leftover), (name, leftover)
-        assert not [p for p in processes_of_uid(uid, live_only=True)
-                    if parent_of(p) in leftover], (name, "a spare has children")
+        assert not wrong, (name, wrong)
     assert_still_works(sandbox)
 
 

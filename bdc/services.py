@@ -13,10 +13,13 @@ import json
 import os
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bdc.processes import ServiceError, group_alive, stop_groups, wait_http
+from bdc.processes import ServiceError, group_alive, log_tail, stop_groups, wait_http
 from bdc.runtime import configure_environment, state_dir
 from bdc.tracking import artifact_root, tracking_uri
 
@@ -94,14 +97,46 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
         for pool in POOLS:
             _run([_bin("prefect"), "work-pool", "create", pool, "--type", "process",
                   "--overwrite"], root, env)
-        for pool in POOLS:
-            launch(f"worker-{pool}", [_bin("prefect"), "worker", "start", "--pool", pool,
-                                      "--type", "process"])
+        workers = {pool: launch(f"worker-{pool}", [_bin("prefect"), "worker", "start",
+                                                   "--pool", pool, "--type", "process"])
+                   for pool in POOLS}
         _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], root, env)
+        for pool, proc in workers.items():
+            wait_for_worker(services.prefect_url, pool, timeout, proc,
+                            logs / f"worker-{pool}.log")
     except BaseException:
         stop(root)
         raise
     return services
+
+
+def online_workers(prefect_url: str, pool: str) -> int:
+    """How many workers of ``pool`` the Prefect server counts as online (its REST API: bdc
+    stays free of Prefect's client)."""
+    request = urllib.request.Request(f"{prefect_url}/api/work_pools/{pool}/workers/filter",
+                                     data=b"{}", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return sum(w.get("status") == "ONLINE" for w in json.load(response))
+    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+        return 0
+
+
+def wait_for_worker(prefect_url: str, pool: str, timeout: float, proc: subprocess.Popen,
+                    log: Path) -> None:
+    """Until the pool's worker has reported to the server. `bdc ui` said "running" as soon
+    as the worker processes were launched, so a run pressed in the UI could wait on a worker
+    that was still starting, or that had died, with nothing saying so."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"the {pool} pool's worker exited ({proc.returncode}); see "
+                               f"{log}:\n{log_tail(log)}")
+        if online_workers(prefect_url, pool):
+            return
+        time.sleep(0.5)
+    raise ServiceError(f"the {pool} pool's worker did not report to {prefect_url} within "
+                       f"{timeout:.0f}s; see {log}:\n{log_tail(log)}")
 
 
 def _run(cmd: list[str], root: Path, env: dict[str, str]) -> None:

@@ -41,6 +41,9 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, shots: P
             page.get_by_role("link", name="pipeline", exact=True).first.click()
             page.get_by_role("button", name="Run", exact=True).click()
             page.get_by_text("Quick run", exact=True).click()
+            pressed = created_runs(prefect_url)
+            assert pressed, ("the Run press created no flow run; the page said:\n"
+                             + page.inner_text("body")[-1500:])
             done = page.get_by_text("Completed", exact=True)
             broken = page.get_by_text("Failed", exact=True).or_(
                 page.get_by_text("Crashed", exact=True))
@@ -52,7 +55,9 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, shots: P
                 except AssertionError:
                     page.reload()
             page.screenshot(path=str(shots / "prefect-pipeline-run.png"))
-            expect(done.first).to_be_visible(timeout=1000)
+            assert done.first.is_visible(), (
+                f"the pipeline run did not complete in the UI; its flow runs: "
+                f"{created_runs(prefect_url, wait=0)}; worker logs:\n{worker_logs()}")
 
             page.goto(mlflow_runs_url)  # the runs view `bdc ui` links (not GenAI traces)
             expect(page.get_by_text("pipeline", exact=True).first).to_be_visible(
@@ -66,6 +71,43 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, shots: P
         finally:
             browser.close()
 
+
+
+def created_runs(prefect_url: str, wait: float = 60) -> list[tuple[str, str]]:
+    """(name, state) of the server's flow runs, once there is one (up to ``wait`` s)."""
+    import httpx
+
+    deadline = time.time() + wait
+    while True:
+        runs = httpx.post(f"{prefect_url}/api/flow_runs/filter", json={}, timeout=30).json()
+        if runs or time.time() >= deadline:
+            return [(r["name"], r["state_type"]) for r in runs]
+        time.sleep(1)
+
+
+def worker_logs() -> str:
+    return "\n".join(f"== {log}\n{log.read_text()[-1500:]}"
+                     for log in sorted(Path("var/logs").glob("worker-*.log")))
+
+
+def test_bdc_ui_fails_naming_a_worker_that_exits_or_never_reports(tmp_path):
+    """`bdc ui` said the services ran as soon as the worker processes were launched: a run
+    pressed in the UI then waited on a worker that was dead or still starting."""
+    from bdc.processes import ServiceError
+    from bdc.services import wait_for_worker
+
+    log = tmp_path / "worker-cpu.log"
+    log.write_text("prefect: cannot reach the server\n")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServiceError, match="(?s)cpu pool.s worker exited .*cannot reach"):
+        wait_for_worker(nowhere, "cpu", 30, subprocess.Popen(["false"]), log)
+    quiet = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(ServiceError, match="gpu pool's worker did not report"):
+            wait_for_worker(nowhere, "gpu", 1, quiet, log)
+    finally:
+        quiet.kill()
+        quiet.wait()
 
 
 def processes_in(folder: Path) -> list[int]:
@@ -117,11 +159,14 @@ def test_ui_path_end_to_end(project, tmp_path):
         state = json.loads((project / "var/services.json").read_text())
         assert set(state["pids"]) == {"prefect-server", "mlflow-server", "worker-cpu",
                                       "worker-gpu"}
+        from bdc.services import online_workers
+
+        prefect_url = f"http://127.0.0.1:{prefect_port}"
+        assert all(online_workers(prefect_url, pool) for pool in ("cpu", "gpu"))
         said = started.stderr + started.stdout
         assert "PREFECT_API_URL" in said
         runs_url = next(w for w in said.split() if "workflowType=machine_learning" in w)
-        text = run_pipeline_in_the_browser(f"http://127.0.0.1:{prefect_port}", runs_url,
-                                           tmp_path)
+        text = run_pipeline_in_the_browser(prefect_url, runs_url, tmp_path)
         assert "pipeline" in text and "prepare" in text
         pools = subprocess.run([sys.executable, "-c", (
             "import asyncio\n"

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -97,12 +98,15 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
         for pool in POOLS:
             _run([_bin("prefect"), "work-pool", "create", pool, "--type", "process",
                   "--overwrite"], root, env)
+        names = {pool: f"bdc-{pool}-{uuid.uuid4().hex[:8]}" for pool in POOLS}
         workers = {pool: launch(f"worker-{pool}", [_bin("prefect"), "worker", "start",
-                                                   "--pool", pool, "--type", "process"])
-                   for pool in POOLS}
+                                                   "--pool", pool, "--type", "process",
+                                                   "--name", name])
+                   for pool, name in names.items()}
         _run([_bin("prefect"), "--no-prompt", "deploy", "--all"], root, env)
+        deadline = time.monotonic() + timeout
         for pool, proc in workers.items():
-            wait_for_worker(services.prefect_url, pool, timeout, proc,
+            wait_for_worker(services.prefect_url, pool, names[pool], deadline, proc,
                             logs / f"worker-{pool}.log")
     except BaseException:
         stop(root)
@@ -110,33 +114,42 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
     return services
 
 
-def online_workers(prefect_url: str, pool: str) -> int:
-    """How many workers of ``pool`` the Prefect server counts as online (its REST API: bdc
-    stays free of Prefect's client)."""
-    request = urllib.request.Request(f"{prefect_url}/api/work_pools/{pool}/workers/filter",
-                                     data=b"{}", headers={"Content-Type": "application/json"})
+def worker_online(prefect_url: str, pool: str, name: str) -> bool:
+    """Has the worker ``name`` reported to the server (its REST API: bdc stays free of
+    Prefect's client)? By name: the server keeps earlier sessions' workers as ONLINE for
+    ~90 s after they stopped. Not yet answering, or answering 503 (busy): not yet."""
+    request = urllib.request.Request(
+        f"{prefect_url}/api/work_pools/{pool}/workers/filter",
+        data=b"{}",
+        headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return sum(w.get("status") == "ONLINE" for w in json.load(response))
-    except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
-        return 0
+            return any(w.get("name") == name and w.get("status") == "ONLINE"
+                       for w in json.load(response))
+    except urllib.error.HTTPError as error:
+        if error.code == 503:
+            return False
+        raise ServiceError(f"{request.full_url} answered {error.code}: "
+                           f"{error.read()[:500]!r}") from error
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
 
 
-def wait_for_worker(prefect_url: str, pool: str, timeout: float, proc: subprocess.Popen,
-                    log: Path) -> None:
-    """Until the pool's worker has reported to the server. `bdc ui` said "running" as soon
-    as the worker processes were launched, so a run pressed in the UI could wait on a worker
-    that was still starting, or that had died, with nothing saying so."""
-    deadline = time.monotonic() + timeout
+def wait_for_worker(prefect_url: str, pool: str, name: str, deadline: float,
+                    proc: subprocess.Popen, log: Path) -> None:
+    """Until the pool's worker has reported to the server, or ``deadline`` (monotonic).
+    `bdc ui` said "running" as soon as the worker processes were launched, so a run pressed
+    in the UI could wait on a worker that was still starting, or that had died, with
+    nothing saying so."""
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServiceError(f"the {pool} pool's worker exited ({proc.returncode}); see "
                                f"{log}:\n{log_tail(log)}")
-        if online_workers(prefect_url, pool):
+        if worker_online(prefect_url, pool, name):
             return
         time.sleep(0.5)
-    raise ServiceError(f"the {pool} pool's worker did not report to {prefect_url} within "
-                       f"{timeout:.0f}s; see {log}:\n{log_tail(log)}")
+    raise ServiceError(f"the {pool} pool's worker {name} did not report to {prefect_url} "
+                       f"in time; see {log}:\n{log_tail(log)}")
 
 
 def _run(cmd: list[str], root: Path, env: dict[str, str]) -> None:

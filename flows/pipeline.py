@@ -28,6 +28,7 @@ from prefect.context import get_run_context
 
 from bdc import tracking
 from bdc.config import Params, load_params
+from bdc.processes import stop_groups
 from bdc.runtime import configure_environment, pipeline_folder, project_root
 
 # The stages of dvc.yaml, in order: a choice in the Prefect UI's run form, not free text
@@ -85,7 +86,9 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
     """``dvc repro`` one stage of the profile's pipeline in its own process group, logging
     its output as it comes.
 
-    A timeout kills the whole process group, so nothing the stage started lives on.
+    A timeout kills the whole process group, so nothing the stage started lives on; so does
+    anything that stops this flow (Ctrl-C, Prefect cancelling the run with SIGTERM): the
+    group is its own, so no signal sent to the flow reaches it.
     """
     logger = get_run_logger()
     root = _project()
@@ -113,6 +116,10 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise StageFailed(f"stage {stage} ran past {timeout_s:.0f}s and was killed") from None
+    except BaseException:  # interrupted, cancelled: SIGTERM the stage, SIGKILL what stays
+        logger.warning("stopping stage %s (process group %d)", stage, proc.pid)
+        stop_groups([proc.pid], grace=10)
+        raise
     finally:
         reader.join(timeout=5)
     if code != 0:

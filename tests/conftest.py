@@ -114,6 +114,19 @@ def processes_of_uid(uid: int, live_only: bool = False) -> list[int]:
     return pids
 
 
+def processes_in(folder: Path) -> list[int]:
+    """PIDs (other than this test's) whose working directory is inside ``folder``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org",
            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.org"}
 

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -60,6 +66,45 @@ def test_gpu_stages_of_either_profile_go_to_the_gpu_pool(prefect_server, project
     assert stage_flow("experts", profile="paper")["stage"] == "experts"
     assert sent == [("stage/stage-gpu", {"stage": "experts", "parent_run_id": None,
                                          "single": False, "profile": "paper"})]
+
+
+SLOW_STAGE = """
+import pathlib, time
+pathlib.Path("var/slow-started").write_text("yes")
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "cancel"])
+def test_a_stopped_flow_stops_its_stage(prefect_server, project, sig):
+    """Ctrl-C on `python -m flows ...` (SIGINT) or Prefect cancelling a run (SIGTERM to the
+    flow process) left the stage's `dvc repro` and its stage process running: they lead
+    their own process group, so neither signal reached them."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import processes_in
+
+    (project / "slow.py").write_text(SLOW_STAGE)
+    spec = yaml.safe_load((project / "dvc.yaml").read_text())
+    spec["stages"]["slow"] = {"cmd": "python slow.py", "deps": ["slow.py"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    script = ("from prefect import flow\nfrom flows.pipeline import run_stage\n"
+              "flow(name='slow')(lambda: run_stage('slow'))()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=project,
+                            env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    started = project / "var/slow-started"
+    deadline = time.monotonic() + 120
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert started.exists(), "the slow stage never started"
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 20
+    while processes_in(project) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+            for pid in processes_in(project) if Path(f"/proc/{pid}").exists()}
+    assert not left, left
 
 
 async def _task_run_names() -> list[str]:
@@ -143,7 +188,7 @@ def evaluate_on_vllm_equals_transformers(project):
     lines = (project / "data/problems/test.jsonl").read_text().splitlines()
     families = sorted({json.loads(line)["meta"]["family"] for line in lines})[:3]
     subset = project / "var/problems-vllm/test.jsonl"
-    subset.parent.mkdir(parents=True)
+    subset.parent.mkdir(parents=True, exist_ok=True)
     subset.write_text("".join(f"{line}\n" for line in lines
                               if json.loads(line)["meta"]["family"] in families))
     done = subprocess.run(
@@ -160,6 +205,6 @@ def evaluate_on_vllm_equals_transformers(project):
                            for r in rows}
     assert {s for s, _ in samples["hf"]} >= {"base", "full", "customized", "arrow"}
     first = {p for _, p in samples["vllm"]}
-    assert len(first) == 3  # one per family
+    assert len(first) == 3  # one per chosen family
     assert samples["vllm"] == {k: v for k, v in samples["hf"].items() if k[1] in first}
     assert "Generated on vLLM" in (project / "var/eval-vllm/table.md").read_text()

@@ -46,6 +46,13 @@ def dask_client(settings: ClusterSettings) -> Iterator[Any]:
         raise ClusterError(f"explore.cluster.address = {settings.address}: no Dask scheduler "
                            f"answers there ({exc})") from exc
     with client:
+        try:  # tasks sent to a scheduler without workers wait for one, silently, forever
+            client.wait_for_workers(1, timeout=settings.wait_for_workers_s)
+        except TimeoutError as exc:
+            raise ClusterError(
+                f"explore.cluster.address = {settings.address}: the scheduler has no workers "
+                f"after {settings.wait_for_workers_s:g}s (start some with `dask worker "
+                f"{settings.address}`)") from exc
         yield client
 
 

@@ -189,6 +189,8 @@ class ClusterSettings(Strict):
     workers: int = Field(2, ge=1, description="processes of a local cluster")
     shard_size: int = Field(32, ge=1, description="problems per task, searched together on "
                             "one worker (a lost worker loses at most its shards in flight)")
+    wait_for_workers_s: float = Field(120.0, gt=0, description="a running scheduler with no "
+                                      "worker after this long is an error, not a wait")
 
 
 class ExploreSettings(Strict):

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from bdc.problems.format import write_problems
@@ -201,3 +202,21 @@ def test_explore_compare_with_http_agents_over_several_seeds(project, solver_mod
         assert len(row["runs"]) == 2 and row["failed_problems"]["mean"] == 0
         assert row["programs_per_problem"]["mean"] > 0
     assert "| served | tree(h1+h2) |" in done.stdout
+
+
+def test_a_scheduler_without_workers_is_an_error_not_a_wait():
+    """Pointed at a running Dask scheduler that had no workers, explore sent its shards and
+    waited for a worker, silently, forever."""
+    import logging
+
+    from distributed import LocalCluster
+
+    from bdc.cluster import ClusterError, dask_client
+    from bdc.config import ClusterSettings
+
+    with LocalCluster(n_workers=0, dashboard_address=None,
+                      silence_logs=logging.WARNING) as empty:
+        settings = ClusterSettings(address=empty.scheduler_address, wait_for_workers_s=1)
+        with pytest.raises(ClusterError, match="has no workers after 1s"), \
+                dask_client(settings):
+            pass

@@ -48,11 +48,11 @@ def dask_client(settings: ClusterSettings) -> Iterator[Any]:
     with client:
         try:  # tasks sent to a scheduler without workers wait for one, silently, forever
             client.wait_for_workers(1, timeout=settings.wait_for_workers_s)
-        except TimeoutError as exc:
-            raise ClusterError(
-                f"explore.cluster.address = {settings.address}: the scheduler has no workers "
-                f"after {settings.wait_for_workers_s:g}s (start some with `dask worker "
-                f"{settings.address}`)") from exc
+        except TimeoutError as exc:  # checked on connecting; workers that leave later are
+            raise ClusterError(      # waited for, as Dask does (a team may add some)
+                f"explore.cluster.address = {settings.address}: the scheduler has no running "
+                f"workers after {settings.wait_for_workers_s:g}s ({exc}; start some with "
+                f"`dask worker {settings.address}`)") from exc
         yield client
 
 

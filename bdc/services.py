@@ -9,6 +9,7 @@ and their PIDs and logs live under ``var/``.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -124,15 +125,17 @@ def worker_online(prefect_url: str, pool: str, name: str) -> bool:
         headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
-            return any(w.get("name") == name and w.get("status") == "ONLINE"
-                       for w in json.load(response))
+            workers = json.load(response)
     except urllib.error.HTTPError as error:
         if error.code == 503:
             return False
         raise ServiceError(f"{request.full_url} answered {error.code}: "
                            f"{error.read()[:500]!r}") from error
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError):
         return False
+    except ValueError as error:
+        raise ServiceError(f"{request.full_url} answered no JSON: {error}") from error
+    return any(w.get("name") == name and w.get("status") == "ONLINE" for w in workers)
 
 
 def wait_for_worker(prefect_url: str, pool: str, name: str, deadline: float,
@@ -141,15 +144,16 @@ def wait_for_worker(prefect_url: str, pool: str, name: str, deadline: float,
     `bdc ui` said "running" as soon as the worker processes were launched, so a run pressed
     in the UI could wait on a worker that was still starting, or that had died, with
     nothing saying so."""
-    while time.monotonic() < deadline:
+    while True:  # asked at least once, also when an earlier pool's wait used the time up
         if proc.poll() is not None:
             raise ServiceError(f"the {pool} pool's worker exited ({proc.returncode}); see "
                                f"{log}:\n{log_tail(log)}")
         if worker_online(prefect_url, pool, name):
             return
+        if time.monotonic() >= deadline:
+            raise ServiceError(f"the {pool} pool's worker {name} did not report to "
+                               f"{prefect_url} in time; see {log}:\n{log_tail(log)}")
         time.sleep(0.5)
-    raise ServiceError(f"the {pool} pool's worker {name} did not report to {prefect_url} "
-                       f"in time; see {log}:\n{log_tail(log)}")
 
 
 def _run(cmd: list[str], root: Path, env: dict[str, str]) -> None:

@@ -86,9 +86,9 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
     """``dvc repro`` one stage of the profile's pipeline in its own process group, logging
     its output as it comes.
 
-    A timeout kills the whole process group, so nothing the stage started lives on; so does
-    anything that stops this flow (Ctrl-C, Prefect cancelling the run with SIGTERM): the
-    group is its own, so no signal sent to the flow reaches it.
+    A timeout kills the whole process group, so nothing the stage started lives on; so do
+    Ctrl-C and SIGTERM to this flow's process (how Prefect cancels a run): the group is its
+    own, so no signal sent to the flow reaches it. (A SIGKILL to the flow leaves it running.)
     """
     logger = get_run_logger()
     root = _project()
@@ -109,8 +109,8 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
             logger.info("[%s] %s", stage, line.rstrip())
 
     reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
     try:
+        reader.start()
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -118,7 +118,13 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
         raise StageFailed(f"stage {stage} ran past {timeout_s:.0f}s and was killed") from None
     except BaseException:  # interrupted, cancelled: SIGTERM the stage, SIGKILL what stays
         logger.warning("stopping stage %s (process group %d)", stage, proc.pid)
-        stop_groups([proc.pid], grace=10)
+        # a second Ctrl-C must not cut the cleanup short of its SIGKILL: held until done
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            stop_groups([proc.pid], grace=10)
+            proc.wait()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise
     finally:
         reader.join(timeout=5)

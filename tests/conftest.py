@@ -120,7 +120,7 @@ def processes_in(folder: Path) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             try:
-                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                if Path(os.readlink(f"/proc/{entry}/cwd")).is_relative_to(folder):
                     pids.append(int(entry))
             except OSError:
                 continue

@@ -217,6 +217,6 @@ def test_a_scheduler_without_workers_is_an_error_not_a_wait():
     with LocalCluster(n_workers=0, dashboard_address=None,
                       silence_logs=logging.WARNING) as empty:
         settings = ClusterSettings(address=empty.scheduler_address, wait_for_workers_s=1)
-        with pytest.raises(ClusterError, match="has no workers after 1s"), \
+        with pytest.raises(ClusterError, match="has no running workers after 1s"), \
                 dask_client(settings):
             pass

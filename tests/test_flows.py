@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -75,11 +76,12 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "cancel"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stopped_flow_stops_its_stage(prefect_server, project, sig):
-    """Ctrl-C on `python -m flows ...` (SIGINT) or Prefect cancelling a run (SIGTERM to the
-    flow process) left the stage's `dvc repro` and its stage process running: they lead
-    their own process group, so neither signal reached them."""
+    """Ctrl-C on `python -m flows ...` (SIGINT) or SIGTERM to the flow process (what
+    Prefect's worker sends to cancel a run; here raw, Prefect's crash path) left the stage's
+    `dvc repro` and its stage process running: they lead their own process group, so
+    neither signal reached them."""
     from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import processes_in
@@ -93,18 +95,25 @@ def test_a_stopped_flow_stops_its_stage(prefect_server, project, sig):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=project,
                             env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     started = project / "var/slow-started"
-    deadline = time.monotonic() + 120
-    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert started.exists(), "the slow stage never started"
-    proc.send_signal(sig)
-    assert proc.wait(timeout=60) != 0
-    deadline = time.monotonic() + 20
-    while processes_in(project) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-            for pid in processes_in(project) if Path(f"/proc/{pid}").exists()}
-    assert not left, left
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started.exists(), "the slow stage never started"
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 20
+        while processes_in(project) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = {pid: Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+                for pid in processes_in(project) if Path(f"/proc/{pid}").exists()}
+        assert not left, left
+    finally:  # whatever failed above, nothing of it outlives the test
+        proc.kill()
+        proc.wait()
+        for pid in processes_in(project):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def _task_run_names() -> list[str]:

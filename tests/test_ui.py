@@ -51,7 +51,7 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project:
             done = page.get_by_text("Completed", exact=True)
             broken = page.get_by_text("Failed", exact=True).or_(
                 page.get_by_text("Crashed", exact=True))
-            deadline = time.time() + 300
+            deadline = time.time() + 400
             while time.time() < deadline:
                 try:  # the runs list renders after the page loads: wait for it each time
                     expect(done.or_(broken).first).to_be_visible(timeout=15000)
@@ -156,13 +156,15 @@ def test_only_this_start_s_worker_counts_as_online():
     from bdc.services import worker_online
 
     rows = [{"name": "ProcessWorker 1f2e", "status": "ONLINE"}]
+    busy = False
 
     class Prefect(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers["Content-Length"]))
             known = self.path == "/api/work_pools/cpu/workers/filter"
-            body = json.dumps(rows if known else {"detail": "Work pool not found"})
-            self.send_response(200 if known else 404)
+            status = 503 if busy else 200 if known else 404
+            body = json.dumps(rows if status == 200 else {"detail": "busy or no such pool"})
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             self.wfile.write(body.encode())
@@ -179,10 +181,14 @@ def test_only_this_start_s_worker_counts_as_online():
         assert not worker_online(url, "cpu", "bdc-cpu-new")
         rows[-1]["status"] = "ONLINE"
         assert worker_online(url, "cpu", "bdc-cpu-new")
+        busy = True  # Prefect's "retry": not yet, not an error
+        assert not worker_online(url, "cpu", "bdc-cpu-new")
+        busy = False
         with pytest.raises(ServiceError, match="answered 404"):
             worker_online(url, "gpu", "bdc-gpu-new")
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def _group_of(pid: int) -> int | None:

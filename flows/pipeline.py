@@ -113,7 +113,7 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
         reader.start()
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop_groups([proc.pid], grace=0)  # SIGKILL at once, and wait for the whole group
         proc.wait()
         raise StageFailed(f"stage {stage} ran past {timeout_s:.0f}s and was killed") from None
     except BaseException:  # interrupted, cancelled: SIGTERM the stage, SIGKILL what stays

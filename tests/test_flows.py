@@ -76,12 +76,13 @@ time.sleep(120)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, None],
+                         ids=["ctrl-c", "sigterm", "stage-timeout"])
 def test_a_stopped_flow_stops_its_stage(prefect_server, project, sig):
     """Ctrl-C on `python -m flows ...` (SIGINT) or SIGTERM to the flow process (what
     Prefect's worker sends to cancel a run; here raw, Prefect's crash path) left the stage's
     `dvc repro` and its stage process running: they lead their own process group, so
-    neither signal reached them."""
+    neither signal reached them. A stage past its timeout is killed the same way."""
     from prefect.settings import PREFECT_API_URL
 
     from tests.conftest import processes_in
@@ -90,18 +91,25 @@ def test_a_stopped_flow_stops_its_stage(prefect_server, project, sig):
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
     spec["stages"]["slow"] = {"cmd": "python slow.py", "deps": ["slow.py"]}
     (project / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    timeout_s = None if sig else 8  # the stage sleeps 120 s
     script = ("from prefect import flow\nfrom flows.pipeline import run_stage\n"
-              "flow(name='slow')(lambda: run_stage('slow'))()\n")
+              f"flow(name='slow')(lambda: run_stage('slow', timeout_s={timeout_s}))()\n")
+    log = project / "var/flow.log"
+    log.parent.mkdir(exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=project,
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
     started = project / "var/slow-started"
     try:
         deadline = time.monotonic() + 120
         while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert started.exists(), "the slow stage never started"
-        proc.send_signal(sig)
+        assert started.exists(), "the slow stage never started: " + log.read_text()[-2000:]
+        if sig:
+            proc.send_signal(sig)
         assert proc.wait(timeout=60) != 0
+        if not sig:
+            assert "ran past 8s and was killed" in log.read_text()
         deadline = time.monotonic() + 20
         while processes_in(project) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -145,6 +145,90 @@ def train(model, examples: list[Example], weights: np.ndarray, steps: int, lr: f
     return losses
 
 
+class CompetenceNotReached(RuntimeError):
+    """A model trained for every cycle it was allowed still lacks the skill it must show."""
+
+
+@dataclass(frozen=True)
+class Competence:
+    """A skill a model must show before its training stops, measured on held-out problems.
+
+    Float training differs across CPUs (and thread counts): a fixed step count that makes a
+    tiny model competent on one machine can leave it solving nothing on another, since its
+    competence jumps sharply with steps. Where later work needs a competent model (the ci
+    setting: tests downstream need real search data), training runs in annealed cycles until
+    this skill is measured, and fails loudly when ``cycles`` run out."""
+
+    problems: list[Problem]
+    at_least: float  # share of ``problems``
+    cycles: tuple[tuple[int, float], ...]  # (steps, peak lr) of each warm-restarted cycle
+
+    def key(self) -> dict:
+        """What the trained weights depend on, for a reuse fingerprint."""
+        return {"problems": [p.id for p in self.problems], "at_least": self.at_least,
+                "cycles": [list(c) for c in self.cycles]}
+
+
+def skill_of(loss_on: str) -> str:
+    """What a model that learned ``loss_on`` must be able to do: a planner's greedy plans
+    equal the reference plans; a coder's code from the reference plans passes the hidden
+    tests; a generalist's own programs pass them."""
+    return {"thoughts": "plans equal to the reference", "code": "solved from the reference "
+            "plan", "all": "solved alone"}[loss_on]
+
+
+def measure_skill(model, tokenizer, problems: list[Problem], loss_on: str, max_new_tokens: int,
+                  batch_size: int, judge: Callable[[list[Problem], list[str]], list[bool]]
+                  ) -> float:
+    """The share of ``problems`` on which the model shows its skill (``skill_of``);
+    ``judge`` runs programs on the hidden tests (the sandbox)."""
+    if loss_on == "thoughts":
+        plans = write_plans(model, tokenizer, problems, max_new_tokens, batch_size)
+        ok = [plan == p.meta["reference"]["thoughts"] for plan, p in zip(plans, problems,
+                                                                         strict=True)]
+    elif loss_on == "code":
+        ok = judge(problems, write_from_plans(model, tokenizer, problems, [
+            p.meta["reference"]["thoughts"] for p in problems], max_new_tokens, batch_size))
+    else:
+        ok = judge(problems, write_programs(model, tokenizer, problems, max_new_tokens,
+                                            batch_size))
+    return float(np.mean(ok)) if ok else 0.0
+
+
+def train_until(model, examples: list[Example], weights: np.ndarray, competence: Competence,
+                measure: Callable[[object], float], batch_size: int, warmup: int,
+                min_lr_ratio: float, bf16: bool, seed: int, pad_id: int,
+                on_step: Callable[[int, int, float], None] | None = None,
+                loss_on: str = "all") -> tuple[list[float], list[dict]]:
+    """Train in place, cycle by cycle (each a warm restart: warm-up, cosine decay, a fresh
+    optimizer, its own seed), until ``measure(model)`` reaches ``competence.at_least``.
+    ``(losses of every step, the check after each cycle)``; raises
+    ``CompetenceNotReached`` with every check when the last cycle ends short of it.
+    ``on_step(step, planned steps, loss)`` counts over all cycles."""
+    losses: list[float] = []
+    checks: list[dict] = []
+    for cycle, (steps, lr) in enumerate(competence.cycles):
+        done, planned = len(losses), len(losses) + steps
+
+        def step_done(step: int, loss: float, done: int = done, planned: int = planned) -> None:
+            if on_step:
+                on_step(done + step, planned, loss)
+
+        losses += train(model, examples, weights, steps, lr, batch_size,
+                        min(warmup, steps // 4), min_lr_ratio, bf16, seed + 1000 * cycle,
+                        pad_id, step_done, loss_on)
+        checks.append({"steps": len(losses), "skill": measure(model)})
+        if checks[-1]["skill"] >= competence.at_least:
+            return losses, checks
+    raise CompetenceNotReached(
+        f"after {len(losses)} steps in {len(checks)} cycles the model has "
+        f"{skill_of(loss_on)} on a share of {checks[-1]['skill']:.2f} of "
+        f"{len(competence.problems)} check problems (after each cycle: "
+        f"{', '.join(format(c['skill'], '.2f') for c in checks)}); it must reach "
+        f"{competence.at_least:.2f}. Float training differs across CPUs and thread counts: "
+        "allow more cycles or check the training data")
+
+
 @torch.no_grad()
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
              temperature: float | None = None, seed: int = 0) -> list[str]:

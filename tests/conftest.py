@@ -223,32 +223,50 @@ def use_ci_profile(root: Path) -> None:
     git("commit", "-qam", "ci profile", cwd=root)
 
 
-SOLVER_STEPS = 400  # measured: pass@1 0.5 alone on arith explore problems, ~18 s on 2 cores
+# the solver trains until its greedy programs solve half of the arith explore problems the
+# explore tests search (measured: 400 steps do it on one CPU; float training differs across
+# CPUs, so the steps are not fixed), in cycles of warm restarts, failing loudly after the last
+SOLVER_CYCLES, SOLVER_SKILL = ((400, 6e-3),) + ((200, 3e-3),) * 4, 0.5
 
 
 @pytest.fixture(scope="session")
 def solver_model(tmp_path_factory) -> Path:
-    """A tiny model that really solves something (arith problems, ~half of them): trained
-    once per session, so that tests of the explore stage compare real SFT records, not the
-    empty files of random-weight models."""
+    """A tiny model that really solves something (arith problems, half of them at least):
+    trained once per session, so that tests of the explore stage compare real SFT records,
+    not the empty files of random-weight models."""
     return shared(tmp_path_factory, "solver", train_solver)
 
 
 def train_solver(folder: Path) -> Path:
-    from bdc.config import PretrainModel, TinyModelSettings
-    from bdc.pretraining import encode, mixture, train, training_text
+    from bdc.config import PretrainModel, SandboxSettings, TinyModelSettings
+    from bdc.pretraining import (
+        Competence,
+        encode,
+        measure_skill,
+        mixture,
+        train_until,
+        training_text,
+    )
     from bdc.problems import mini
+    from bdc.sandbox import Sandbox
+    from bdc.scoring import solved
     from bdc.tiny_model import new_model, save_model, train_tokenizer
 
     corpus = [p for p in mini.load(slice="pretrain", limit=200).problems
               if p.meta["family"] == "arith"]
+    check = [p for p in mini.load(slice="explore", limit=8).problems  # setup_explore's
+             if p.meta["family"] == "arith"]
     shape = TinyModelSettings(hidden_size=64, layers=2, heads=4, intermediate_size=192,
                               vocab_size=512, max_positions=256)
     tok = train_tokenizer([training_text(p)[1] for p in corpus], shape.vocab_size)
     examples = encode(tok, corpus, shape.max_positions)
     model = new_model(shape, tok, seed=0)
-    train(model, examples, mixture(examples, PretrainModel(role="agent", steps=1)),
-          SOLVER_STEPS, 6e-3, 8, 10, 0.1, False, 0, tok.pad_token_id)
+    with Sandbox(SandboxSettings(workers=2)) as sandbox:
+        train_until(model, examples, mixture(examples, PretrainModel(role="agent", steps=1)),
+                    Competence(check, SOLVER_SKILL, SOLVER_CYCLES),
+                    lambda m: measure_skill(m, tok, check, "all", 128, 32,
+                                            lambda ps, programs: solved(ps, programs, sandbox)),
+                    8, 10, 0.1, False, 0, tok.pad_token_id)
     return save_model(model, tok, folder / "solver")
 
 

@@ -91,7 +91,8 @@ def test_labels_are_shifted(trained):
 
 def test_a_folded_adapter_has_the_gated_logits(tmp_path, trained):
     """Parity: for one input, the rank-K*r PEFT adapter folded from its weights gives the
-    gated forward's logits (fp32, max abs difference <= 1e-5)."""
+    gated forward's logits (fp32: within 1e-5 of the logits' scale, since the rounding of
+    two summation orders grows with the values summed, and CPUs sum in other orders)."""
     model, tok = customized(trained)
     torch.manual_seed(1)
     for mlp in model.router.mlps.values():  # a hypernetwork that does not average
@@ -102,7 +103,8 @@ def test_a_folded_adapter_has_the_gated_logits(tmp_path, trained):
     folder = save_folded(model, fold(model, z), tmp_path / "folded", trained[0])
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 12 == config["lora_alpha"] and max_lora_rank(12) == 16
-    assert (peft_logits(trained[0], folder, enc) - gated).abs().max() <= 1e-5
+    scale = max(1.0, gated.abs().max().item())
+    assert (peft_logits(trained[0], folder, enc) - gated).abs().max() <= 1e-5 * scale
     cache = FoldedCache(model, tmp_path / "cache", trained[0], precision=0.01)
     first = cache.adapter(z)
     assert cache.adapter(z + 1e-7) == first and (cache.hits, cache.misses) == (1, 1)

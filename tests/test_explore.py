@@ -27,7 +27,9 @@ def setup_explore(root: Path, solver: Path) -> None:
     write_problems(root / "data/problems/explore.jsonl", chosen)
     shutil.copytree(solver, root / "data/models/solver")
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["explore"].update(limit=None, concurrency=3)
+    # one torch thread everywhere: Dask's workers compute on one (its nanny sets
+    # OMP_NUM_THREADS=1), and the runs compared below must generate the same numbers
+    params["explore"].update(limit=None, concurrency=3, cpu_threads=1)
     params["explore"]["search"].update(rollouts=2, max_programs=6, wall_time_s=600)
     agent = {"backend": "hf", "model": "data/models/solver", "style": "mini",
              "thought": "plan", "temperature": 0.8, "thought_tokens": 48,

@@ -17,7 +17,7 @@ def main() -> None:
     from bdc.runtime import configure_environment
 
     configure_environment()
-    from bdc.cli import main as cli_main
+    from bdc._cli import main as cli_main
 
     gc.freeze()
     gc.enable()

@@ -65,7 +65,7 @@ def main() -> None:
 
     from bdc.customize.solver import load
     from bdc.jsonl import read_jsonl
-    from bdc.models import load_causal_lm
+    from bdc.llm.loading import load_causal_lm
 
     solver = load(Path("data/hypernet"), Path("data/experts"), Path("data/clusters"))
     model = solver.model.eval()

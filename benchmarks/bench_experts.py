@@ -42,9 +42,8 @@ def main() -> None:
 
     configure_environment()
     from bdc.config import load_params
-    from bdc.disentangle.experts import ExpertSet, train_all
+    from bdc.disentangle.experts import ExpertSet, datasets, train_all
     from bdc.jsonl import read_jsonl
-    from bdc.stages.experts import datasets
 
     params = load_params("params.yaml")
     settings = params.experts.model_copy(update={"epochs": args.epochs,

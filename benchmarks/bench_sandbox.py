@@ -46,7 +46,7 @@ def bdc_engine(problems_file: Path, samples_file: Path, workers: int) -> tuple[f
     from bdc.jsonl import read_jsonl
     from bdc.problems.format import Sample, read_problems
     from bdc.sandbox import Sandbox
-    from bdc.scoring import score_samples
+    from bdc.sandbox.scoring import score_samples
 
     start = time.perf_counter()
     problems = {p.id: p for p in read_problems(problems_file)}
@@ -88,7 +88,7 @@ def main() -> None:
                 f.write(json.dumps({"task_id": r["problem_id"], "completion": r["completion"]})
                         + "\n")
         n = len(rows)
-        bdc_cmd = [bdc, "evaluate", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
+        bdc_cmd = [bdc, "score", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
                    "--out", "results.jsonl", "--split", "all", "--workers", str(args.workers)]
         he_cmd = [str(BIN / "evaluate_functional_correctness"), "he_samples.jsonl",
                   "--k='1'", "--n_workers", str(args.workers)]

@@ -38,10 +38,10 @@ def main() -> None:
     from bdc.config import load_params
     from bdc.customize.fold import FoldedCache
     from bdc.customize.solver import load
+    from bdc.llm.system1 import solve, solve_served
+    from bdc.llm.vllm_server import Adapter, VLLMServer
     from bdc.problems.format import read_problems
     from bdc.runtime import configure_environment, project_root, state_dir
-    from bdc.system1 import solve, solve_served
-    from bdc.vllm_server import Adapter, VLLMServer
 
     root = project_root()
     configure_environment(root)

@@ -33,14 +33,14 @@ def one(seed: int) -> list[dict]:
     import torch
 
     from bdc.config import Params, PretrainSettings, SandboxSettings
-    from bdc.pretraining import CompetenceNotReached, measure_skill, mixture, train_until
+    from bdc.llm.mini_models import CI_SHAPE, ci_competence, corpus_of, effective_spec
+    from bdc.llm.pretraining import CompetenceNotReached, measure_skill, mixture, train_until
+    from bdc.llm.tiny import new_model
     from bdc.problems import mini
     from bdc.problems.format import read_problems, write_problems
     from bdc.runtime import configure_environment
     from bdc.sandbox import Sandbox
-    from bdc.scoring import solved
-    from bdc.stages.pretrain import CI_SHAPE, ci_competence, corpus_of, effective_spec
-    from bdc.tiny_model import new_model
+    from bdc.sandbox.scoring import solved
 
     configure_environment()
     params = Params(seed=seed, pretrain=PretrainSettings(setting="ci"))

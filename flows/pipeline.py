@@ -26,15 +26,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from bdc import tracking
+from bdc import artifacts, tracking
 from bdc.config import Params, load_params
 from bdc.processes import stop_groups
 from bdc.runtime import configure_environment, pipeline_folder, project_root
+from flows import runs
 
 # The stages of dvc.yaml, in order: a choice in the Prefect UI's run form, not free text
 # (tests/test_flows.py checks it against dvc.yaml; paper/dvc.yaml has them but pretrain).
-Stage = Literal["prepare", "pretrain", "explore", "validate", "disentangle", "experts",
-                "customize", "evaluate"]
+Stage = Literal[artifacts.STAGES]  # Literal[("a", "b")] is Literal["a", "b"]
 STAGES: tuple[str, ...] = get_args(Stage)
 Profile = Literal["mini", "paper"]
 
@@ -130,10 +130,10 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
         reader.join(timeout=5)
     if code != 0:
         raise StageFailed(f"stage {stage} failed (exit {code}):\n" + "\n".join(tail))
-    run = tracking.find_stage_run(stage, parent_run_id, started_ms, root, profile)
+    run = runs.find_stage_run(stage, parent_run_id, started_ms, root, profile)
     ui_url = os.environ.get("BDC_MLFLOW_UI") or params.orchestration.mlflow_ui
     create_markdown_artifact(
-        tracking.run_summary_markdown(stage, run, ui_url, root, profile),
+        runs.run_summary_markdown(stage, run, ui_url, root, profile),
         key=artifact_key(stage, profile), description=f"DVC stage {stage} ({profile})")
     return {"stage": stage, "ran": run is not None,
             "mlflow_run_id": run.info.run_id if run else None}
@@ -205,7 +205,7 @@ def pipeline(stages: list[Stage] | None = None, profile: Profile = "mini") -> li
     names = [s for s in declared if not stages or s in stages]
     flow_run_id = str(get_run_context().flow_run.id)
     results = []
-    with tracking.pipeline_run(params.profile, {"prefect.flow_run_id": flow_run_id},
+    with runs.pipeline_run(params.profile, {"prefect.flow_run_id": flow_run_id},
                                root) as parent_run_id:
         for stage in names:
             pool = _gpu_pool(stage, orchestration)

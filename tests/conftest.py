@@ -165,11 +165,11 @@ def bdc_serve(model: Path, name: str) -> Iterator[str]:
 
     import httpx
 
-    from bdc.vllm_server import free_port
+    from bdc.llm.vllm_server import free_port
 
     port = free_port()
     log = Path(tempfile.mkdtemp()) / f"serve-{name}.log"  # a pipe nobody reads could fill
-    proc = subprocess.Popen([sys.executable, "-m", "bdc.cli", "serve", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "bdc._cli", "serve", "--model", str(model),
                              "--port", str(port), "--name", name],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -239,7 +239,7 @@ def solver_model(tmp_path_factory) -> Path:
 
 def train_solver(folder: Path) -> Path:
     from bdc.config import PretrainModel, SandboxSettings, TinyModelSettings
-    from bdc.pretraining import (
+    from bdc.llm.pretraining import (
         Competence,
         encode,
         measure_skill,
@@ -247,10 +247,10 @@ def train_solver(folder: Path) -> Path:
         train_until,
         training_text,
     )
+    from bdc.llm.tiny import new_model, save_model, train_tokenizer
     from bdc.problems import mini
     from bdc.sandbox import Sandbox
-    from bdc.scoring import solved
-    from bdc.tiny_model import new_model, save_model, train_tokenizer
+    from bdc.sandbox.scoring import solved
 
     corpus = [p for p in mini.load(slice="pretrain", limit=200).problems
               if p.meta["family"] == "arith"]
@@ -283,10 +283,10 @@ def pretrain_ci(root: Path) -> tuple[Path, dict, list, float]:
     import time
 
     from bdc.config import Params, PretrainSettings, SandboxSettings
+    from bdc.llm.mini_models import pretrain
     from bdc.problems import mini
     from bdc.problems.format import write_problems
     from bdc.sandbox import Sandbox
-    from bdc.stages.pretrain import pretrain
 
     for name, limit in SMALL.items():
         write_problems(root / "problems" / f"{name}.jsonl",

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from bdc.boost.agents.backends import HFBackend, HTTPSettings, OpenAIBackend
-from bdc.boost.agents.base import AgentError, Backend, Completion, Generation, Request
 from bdc.boost.agents.llm import (
     ChatStyle,
     LLMAgent,
@@ -23,10 +21,12 @@ from bdc.boost.agents.llm import (
     parse_thoughts,
 )
 from bdc.config import TinyModelSettings
+from bdc.llm.backends import HFBackend, HTTPSettings, OpenAIBackend
+from bdc.llm.base import Backend, BackendError, Completion, Generation, Request
+from bdc.llm.tiny import build_tiny_model
+from bdc.llm.vllm_server import free_port
 from bdc.problems.format import CallTest, Problem
 from bdc.problems.format import Tests as ProblemTests
-from bdc.tiny_model import build_tiny_model
-from bdc.vllm_server import free_port
 from tests.conftest import bdc_serve
 
 SMALL = TinyModelSettings(hidden_size=32, layers=1, heads=2, intermediate_size=64,
@@ -154,7 +154,7 @@ def test_hf_log_probabilities_of_chosen_tokens_equal_the_full_logits_way(tiny):
 def test_seeded_sampling_rows_are_independent_across_noise_blocks(monkeypatch):
     import torch
 
-    from bdc.boost.agents.backends import SeededSampling
+    from bdc.llm.backends import SeededSampling
 
     def run(seeds, temps, steps=40, vocab=7):
         proc = SeededSampling(seeds, temps)
@@ -316,11 +316,11 @@ def test_api_key_comes_from_the_environment(monkeypatch):
 def test_client_errors_fail_at_once_and_timeouts_give_up(monkeypatch):
     monkeypatch.delenv("BDC_TEST_KEY", raising=False)
     bad = ProviderLike(fail_first=5, status=400)
-    with bad as url, pytest.raises(AgentError, match="HTTP 400"):
+    with bad as url, pytest.raises(BackendError, match="HTTP 400"):
         asyncio.run(chat_agent(url).propose(VIEW, [], 2, 0))
     assert len(bad.seen) == 1
     with ProviderLike(fail_first=0, delay=2.0) as url, \
-            pytest.raises(AgentError, match="gave up after 2 attempts"):
+            pytest.raises(BackendError, match="gave up after 2 attempts"):
         asyncio.run(chat_agent(url, timeout_s=0.3, retries=1).propose(VIEW, [], 2, 0))
 
 
@@ -329,7 +329,7 @@ def test_a_provider_that_takes_n_1_only_gets_one_request_per_program(monkeypatch
     code = "```python\ndef f(x):\n    return x + 1\n```"
     server = ProviderLike(fail_first=0, max_n=1, content=code)
     with server as url:
-        with pytest.raises(AgentError, match="only n=1 is supported"):  # as configured before
+        with pytest.raises(BackendError, match="only n=1 is supported"):  # as configured before
             asyncio.run(chat_agent(url).write(VIEW, ["Add one."], 3, 0))
         server.seen.clear()
         agent = chat_agent(url, max_n_per_request=1, supports_seed=False)
@@ -355,7 +355,7 @@ def test_one_http_backend_serves_several_event_loops(monkeypatch):
 
 
 def test_openai_needs_a_key():
-    with pytest.raises(AgentError, match="set the environment variable BDC_NO_SUCH_KEY"):
+    with pytest.raises(BackendError, match="set the environment variable BDC_NO_SUCH_KEY"):
         OpenAIBackend(HTTPSettings(base_url="https://api.openai.com/v1", model="gpt-4o-mini",
                                    api_key_env="BDC_NO_SUCH_KEY"))
 
@@ -364,7 +364,7 @@ def test_openai_needs_a_key():
 
 def test_vllm_backend_when_installed(tiny):
     pytest.importorskip("vllm", reason="vLLM is the optional 'gpu' extra")
-    from bdc.boost.agents.backends import VLLMBackend
+    from bdc.llm.backends import VLLMBackend
 
     backend = VLLMBackend(str(tiny), max_model_len=128)
     gens = asyncio.run(backend.generate(Request("### Problem\n", n=2, temperature=0.8,

@@ -41,12 +41,17 @@ def test_export_and_evaluate_canonical_humaneval(tmp_path):
     out = bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--references",
               "canonical.jsonl", cwd=tmp_path)
     assert "wrote 164 problems" in out.stderr
-    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
+    proc = bdc("score", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
                "--out", "results.jsonl", "--split", "all", "--workers", "2", cwd=tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
     assert len(rows) == 164 and all(r["status"] == "passed" for r in rows)
     assert {"problem_id", "sample_index", "status", "passed", "total", "pass_rate"} <= set(rows[0])
     assert "strict_accuracy" in proc.stdout and "1.0000" in proc.stdout
+    # the command's old name works for one release, saying so; the stage keeps its own
+    old = bdc("evaluate", "--problems", "he.jsonl", "--samples", "canonical.jsonl",
+              "--out", "old.jsonl", "--split", "all", "--workers", "2", cwd=tmp_path)
+    assert "deprecated" in old.stdout + old.stderr
+    assert (tmp_path / "old.jsonl").read_text() == (tmp_path / "results.jsonl").read_text()
 
 
 def test_evaluate_several_samples_reports_pass_at_k(tmp_path):
@@ -56,7 +61,7 @@ def test_evaluate_several_samples_reports_pass_at_k(tmp_path):
         for pid in ids:
             for body in ("    return None\n", "    pass\n", "    return 1\n"):
                 f.write(json.dumps({"problem_id": pid, "completion": body}) + "\n")
-    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out",
+    proc = bdc("score", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out",
                "r.jsonl", "--timeout", "2", cwd=tmp_path)
     assert "pass@1" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "r.jsonl").open()]
@@ -66,16 +71,16 @@ def test_evaluate_several_samples_reports_pass_at_k(tmp_path):
 def test_bad_input_exits_2_naming_file_and_line(tmp_path):
     bdc("problems", "export", "humaneval", "--out", "he.jsonl", "--limit", "2", cwd=tmp_path)
     (tmp_path / "s.jsonl").write_text('{"problem_id": "HumanEval/0", "program": "x"}\n{oops\n')
-    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+    proc = bdc("score", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
                cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "s.jsonl:2: invalid JSON" in proc.stderr
     assert not (tmp_path / "r.jsonl").exists()  # no half-written output
     (tmp_path / "s.jsonl").write_text('{"problem_id": "nope", "program": "x"}\n')
-    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+    proc = bdc("score", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
                cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unknown problems" in proc.stderr
     (tmp_path / "params.yaml").write_text("sandbox:\n  workerz: 3\n")
-    proc = bdc("evaluate", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
+    proc = bdc("score", "--problems", "he.jsonl", "--samples", "s.jsonl", "--out", "r.jsonl",
                cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "sandbox.workerz" in proc.stderr
 
@@ -124,7 +129,7 @@ def test_a_missing_params_file_is_an_error_naming_it(tmp_path):
 
 BUG = """
 import sys
-from bdc import cli
+from bdc import _cli as cli
 
 @cli.app.command("crash")
 def crash():
@@ -142,7 +147,7 @@ def test_a_bug_keeps_its_traceback_and_a_user_error_is_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError" in proc.stderr
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"id": "a"}\n')
-    proc = bdc("evaluate", "--problems", str(bad), "--samples", str(bad), "--out",
+    proc = bdc("score", "--problems", str(bad), "--samples", str(bad), "--out",
                str(tmp_path / "r.jsonl"), check=False)
     assert proc.returncode == 2 and f"{bad}:1:" in proc.stderr
     assert "Traceback" not in proc.stderr

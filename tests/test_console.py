@@ -44,7 +44,7 @@ def test_plain_progress_throttles_and_always_ends_with_the_final_state(capsys):
 
 
 def test_off_a_terminal_rich_is_not_imported_and_errors_are_one_plain_line(tmp_path):
-    code = ("import sys; from bdc.cli import main; sys.argv = ['bdc', 'evaluate', '--problems',"
+    code = ("import sys; from bdc._cli import main; sys.argv = ['bdc', 'score', '--problems',"
             " 'p', '--samples', 's', '--out', 'o', '--split', 'nope']\n"
             "try:\n    main()\nexcept SystemExit as e:\n"
             "    print(e.code, 'rich' in sys.modules, file=sys.stdout)\n")

@@ -134,7 +134,7 @@ def test_layers_outside_the_range_use_the_base_alone(trained):
 
 def test_only_the_hypernetwork_trains_and_resumes(tmp_path, trained):
     from bdc.customize.training import rows, train
-    from bdc.system1 import MiniTemplate
+    from bdc.llm.system1 import MiniTemplate
 
     model, tok = customized(trained)
     frozen = {n: p.clone() for n, p in model.model.named_parameters()}

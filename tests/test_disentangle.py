@@ -127,7 +127,7 @@ def test_fixed_k_is_used_as_given(tmp_path, cache):
 
 def test_the_stage_refuses_data_validate_did_not_pass(tmp_path):
     from bdc.stages.disentangle import run
-    from bdc.stages.validate import NotValidated, sha256
+    from bdc.validation.report import NotValidated, sha256
 
     write_pools(tmp_path, per_family=2)
     validate = tmp_path / "validate"
@@ -151,7 +151,7 @@ def test_bdc_disentangle_writes_what_the_experts_need(project):
     import mlflow
 
     from bdc import tracking
-    from bdc.stages.validate import sha256
+    from bdc.validation.report import sha256
 
     write_pools(project / "data", per_family=6)
     sft = project / "data/explore/sft.jsonl"

@@ -52,7 +52,7 @@ def pipeline(project: Path) -> Path:
     (project / "slow_writer.py").write_text(SLOW_WRITER)
     spec = yaml.safe_load((project / "dvc.yaml").read_text())
     spec["stages"]["check"] = {
-        "cmd": "bdc evaluate --problems data/problems/test.jsonl --samples refs.jsonl "
+        "cmd": "bdc score --problems data/problems/test.jsonl --samples refs.jsonl "
                "--out data/check.jsonl --timeout ${sandbox.timeout}",
         "deps": ["data/problems/test.jsonl", "refs.jsonl"], "params": ["sandbox"],
         "outs": ["data/check.jsonl"]}

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from bdc.evaluation import Outcome, markdown, table
+from bdc.evaluate.runner import Outcome, markdown, table
 
 
 def outcome(solver, seed, pid, rate, tokens=10):
@@ -43,7 +43,7 @@ def test_one_seed_has_no_spread_and_pass_at_k_needs_k_samples():
 
 
 def test_claims_compare_with_the_right_baselines():
-    from bdc.stages.evaluate import claims
+    from bdc.evaluate.claims import claims
 
     def row(v):
         return {"strict_accuracy": {"mean": v, "std": 0.0}}
@@ -63,7 +63,7 @@ def test_programs_are_scored_while_the_next_batch_generates():
     import threading
 
     from bdc.config import SandboxSettings
-    from bdc.evaluation import Runner
+    from bdc.evaluate.runner import Runner
     from bdc.problems import mini
     from bdc.sandbox import Sandbox
 
@@ -88,8 +88,8 @@ def test_oracle_of_a_family_without_training_records_is_the_base():
     """A test family none of whose problems reached the training data has no home cluster;
     the evaluate stage crashed on it with KeyError (seen on the ci pools, where only arith
     is learnt). The oracle uses the base model there, and only there."""
+    from bdc.evaluate.solvers import oracle_adapter
     from bdc.problems.format import Problem
-    from bdc.stages.evaluate import oracle_adapter
 
     def problem(family):
         return Problem(id=f"t/{family}", source="mini", prompt="p", kind="stdio",

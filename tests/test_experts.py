@@ -11,8 +11,8 @@ import torch
 
 from bdc.config import ExpertsSettings, LoraSettings, MergeSettings
 from bdc.disentangle.experts import ExpertSet, tokenize, train_all
+from bdc.llm.system1 import MiniTemplate, examples, template_for
 from bdc.problems import mini
-from bdc.system1 import MiniTemplate, examples, template_for
 
 PROBLEMS = mini.load(slice="explore", limit=1).problems[:3]
 
@@ -61,7 +61,7 @@ def test_training_and_inference_share_one_template(base):
 
 
 def test_chat_template_for_chat_models():
-    from bdc.system1 import ChatTemplate
+    from bdc.llm.system1 import ChatTemplate
 
     class Tok:
         eos_token = "<|eot|>"
@@ -104,6 +104,34 @@ def test_adapters_train_on_one_base_and_are_reused(tmp_path, base):
     changed = train_all(ExpertSet(base, settings(base=base, lr=1e-3), "mini"), data,
                         tmp_path / "out", tmp_path / "work")
     assert not any(r["reused"] for r in changed.values())  # a setting changed: retrained
+
+
+def test_adapters_are_retrained_when_their_code_changes_or_their_files_are_damaged(
+        tmp_path, base, monkeypatch, caplog):
+    """Bugs: after a change to the training code every adapter was 'already trained,
+    reused' (the reuse key had no code in it); a truncated adapter was reused too, and every
+    later run crashed loading it with no path named."""
+    import bdc.disentangle.experts as experts_module
+
+    s = settings(base=base)
+    data = {"full": records(), "cluster_0": records()[:2]}
+    out = tmp_path / "out"
+    train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
+    code = experts_module.code_version(experts_module.EXPERT_CODE)
+    monkeypatch.setattr(experts_module, "code_version", lambda parts: code + "-edited")
+    edited = train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
+    assert not any(r["reused"] for r in edited.values())
+    monkeypatch.undo()
+    weights = out / "cluster_0" / "adapter_model.safetensors"
+    for damage in (lambda: weights.write_bytes(weights.read_bytes()[:-100]), weights.unlink):
+        train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
+        damage()
+        with caplog.at_level("WARNING"):
+            healed = train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
+        assert healed["full"]["reused"] and not healed["cluster_0"]["reused"]
+        assert str(weights) in caplog.text and "training again" in caplog.text
+        caplog.clear()
+        assert ExpertSet(base, s, "mini").load("cluster_0", out / "cluster_0") is None
 
 
 def test_an_interrupted_adapter_resumes_from_its_checkpoint(tmp_path, base, monkeypatch):

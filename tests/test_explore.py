@@ -213,7 +213,7 @@ def test_a_scheduler_without_workers_is_an_error_not_a_wait():
 
     from distributed import LocalCluster
 
-    from bdc.cluster import ClusterError, dask_client
+    from bdc.boost.dask_shards import ClusterError, dask_client
     from bdc.config import ClusterSettings
 
     with LocalCluster(n_workers=0, dashboard_address=None,

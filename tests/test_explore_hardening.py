@@ -9,15 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from bdc.boost.agents.base import AgentError
 from bdc.boost.agents.scripted import ScriptedAgent
+from bdc.boost.exploration import ExploreFailed, explore
+from bdc.boost.records import tree_code_version, tree_file
 from bdc.boost.training_data import preference_pairs, sft_records
 from bdc.config import AgentSettings, ExploreSettings, Params, SandboxSettings, SearchSettings
+from bdc.llm.base import BackendError
 from bdc.problems import mini
 from bdc.problems.format import CallTest, Problem
 from bdc.problems.format import Tests as ProblemTests
+from bdc.reuse import code_version
 from bdc.sandbox import Sandbox
-from bdc.stages.explore import ExploreFailed, code_version, explore, tree_file
 
 PROBLEMS = mini.load(slice="explore", limit=1).problems  # one per family
 
@@ -70,7 +72,7 @@ def test_whatever_a_failing_program_returns_its_tree_is_written_and_resumed(
 def flaky(fails_on: str) -> ScriptedAgent:
     def propose(view, thoughts, width, seed):
         if fails_on in view.id:
-            raise AgentError("https://api.example/v1/chat/completions (m): HTTP 400: "
+            raise BackendError("https://api.example/v1/chat/completions (m): HTTP 400: "
                              "This model's maximum context length is 8192 tokens")
         return [("plan", 0.5)]
 
@@ -134,12 +136,12 @@ def test_limit_never_deletes_finished_trees_outside_the_selection(tmp_path, sand
 def test_code_version_follows_the_code_not_its_docstrings(tmp_path):
     src = tmp_path / "search.py"
     src.write_text('"""The search."""\n\ndef f():\n    """Doc."""\n    return 1  # one\n')
-    v1 = code_version(tmp_path, ("search.py",))
+    v1 = code_version(("search.py",), tmp_path)
     src.write_text('"""The search, reworded."""\n\ndef f():\n    """Other."""\n    return 1\n')
-    assert code_version(tmp_path, ("search.py",)) == v1
+    assert code_version(("search.py",), tmp_path) == v1
     src.write_text('"""The search."""\n\ndef f():\n    """Doc."""\n    return 2\n')
-    assert code_version(tmp_path, ("search.py",)) != v1
-    assert code_version() == code_version()  # the real tree code hashes stably
+    assert code_version(("search.py",), tmp_path) != v1
+    assert tree_code_version() == tree_code_version()  # the real tree code hashes stably
 
 
 # ----------------------------------------------------------------------------- training data

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bdc.config import Params, PretrainSettings
+from bdc.llm import prompts
 from bdc.problems import mini
 from bdc.problems.format import CallTest
 from bdc.sandbox import Sandbox
-from bdc.scoring import score_samples
+from bdc.sandbox.scoring import score_samples
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_ci_training_run(ci_run):
     """The ci agents trained until they showed their skill (fixed steps did not carry
     across CPUs: on one, 700 steps left the pair solving nothing), so the stages after
     explore get real data; the base needs none and trains its fixed steps."""
-    from bdc.stages.pretrain import CI_CYCLES, CI_SKILL, CI_STEPS
+    from bdc.llm.mini_models import CI_CYCLES, CI_SKILL, CI_STEPS
 
     root, metrics, progress, seconds = ci_run  # speed is a benchmark's business, not a test's
     assert set(metrics["models"]) == {"planner", "coder", "base"}
@@ -127,9 +128,9 @@ def test_ci_training_run(ci_run):
 def test_training_stops_when_the_skill_holds_and_fails_loudly_when_it_never_does(splits):
     """train_until: one cycle when the first suffices, every allowed cycle and then an error
     naming the skill and each check when it never holds."""
-    from bdc.pretraining import Competence, CompetenceNotReached, encode, mixture, train_until
-    from bdc.stages.pretrain import CI_SHAPE
-    from bdc.tiny_model import new_model, train_tokenizer
+    from bdc.llm.mini_models import CI_SHAPE
+    from bdc.llm.pretraining import Competence, CompetenceNotReached, encode, mixture, train_until
+    from bdc.llm.tiny import new_model, train_tokenizer
 
     corpus = splits["pretrain"]
     tok = train_tokenizer([training_text_of(p) for p in corpus], 512)
@@ -157,7 +158,7 @@ def test_training_stops_when_the_skill_holds_and_fails_loudly_when_it_never_does
 
 
 def training_text_of(problem) -> str:
-    from bdc.pretraining import training_text
+    from bdc.llm.pretraining import training_text
 
     return training_text(problem)[1]
 
@@ -165,24 +166,24 @@ def training_text_of(problem) -> str:
 def test_ci_models_load_with_the_loader_and_peft(ci_run):
     from peft import LoraConfig, get_peft_model
 
-    from bdc.models import load_causal_lm
+    from bdc.llm.loading import load_causal_lm
 
     root = ci_run[0]
     model, tok = load_causal_lm(root / "models" / "planner")
     lora = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    batch = tok([mini.render("Write f(x).")], return_tensors="pt")
+    batch = tok([prompts.render("Write f(x).")], return_tensors="pt")
     assert lora(**batch, labels=batch["input_ids"]).loss.item() > 0
 
 
 def test_ci_training_is_reproducible(ci_run, splits):
-    from bdc.pretraining import encode, mixture, train, training_text
-    from bdc.tiny_model import new_model, train_tokenizer
+    from bdc.llm.pretraining import encode, mixture, train, training_text
+    from bdc.llm.tiny import new_model, train_tokenizer
 
     corpus = splits["pretrain"]
     tok = train_tokenizer([training_text(p)[1] for p in corpus], 512)
     examples = encode(tok, corpus, 256)
     spec = ci_params().pretrain.models["planner"]
-    from bdc.stages.pretrain import CI_SHAPE
+    from bdc.llm.mini_models import CI_SHAPE
 
     runs = []
     for _ in range(2):
@@ -198,8 +199,8 @@ def test_ci_training_is_reproducible(ci_run, splits):
 def test_planners_learn_the_thoughts_and_coders_the_code(splits):
     """loss_on decides which tokens carry loss: a planner the thoughts and the code header
     (so it hands over to a coder), a coder the code and the end of text, never the problem."""
-    from bdc.pretraining import _batch, encode, training_text
-    from bdc.tiny_model import train_tokenizer
+    from bdc.llm.pretraining import _batch, encode, training_text
+    from bdc.llm.tiny import train_tokenizer
 
     problem = splits["pretrain"][0]
     tok = train_tokenizer([training_text(p)[1] for p in splits["pretrain"]], 512)
@@ -211,15 +212,15 @@ def test_planners_learn_the_thoughts_and_coders_the_code(splits):
 
     ref = problem.meta["reference"]
     thoughts = "".join(f"{i}. {t}\n" for i, t in enumerate(ref["thoughts"], 1))
-    assert learned("thoughts") == thoughts + mini.CODE_HEADER
+    assert learned("thoughts") == thoughts + prompts.CODE_HEADER
     assert learned("code") == ref["program"] + tok.eos_token
-    assert learned("all") == thoughts + mini.CODE_HEADER + ref["program"] + tok.eos_token
+    assert learned("all") == thoughts + prompts.CODE_HEADER + ref["program"] + tok.eos_token
     assert problem.prompt not in learned("all")
 
 
 def test_mixture_puts_focus_share_on_focus_families(splits):
     from bdc.config import PretrainModel
-    from bdc.pretraining import Example, mixture
+    from bdc.llm.pretraining import Example, mixture
 
     examples = [Example(ids=[1], prompt_len=1, family=p.meta["family"])
                 for p in splits["pretrain"]]
@@ -242,7 +243,7 @@ def test_pretraining_resumes_without_redoing_finished_models(ci_run, tmp_path):
     import shutil
 
     from bdc.config import PretrainModel, SandboxSettings
-    from bdc.stages.pretrain import pretrain
+    from bdc.llm.mini_models import pretrain
 
     original, first, _, _ = ci_run
     root = tmp_path / "copy"  # the session's models stay as they are, for other tests

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bdc.config import TinyModelSettings
-from bdc.models import ModelLoadError, load_causal_lm
-from bdc.tiny_model import build_tiny_model
+from bdc.llm.loading import ModelLoadError, load_causal_lm
+from bdc.llm.tiny import build_tiny_model
 
 BDC = str(Path(sys.executable).parent / "bdc")
 SMALL = TinyModelSettings(hidden_size=32, layers=2, heads=2, intermediate_size=64,
@@ -75,7 +75,7 @@ def test_missing_folder_and_offline_hub_id_fail_clearly(tmp_path):
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ModelLoadError, match="not-a-model"):
         load_causal_lm(tmp_path / "not-a-model")
-    code = ("from bdc.models import load_causal_lm, ModelLoadError\n"
+    code = ("from bdc.llm.loading import load_causal_lm, ModelLoadError\n"
             "try:\n    load_causal_lm('meta-llama/Llama-3.1-8B-Instruct')\n"
             "except ModelLoadError as e:\n    print('ERR', e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

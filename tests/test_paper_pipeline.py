@@ -4,8 +4,6 @@ real protocols."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import yaml
 
@@ -14,46 +12,29 @@ from tests.conftest import ROOT
 PAPER = "paper"
 
 
-def _paper_path(path: str) -> str:
-    return f"{PAPER}/{path}" if path.startswith("data/") else path
-
-
-def _paper_entries(entries: list) -> list:
-    """DVC out/metric/plot entries (a path, or {path: options}) under paper/."""
-    return [_paper_path(e) if isinstance(e, str) else
-            {_paper_path(k): v for k, v in e.items()} for e in entries]
-
-
-def paper_stages(mini: dict[str, Any]) -> dict[str, Any]:
-    """What paper/dvc.yaml must be, given dvc.yaml's stages: the same stages but pretrain,
-    run at the project root (``wdir: ..``) with the paper settings, outputs under
-    ``paper/data``, and no dependency on the tiny models (its agents and base are real
-    ones, named in its params)."""
-    stages = {}
-    for name, stage in mini.items():
-        if name == "pretrain":
-            continue
-        paper: dict[str, Any] = {"wdir": ".."}
-        cmd = " ".join(stage["cmd"].split())
-        paper["cmd"] = " ".join(_paper_path(w) for w in cmd.split()) + \
-            f" --params {PAPER}/params.yaml"
-        paper["deps"] = [_paper_path(d) for d in stage["deps"]
-                         if not d.startswith("data/models/")]
-        paper["params"] = [{f"{PAPER}/params.yaml": stage["params"]}]
-        for key in ("outs", "metrics", "plots"):
-            if key in stage:
-                paper[key] = _paper_entries(stage[key])
-        stages[name] = paper
-    return stages
-
-
-def test_paper_pipeline_is_the_mini_pipeline_without_pretrain():
+def test_the_paper_pipeline_is_generated_from_dvc_yaml(tmp_path):
     """paper/dvc.yaml is written out (DVC reads only files), so it could drift from
-    dvc.yaml: a stage, dependency or output added to one and not the other."""
+    dvc.yaml: it is generated (`bdc pipelines write`), and the committed file must be what
+    dvc.yaml makes: dvc.yaml's stages but pretrain, outputs under paper/, its own params."""
+    from bdc.pipelines import render, stale
+
+    assert stale(ROOT) == [], "run `bdc pipelines write` and commit paper/dvc.yaml"
     mini = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     paper = yaml.safe_load((ROOT / PAPER / "dvc.yaml").read_text())["stages"]
-    assert paper == paper_stages(mini)
     assert list(paper) == [s for s in mini if s != "pretrain"]
+    explore = paper["explore"]
+    assert explore["wdir"] == ".." and explore["cmd"].endswith("--params paper/params.yaml")
+    assert "paper/data/problems/explore.jsonl" in explore["deps"]
+    assert not any(d.startswith(("data/", "paper/data/models")) for d in explore["deps"])
+    assert explore["params"] == [{"paper/params.yaml": mini["explore"]["params"]}]
+    # a change to dvc.yaml is a change to the paper pipeline
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace(
+        "- bdc/stages/explore.py", "- bdc/stages/explore.py\n      - bdc/new_part.py"))
+    (tmp_path / PAPER).mkdir()
+    (tmp_path / PAPER / "dvc.yaml").write_text((ROOT / PAPER / "dvc.yaml").read_text())
+    assert stale(tmp_path) == [tmp_path / PAPER / "dvc.yaml"]
+    assert "bdc/new_part.py" in yaml.safe_load(render(tmp_path, "paper"))["stages"]["explore"][
+        "deps"]
 
 
 def apps_rows(problems, first_id: int, difficulty: str) -> list[dict]:

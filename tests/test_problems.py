@@ -26,7 +26,7 @@ from bdc.problems.format import (
 from bdc.problems.humaneval import split_check
 from bdc.problems.sources import SourceError, load_source
 from bdc.sandbox import Sandbox
-from bdc.scoring import score_samples
+from bdc.sandbox.scoring import score_samples
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

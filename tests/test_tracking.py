@@ -8,6 +8,7 @@ import mlflow
 import pytest
 
 from bdc import tracking
+from flows import runs
 
 
 @pytest.fixture
@@ -53,19 +54,19 @@ def test_stage_run_logs_params_metrics_artifacts_and_tags(store, tmp_path):
 
 
 def test_stage_runs_nest_under_the_pipeline_run(store, monkeypatch):
-    with tracking.pipeline_run("mini", root=store) as parent:
+    with runs.pipeline_run("mini", root=store) as parent:
         monkeypatch.setenv(tracking.PARENT_ENV, parent)
         with tracking.stage_run("prepare", {}, "mini", root=store):
             pass
     (child,) = only_run(store, **{"bdc.stage": "prepare"})
     (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
     assert child.data.tags["mlflow.parentRunId"] == pipe.info.run_id == parent
-    assert tracking.find_stage_run("prepare", parent, 0, store).info.run_id == child.info.run_id
-    assert tracking.find_stage_run("prepare", "another-parent", 0, store) is None
+    assert runs.find_stage_run("prepare", parent, 0, store).info.run_id == child.info.run_id
+    assert runs.find_stage_run("prepare", "another-parent", 0, store) is None
 
 
 def test_failed_pipeline_run_is_marked_failed(store):
-    with pytest.raises(RuntimeError), tracking.pipeline_run("mini", root=store):
+    with pytest.raises(RuntimeError), runs.pipeline_run("mini", root=store):
         raise RuntimeError("stage broke")
     (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
     assert pipe.info.status == "FAILED"
@@ -124,11 +125,11 @@ def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monk
     (store / "data/eval/table.md").write_text("| solver | strict |\n|---|---|\n| full | 9.4 |\n")
     (store / "data/eval/table.json").write_text(json.dumps(
         {"solvers": {"full": {"strict_accuracy": {"mean": 9.4, "std": 1.0}}}}))
-    text = tracking.run_summary_markdown("prepare", None, "http://ui:5000", store)
+    text = runs.run_summary_markdown("prepare", None, "http://ui:5000", store)
     (last,) = only_run(store, **{"bdc.stage": "prepare"})
     assert "Up to date" in text and "| explore.problems | 60 |" in text
     assert f"#/experiments/{last.info.experiment_id}/runs/{last.info.run_id}" in text
-    with tracking.pipeline_run("mini", root=store):
+    with runs.pipeline_run("mini", root=store):
         pass
     (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
     assert pipe.data.tags["bdc.stages_ran"] == "none"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bdc.vllm_server import free_port
+from bdc.llm.vllm_server import free_port
 from tests.conftest import processes_in
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_bdc_ui_fails_naming_a_worker_that_exits_or_never_reports(tmp_path):
     """`bdc ui` said the services ran as soon as the worker processes were launched: a run
     pressed in the UI then waited on a worker that was dead or still starting."""
     from bdc.processes import ServiceError
-    from bdc.services import wait_for_worker
+    from flows.services import wait_for_worker
 
     log = tmp_path / "worker-cpu.log"
     log.write_text("prefect: cannot reach the server\n")
@@ -153,7 +153,7 @@ def test_only_this_start_s_worker_counts_as_online():
     import threading
 
     from bdc.processes import ServiceError
-    from bdc.services import worker_online
+    from flows.services import worker_online
 
     rows = [{"name": "ProcessWorker 1f2e", "status": "ONLINE"}]
     busy = False
@@ -259,7 +259,7 @@ def test_ui_path_end_to_end(project, tmp_path):
         # sized for the machine: MLflow's defaults ran 15 processes on 2 cores
         group = [pid for pid in os.listdir("/proc") if pid.isdigit() and
                  _group_of(int(pid)) == state["pids"]["mlflow-server"]]
-        from bdc.services import mlflow_workers
+        from flows.services import mlflow_workers
 
         assert len(group) <= mlflow_workers() + 3, group  # CLI, uvicorn, its workers
     finally:

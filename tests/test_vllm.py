@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bdc.config import VLLMSettings
-from bdc.vllm_server import Adapter, VLLMServer, free_port
+from bdc.llm.vllm_server import Adapter, VLLMServer, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def served(serving) -> VLLMServer:
 def template_of(base: str):
     from transformers import AutoTokenizer
 
-    from bdc.system1 import template_for
+    from bdc.llm.system1 import template_for
 
     return template_for(AutoTokenizer.from_pretrained(base), "mini")
 
@@ -131,8 +131,8 @@ def test_agents_served_by_vllm_and_in_process_explore(serving, ci_pretrained, vl
     greedy text and token counts equal the HF backend's. First in the module: its agent
     requests carry no adapter, and until adapters have come and gone (see the LoRA bug)
     the server's slots are empty."""
-    from bdc.boost.agents.backends import HFBackend
-    from bdc.boost.agents.base import Request
+    from bdc.llm.backends import HFBackend
+    from bdc.llm.base import Request
     from bdc.problems.format import read_problems
 
     server, _ = serving
@@ -177,7 +177,7 @@ def test_served_programs_equal_the_hf_path_token_for_token(served, adapters, tmp
     path's (PEFT mixed-adapter batches, the gated forward)."""
     from bdc.customize.fold import FoldedCache
     from bdc.customize.model import load_experts
-    from bdc.system1 import solve, solve_served
+    from bdc.llm.system1 import solve, solve_served
 
     base, experts = adapters
     template, texts = template_of(base), prompts()
@@ -198,7 +198,11 @@ def test_served_programs_equal_the_hf_path_token_for_token(served, adapters, tmp
                 for name in names for _ in range(n)] + folded
     got, tokens = solve_served(served, template, texts * len(names) + texts, adapters, TOKENS)
     assert got == hf
-    assert hf[:n] != hf[n:2 * n] and len({p for _, p in hf}) >= 3  # the solvers differ
+    # the solvers differ (so the equality above checks that adapters are applied): counted
+    # on whole outputs, thoughts and program, since programs alone are often all empty or
+    # alike from the ci base (on one CPU only 2 distinct programs among 6 solvers)
+    per_solver = {repr(hf[i * n:(i + 1) * n]) for i in range(len(names) + 1)}
+    assert hf[:n] != hf[n:2 * n] and len(per_solver) >= 3
     assert all(t > 0 for t in tokens)
     assert served.resident == set()  # every adapter unregistered once answered
 
@@ -209,7 +213,7 @@ def test_base_requests_batched_with_adapters_stay_on_the_base(served, adapters):
     slot still held after it was unloaded). Measured without the guard, on the second and
     third rounds 3-4 of these 8 base rows came out as cluster_2's programs; with the base
     served as a zero adapter, none. Several rounds, since the first is clean."""
-    from bdc.system1 import solve_served
+    from bdc.llm.system1 import solve_served
 
     base, experts = adapters
     template, texts = template_of(base), prompts() * 2
@@ -248,7 +252,7 @@ def alive(pid: int) -> bool:
 
 EXPLORE_SCRIPT = """
 import asyncio, json, sys
-from bdc.boost.agents.base import Request
+from bdc.llm.base import Request
 from bdc.boost.exploration import make_agents, search_all
 from bdc.config import ExploreSettings, SandboxSettings
 from bdc.problems.format import read_problems
@@ -288,7 +292,7 @@ def test_a_model_vllm_cpu_cannot_run_fails_before_starting(solver_model, vllm_py
     """vLLM's CPU attention takes head sizes of 32 and up: a model with heads of 16 started,
     answered /v1/models, then its engine died at the first request (HTTP 500 on every
     retry). The server refuses it up front, naming the file and the sizes it takes."""
-    from bdc.vllm_server import VLLMError
+    from bdc.llm.vllm_server import VLLMError
 
     server = VLLMServer(solver_model, settings(vllm_python), tmp_path)
     with pytest.raises(VLLMError, match=r"head size 16; .*32, 64"):
@@ -304,7 +308,7 @@ def test_a_hub_model_id_is_read_from_the_hub_cache(solver_model, ci_pretrained, 
     transformers now, here from an offline hub cache."""
     import huggingface_hub.constants
 
-    from bdc.vllm_server import VLLMError
+    from bdc.llm.vllm_server import VLLMError
 
     cache, base = tmp_path / "hub", ci_pretrained[0] / "models" / "base"
     for repo, model in (("acme--narrow", solver_model), ("acme--coder", base)):

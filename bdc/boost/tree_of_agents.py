@@ -17,7 +17,7 @@ or, for agents that propose whole plans, the remaining steps at once). One rollo
 
 The search sees a :class:`PublicView` only: hidden tests cannot reach it, by type and by a
 runtime check. The answer is the program with the best public pass rate; scoring it on the
-hidden tests is the caller's business (``bdc.stages.explore``), done once.
+hidden tests is the caller's business (``bdc.boost.exploration``), done once.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def load_experts(base: str, experts_dir: Path, names: list[str], device: str = "
     """The base with every expert as a named PEFT adapter (PEFT reads their format)."""
     from peft import PeftModel
 
-    from bdc.models import load_causal_lm
+    from bdc.llm.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
     peft = PeftModel.from_pretrained(model, str(experts_dir / names[0]), adapter_name=names[0])

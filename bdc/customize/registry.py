@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from bdc import artifacts
+
 MODEL_NAME = "bdc-solver"
 
 
@@ -41,7 +43,7 @@ def register_solver(hypernet_dir: Path, experts_dir: Path, clusters_dir: Path) -
     with tempfile.TemporaryDirectory() as tmp:
         clusters = Path(tmp) / "clusters"
         clusters.mkdir()
-        for name in ("centroids.npy", "embedder.json"):
+        for name in (artifacts.CENTROIDS, artifacts.EMBEDDER):
             (clusters / name).write_bytes((clusters_dir / name).read_bytes())
         info = mlflow.pyfunc.log_model(
             name="solver", python_model=SolverModel(),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bdc import artifacts
 from bdc.customize.config import HypernetConfig
 from bdc.customize.model import CustomizedModel, inputs, load_experts
 
@@ -32,7 +33,7 @@ class Solver:
 
     def solve(self, prompts: list[str], max_new_tokens: int, batch_size: int,
               temperature: float | None = None, seed: int = 0) -> list[tuple[list[str], str]]:
-        from bdc.system1 import solve
+        from bdc.llm.system1 import solve
 
         return solve(self.model, self.tokenizer, self.template, prompts, max_new_tokens,
                      batch_size, temperature=temperature, seed=seed, z=self.z(prompts))
@@ -41,7 +42,7 @@ class Solver:
 def embedder_of(clusters_dir: Path):
     from bdc.disentangle.embedding import Embedder, EmbedderSpec
 
-    info = json.loads((clusters_dir / "embedder.json").read_text())
+    info = json.loads((clusters_dir / artifacts.EMBEDDER).read_text())
     return Embedder(EmbedderSpec(info["model"], info["trust_remote_code"]))
 
 
@@ -49,12 +50,12 @@ def build(base: str, experts_dir: Path, experts: list[str], clusters_dir: Path,
           layers, projections, hidden: int, normalisation: str, template_kind: str = "auto",
           device: str = "cpu", dtype: str | None = None) -> Solver:
     """An untrained solver over the experts (it equals their uniform merge)."""
-    from bdc.system1 import template_for
+    from bdc.llm.system1 import template_for
 
-    centroids = np.load(clusters_dir / "centroids.npy")
+    centroids = np.load(clusters_dir / artifacts.CENTROIDS)
     embedder = embedder_of(clusters_dir)
     peft, tokenizer = load_experts(base, experts_dir, experts, device, dtype)
-    z_dim = int(json.loads((clusters_dir / "embedder.json").read_text())["dimension"]) + \
+    z_dim = int(json.loads((clusters_dir / artifacts.EMBEDDER).read_text())["dimension"]) + \
         len(centroids)
     model = CustomizedModel.from_experts(peft, experts, layers, projections, z_dim, hidden,
                                          normalisation)

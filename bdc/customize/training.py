@@ -5,17 +5,26 @@ every epoch to resume from."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bdc.config import CustomizeSettings
+from bdc import artifacts
+from bdc.config import CustomizeSettings, Params
 from bdc.customize.model import CustomizedModel
 from bdc.disentangle.experts import Collator, tokenize
+from bdc.reuse import code_version, digest, file_digest, finished, identity, seal
+
+# the code that makes the hypernetwork's weights: a change to it trains again
+HYPERNET_CODE = ("customize", "disentangle/experts.py", "llm/system1.py", "llm/prompts.py")
 
 
 def split(records: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -87,3 +96,51 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
             "initial_val_loss": initial,
             "best_epoch": best[0] if best else None, "best_val_loss": best[1] if best else None,
             "train_seconds": round(time.perf_counter() - started, 1)}
+
+
+def fingerprint(params: Params, experts_dir: Path, experts: list[str], clusters_dir: Path,
+                records: list[dict]) -> str:
+    """Everything the hypernetwork's weights depend on: the experts (their own training
+    fingerprints), its settings, the base and template, the routing and the data."""
+    return digest({
+        "code": code_version(HYPERNET_CODE),
+        "experts": {n: identity(experts_dir / n) for n in experts},
+        "settings": params.customize.model_dump(),
+        "template": params.experts.template, "base": params.experts.base,
+        "centroids": file_digest(clusters_dir / artifacts.CENTROIDS),
+        "embedder": json.loads((clusters_dir / artifacts.EMBEDDER).read_text())["identity"],
+        "data": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()})
+
+
+def train_or_reuse(solver, records: list[dict], z: dict, params: Params, experts_dir: Path,
+                   experts: list[str], clusters_dir: Path, out_dir: Path, work_root: Path,
+                   on_log: Callable[[str, int, float], None] | None = None) -> dict:
+    """The hypernetwork of ``out_dir`` loaded into ``solver`` when it was trained with
+    exactly this fingerprint; else trained now (resuming from ``work_root``'s checkpoints)
+    and saved there whole or not at all. Its training record, with ``reused``."""
+    import torch
+
+    s = params.customize
+    print_ = fingerprint(params, experts_dir, experts, clusters_dir, records)
+    record = finished(out_dir, print_)
+    if record is not None:
+        solver.model.load(out_dir)
+        record["reused"] = True
+    else:
+        torch.manual_seed(s.seed)
+        train_records, val_records = split(records, s.validation_share, s.seed)
+        tok = solver.tokenizer
+        length = params.experts.max_length
+        work = work_root / print_
+        record = {"fingerprint": print_, **train(
+            solver.model, rows(train_records, tok, solver.template, length, z),
+            rows(val_records, tok, solver.template, length, z), s, tok.pad_token_id,
+            work, on_log)}
+        tmp = Path(tempfile.mkdtemp(prefix=".hypernet.", dir=out_dir.parent))
+        solver.save(tmp)
+        record = seal(tmp, record)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+        shutil.rmtree(work, ignore_errors=True)
+        record["reused"] = False
+    return record

@@ -16,15 +16,23 @@ import math
 import shutil
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from bdc.config import ExpertsSettings
-from bdc.system1 import examples
+from bdc.llm.system1 import examples
+from bdc.problems.format import Problem
+from bdc.reuse import code_version, digest, finished, identity, seal
 
 log = logging.getLogger(__name__)
-TRAINING_RECORD = "training.json"
-FULL = "full"
+FULL = "full"  # the adapter trained on all the data
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+# the code that makes an adapter's weights (its training loop, the tokenization and the
+# System-1 template): a change to it trains again (bdc.reuse.code_version)
+EXPERT_CODE = ("disentangle/experts.py", "llm/system1.py", "llm/prompts.py")
 
 
 def expert_name(cluster: int) -> str:
@@ -50,14 +58,6 @@ def lora_config(settings: ExpertsSettings):
     lora = settings.lora
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                       target_modules=lora.target_modules, task_type=TaskType.CAUSAL_LM)
-
-
-def base_identity(base: str) -> str:
-    """A local base's training fingerprint (a retrained base is a new base), else its id."""
-    try:
-        return json.loads((Path(base) / "training.json").read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        return base
 
 
 def tokenize(records: list[dict], tokenizer, template, max_length: int) -> list[dict]:
@@ -97,29 +97,21 @@ class Collator:
 
 def fingerprint(name: str, base: str, settings: ExpertsSettings, template: str,
                 rows: list[dict]) -> str:
-    blob = json.dumps({
-        "name": name, "base": base_identity(base), "template": template,
+    return digest({
+        "name": name, "base": identity(base), "template": template,
+        "code": code_version(EXPERT_CODE),
         "lora": settings.lora.model_dump(), "seed": settings.seed,
         "train": settings.model_dump(include={"lr", "epochs", "micro_batch", "accumulation",
                                                "warmup_ratio", "max_length"}),
-        "data": hashlib.sha256(json.dumps(rows).encode()).hexdigest()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def finished(folder: Path, print_: str) -> dict | None:
-    try:
-        record = json.loads((folder / TRAINING_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("fingerprint") == print_ else None
+        "data": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})
 
 
 class ExpertSet:
     """One frozen base and its named LoRA adapters."""
 
     def __init__(self, base: str, settings: ExpertsSettings, template_kind: str = "auto"):
-        from bdc.models import load_causal_lm
-        from bdc.system1 import template_for
+        from bdc.llm.loading import load_causal_lm
+        from bdc.llm.system1 import template_for
 
         self.base, self.settings = base, settings
         self.device, dtype = device_and_dtype(settings)
@@ -150,8 +142,10 @@ class ExpertSet:
         else:
             self.peft.load_adapter(str(folder), adapter_name=name)
 
-    def save(self, name: str, folder: Path, extra: dict[str, str]) -> None:
-        """PEFT's own format, written atomically: ``PeftModel.from_pretrained`` loads it."""
+    def save(self, name: str, folder: Path, extra: dict[str, str],
+             record: dict | None = None) -> None:
+        """PEFT's own format, written atomically: ``PeftModel.from_pretrained`` loads it;
+        with its training ``record`` sealed in (``bdc.reuse.seal``) when given."""
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
@@ -159,6 +153,8 @@ class ExpertSet:
             saved = tmp / name if (tmp / name).is_dir() else tmp
             for file, text in extra.items():
                 (saved / file).write_text(text)
+            if record is not None:
+                seal(saved, record)
             if folder.exists():
                 shutil.rmtree(folder)
             saved.rename(folder)
@@ -222,7 +218,47 @@ def train_all(experts: ExpertSet, datasets: dict[str, list[dict]], out_dir: Path
         work = work_dir / f"{name}-{print_}"
         record = {"fingerprint": print_, "adapter": name,
                   **train_adapter(experts, name, rows, work, on_log)}
-        experts.save(name, out_dir / name, {TRAINING_RECORD: json.dumps(record)})
+        experts.save(name, out_dir / name, {}, record)
         shutil.rmtree(work, ignore_errors=True)
         records[name] = {**record, "reused": False}
     return records
+
+
+def datasets(records: list[dict], assignments: list[dict]) -> dict[str, list[dict]]:
+    """``full``: every record; ``cluster_k``: the records of cluster k."""
+    cluster = {(a["problem_id"], a["task"]): a["cluster"] for a in assignments}
+    out: dict[str, list[dict]] = {FULL: records}
+    by: dict[int, list[dict]] = defaultdict(list)
+    for r in records:
+        by[cluster[(r["problem_id"], r["task"])]].append(r)
+    for k in sorted(by):
+        out[expert_name(k)] = by[k]
+    return out
+
+
+def competence(experts: ExpertSet, test: list[Problem], routes: np.ndarray, k: int,
+               sandbox, per_cluster: int) -> dict:
+    """Pass@1 (greedy, all hidden tests) on a held-out slice per cluster: the base, the
+    full-data LoRA and the cluster's expert, in one mixed-adapter batch. A quick look,
+    decided on by nothing: the full comparison (merges and Arrow too) is evaluate's."""
+    from bdc.llm.system1 import solve
+    from bdc.sandbox.scoring import solved
+
+    s = experts.settings
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    rows = []  # (solver kind, cluster, adapter, problem), every cluster in one batch
+    for c in range(k):
+        chosen = [p for p, r in zip(test, routes.tolist(), strict=True) if r == c][:per_cluster]
+        solvers = (("base", BASE_ADAPTER), ("full", FULL), ("expert", expert_name(c)))
+        rows += [(kind, c, adapter, p) for kind, adapter in solvers for p in chosen]
+    outs = solve(experts.peft, experts.tokenizer, experts.template,
+                 [p.prompt for *_, p in rows], s.max_new_tokens, s.generate_batch,
+                 adapter_names=[adapter for _, _, adapter, _ in rows])
+    ok = solved([p for *_, p in rows], [program for _, program in outs], sandbox)
+    for kind, c in {(kind, c) for kind, c, _, _ in rows}:
+        mine = [good for (who, cl, _, _), good in zip(rows, ok, strict=True)
+                if who == kind and cl == c]
+        table[kind][str(c)] = float(np.mean(mine))
+    return {solver: {"by_cluster": dict(sorted(row.items())),
+                     "mean": float(np.mean(list(row.values())))}
+            for solver, row in table.items()}

@@ -34,7 +34,7 @@ def arrow_model(base_path: str, expert_folders: list[Path], top_k: int, seed: in
     the experts' weights on first use: no training, no data)."""
     from peft import ArrowConfig, create_arrow_model
 
-    from bdc.models import load_causal_lm
+    from bdc.llm.loading import load_causal_lm
 
     base, tokenizer = load_causal_lm(base_path, device=device, dtype=dtype)
     model = create_arrow_model(base, [str(f) for f in expert_folders],

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bdc import artifacts
 from bdc.config import DisentangleSettings, Params
 from bdc.disentangle.clustering import (
     Clustering,
@@ -64,8 +65,8 @@ def disentangle(params: Params, sft_path: Path, problems_dir: Path,
     records = list(read_jsonl(sft_path, dict))
     if not records:
         raise ValueError(f"{sft_path}: no SFT records to cluster")
-    pool = {p.id: p for p in read_problems(problems_dir / "explore.jsonl")}
-    test = read_problems(problems_dir / "test.jsonl")
+    pool = {p.id: p for p in read_problems(problems_dir / artifacts.pool("explore"))}
+    test = read_problems(problems_dir / artifacts.pool("test"))
     embedder = embedder or Embedder(EmbedderSpec(s.embedder, s.trust_remote_code,
                                                  s.batch_size))
     problem_ids = list(dict.fromkeys(r["problem_id"] for r in records))

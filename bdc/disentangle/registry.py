@@ -14,6 +14,8 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from bdc import artifacts
+
 MODEL_NAME = "bdc-experts"
 
 
@@ -27,7 +29,7 @@ class ExpertSetModel(mlflow.pyfunc.PythonModel):
                 Path(context.artifacts["manifest"]).read_text()))
 
     def predict(self, context, model_input, params=None):
-        from bdc.system1 import solve, template_for
+        from bdc.llm.system1 import solve, template_for
 
         template = template_for(self.tokenizer, self.manifest.get("template", "auto"))
         prompts = list(model_input["prompt"])
@@ -43,7 +45,7 @@ def load_expert_set(adapters_dir: Path, manifest: dict, base: str | None = None)
     """The base (from its reference, or ``base``) with every adapter of the manifest."""
     from peft import PeftModel
 
-    from bdc.models import load_causal_lm
+    from bdc.llm.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(base or manifest["base"])
     names = manifest["adapters"]
@@ -57,7 +59,7 @@ def register(adapters_dir: Path, manifest: dict, extra: dict[str, Path]) -> str:
     """Log the expert set to the active MLflow run and register it; the version."""
     import mlflow
 
-    manifest_path = adapters_dir / "manifest.json"
+    manifest_path = adapters_dir / artifacts.MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=2))
     info = mlflow.pyfunc.log_model(
         name="expert_set", python_model=ExpertSetModel(),

@@ -297,25 +297,6 @@ def load(min_tests: int = 2, limit: int | None = None, path: str | None = None,
     return data
 
 
-def render(prompt: str, thoughts: list[str] | None = None, code: str | None = None) -> str:
-    """The one text format the tiny models are trained on and prompted with."""
-    text = f"### Problem\n{prompt}\n### Thoughts\n"
-    if thoughts is None:
-        return text
-    text = render_state(prompt, thoughts) + CODE_HEADER
-    return text if code is None else text + code
-
-
-CODE_HEADER = "### Code\n"
-
-
-def render_state(prompt: str, thoughts: list[str]) -> str:
-    """A search state in the same format: the problem and the thoughts so far, ready for
-    the next thought line (or for the code header, when the model deems the chain done)."""
-    return f"### Problem\n{prompt}\n### Thoughts\n" + "".join(
-        f"{i}. {t}\n" for i, t in enumerate(thoughts, 1))
-
-
 def first_per_family(problems: list[Problem], limit: int | None,
                      group: Callable[[Problem], str] | None = None) -> list[Problem]:
     """The first ``limit`` problems of each family (or of each ``group``, e.g. a benchmark's

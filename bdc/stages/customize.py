@@ -6,80 +6,20 @@ in the MLflow registry. GPU stage in the paper profile, CPU in the mini profile.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
-import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from bdc import artifacts
 from bdc.config import Params
 from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
-TRAINING_RECORD = "training.json"
-
 # the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
 HEADLINE = ("best_val_loss", "own_expert_weight")
 
-
-
-def fingerprint(params: Params, experts_dir: Path, experts: list[str], clusters_dir: Path,
-                records: list[dict]) -> str:
-    trained = {n: json.loads((experts_dir / n / "training.json").read_text())["fingerprint"]
-               for n in experts}
-    blob = json.dumps({
-        "experts": trained, "settings": params.customize.model_dump(),
-        "template": params.experts.template, "base": params.experts.base,
-        "centroids": hashlib.sha256((clusters_dir / "centroids.npy").read_bytes()).hexdigest(),
-        "embedder": json.loads((clusters_dir / "embedder.json").read_text())["identity"],
-        "data": hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()},
-        sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-def diagnostics(solver, z: np.ndarray, clusters: list[int], k: int) -> dict:
-    """Each expert's mean weight per cluster of the inputs (1/K each: the uniform merge) and
-    the entropy of the weights over experts (1 = averaging, 0 = one expert per component)."""
-    import torch
-
-    with torch.no_grad():
-        zt = torch.as_tensor(z)
-        weights = solver.model.router.expert_weights(zt).cpu().numpy()  # (n, K)
-        gates = torch.stack(list(solver.model.router(zt).values()), 0)  # (m, n, K*r)
-    r = solver.model.config.r
-    p = gates.view(gates.shape[0], gates.shape[1], k, r)
-    p = p / p.sum(dim=2, keepdim=True).clamp_min(1e-12)
-    entropy = float((-(p * p.clamp_min(1e-12).log()).sum(2)).mean() / np.log(k)) if k > 1 \
-        else 0.0
-    by = defaultdict(list)
-    for c, w in zip(clusters, weights, strict=True):
-        by[c].append(w)
-    per_cluster = {str(c): [round(float(x), 4) for x in np.mean(ws, 0)]
-                   for c, ws in sorted(by.items())}
-    own = [per_cluster[str(c)][c] for c in range(k) if str(c) in per_cluster]
-    return {"normalised_entropy": entropy, "mean_weight_by_cluster": per_cluster,
-            "own_expert_weight": float(np.mean(own)) if own else None}
-
-
-def weights_figure(table: dict, k: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted(table, key=int)
-    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.5 * len(rows)))
-    image = ax.imshow([table[c] for c in rows], cmap="viridis")
-    ax.set_xticks(range(k), [f"expert {i}" for i in range(k)], rotation=45)
-    ax.set_yticks(range(len(rows)), [f"cluster {c}" for c in rows])
-    ax.set_title("mean expert weight per input cluster")
-    fig.colorbar(image)
-    fig.tight_layout()
-    return fig
 
 
 def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Path,
@@ -88,65 +28,44 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     """The stage with its MLflow run and the registered customized solver."""
     import torch
 
+    from bdc.customize.diagnostics import diagnostics, weights_figure
     from bdc.customize.fold import FoldedCache
     from bdc.customize.registry import register_solver
     from bdc.customize.solver import build
-    from bdc.customize.training import rows, split, train
+    from bdc.customize.training import train_or_reuse
     from bdc.disentangle.experts import device_and_dtype
     from bdc.plots import line_figure, save_png
-    from bdc.stages.validate import REPORT, require_validated
     from bdc.tracking import stage_run
+    from bdc.validation.report import require_validated
 
     s = params.customize
-    sft = explore_dir / "sft.jsonl"
-    require_validated(validate_dir / REPORT, sft)
+    sft = explore_dir / artifacts.SFT
+    require_validated(validate_dir / artifacts.REPORT, sft)
     records = list(read_jsonl(sft, dict))
-    experts = json.loads((experts_dir / "manifest.json").read_text())["experts"]
+    experts = json.loads((experts_dir / artifacts.MANIFEST).read_text())["experts"]
     cluster_of = {r["problem_id"]: r["cluster"]
-                  for r in read_jsonl(clusters_dir / "problems.jsonl", dict)}
+                  for r in read_jsonl(clusters_dir / artifacts.CLUSTER_PROBLEMS, dict)}
     device, dtype = device_and_dtype(params.experts)
     with stage_run("customize", {"customize": s.model_dump(), "seed": params.seed},
                    params.profile) as tracked:
-        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "training")
+        tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         solver = build(params.experts.base, experts_dir, experts, clusters_dir, s.layers,
                        s.projections, s.hidden, s.normalisation, params.experts.template,
                        device, dtype)
         problems = sorted({r["problem_id"] for r in records})
         prompts = {r["problem_id"]: r["prompt"] for r in records}
         z = dict(zip(problems, solver.z([prompts[p] for p in problems]), strict=True))
-        print_ = fingerprint(params, experts_dir, experts, clusters_dir, records)
-        try:
-            record = json.loads((out_dir / TRAINING_RECORD).read_text())
-        except (OSError, ValueError):
-            record = {}
-        if record.get("fingerprint") == print_:
-            solver.model.load(out_dir)
-            record["reused"] = True
-        else:
-            torch.manual_seed(s.seed)
-            train_records, val_records = split(records, s.validation_share, s.seed)
-            tok = solver.tokenizer
-            length = params.experts.max_length
-            work = state_dir() / "customize" / print_
 
-            def on_log(name: str, step: int, loss: float) -> None:
-                tracked.metrics({f"loss.{name}": loss}, step=step)
+        def on_log(name: str, step: int, loss: float) -> None:
+            tracked.metrics({f"loss.{name}": loss}, step=step)
 
-            record = {"fingerprint": print_, **train(
-                solver.model, rows(train_records, tok, solver.template, length, z),
-                rows(val_records, tok, solver.template, length, z), s, tok.pad_token_id,
-                work, on_log)}
-            tmp = Path(tempfile.mkdtemp(prefix=".hypernet.", dir=out_dir.parent))
-            solver.save(tmp)
-            (tmp / TRAINING_RECORD).write_text(json.dumps(record))
-            shutil.rmtree(out_dir, ignore_errors=True)
-            tmp.rename(out_dir)
-            shutil.rmtree(work, ignore_errors=True)
-            record["reused"] = False
+        record = train_or_reuse(solver, records, z, params, experts_dir, experts,
+                                clusters_dir, out_dir, state_dir() / "customize", on_log)
+        print_ = record["fingerprint"]
         k = len(experts)
         diag = diagnostics(solver, np.stack([z[p] for p in problems]),
                            [cluster_of[p] for p in problems], k)
-        test = read_problems(problems_dir / "test.jsonl")
+        test = read_problems(problems_dir / artifacts.pool("test"))
         cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / print_,
                             params.experts.base, s.fold_precision)
         for row in solver.z([p.prompt for p in test]):

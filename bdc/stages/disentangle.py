@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bdc import artifacts
 from bdc.config import DisentangleSettings, Params
 from bdc.disentangle.clustering import Clustering
 from bdc.disentangle.partition import disentangle
@@ -73,27 +74,27 @@ def write_outputs(out: dict, settings: DisentangleSettings, out_dir: Path,
                   plots_dir: Path) -> dict:
     chosen = out["chosen"]
     c: Clustering = chosen["clustering"]
-    write_jsonl(out_dir / "assignments.jsonl", [
+    write_jsonl(out_dir / artifacts.ASSIGNMENTS, [
         {"problem_id": r["problem_id"], "task": r["task"], "cluster": int(label)}
         for r, label in zip(out["records"], out["labels"].tolist(), strict=True)])
-    write_jsonl(out_dir / "problems.jsonl", [
+    write_jsonl(out_dir / artifacts.CLUSTER_PROBLEMS, [
         {"problem_id": pid, "cluster": int(label), "family": out["family"][pid]}
         for pid, label in out["problem_labels"].items()])
-    with atomic_open(out_dir / "centroids.npy", "wb") as f:
+    with atomic_open(out_dir / artifacts.CENTROIDS, "wb") as f:
         np.save(f, c.centroids.astype(np.float32))
     embedder = out["embedder"]
-    with atomic_open(out_dir / "embedder.json") as f:
+    with atomic_open(out_dir / artifacts.EMBEDDER) as f:
         json.dump({"model": embedder.spec.model, "identity": embedder.identity,
                    "trust_remote_code": embedder.spec.trust_remote_code,
                    "dimension": out["dimension"], "normalised": True, "embed": settings.embed,
                    "k": c.k}, f, indent=2)
-    with atomic_open(out_dir / "k_selection.json") as f:
+    with atomic_open(out_dir / artifacts.K_SELECTION) as f:
         json.dump({mode: r["curve"] for mode, r in out["results"].items()}, f, indent=2)
     with atomic_open(plots_dir / "k_selection.csv") as f:
         f.write("embed,k,silhouette,inertia\n" + "".join(
             f"{mode},{row['k']},{row['silhouette']:.4f},{row['inertia']:.4f}\n"
             for mode, r in out["results"].items() for row in r["curve"]))
-    with atomic_open(out_dir / "cards.md") as f:
+    with atomic_open(out_dir / artifacts.CARDS) as f:
         f.write(cards(out))
     sizes = Counter(out["labels"].tolist())
     return {"k": c.k, "embed": settings.embed, "records": len(out["records"]),
@@ -107,14 +108,14 @@ def write_outputs(out: dict, settings: DisentangleSettings, out_dir: Path,
 def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Path,
         out_dir: Path, metrics_path: Path, plots_dir: Path) -> dict:
     """The stage with its MLflow run; refuses data that validate did not pass."""
-    from bdc.stages.validate import REPORT, require_validated
     from bdc.tracking import stage_run
+    from bdc.validation.report import require_validated
 
-    sft = explore_dir / "sft.jsonl"
-    require_validated(validate_dir / REPORT, sft)
+    sft = explore_dir / artifacts.SFT
+    require_validated(validate_dir / artifacts.REPORT, sft)
     with stage_run("disentangle", {"disentangle": params.disentangle.model_dump(),
                                    "seed": params.seed}, params.profile) as tracked:
-        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "clustering")
+        tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "clustering")
         out = disentangle(params, sft, problems_dir)
         metrics = write_outputs(out, params.disentangle, out_dir, plots_dir)
         write_metrics(metrics_path, metrics, HEADLINE)
@@ -125,7 +126,8 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Pat
                                  f"k_curve.{mode}.inertia": row["inertia"]}, step=row["k"])
         tracked.figure(map_figure(out), "map.png")
         tracked.figure(_k_figure(out), "k_selection.png")
-        for name in ("cards.md", "embedder.json", "k_selection.json", "assignments.jsonl"):
+        for name in (artifacts.CARDS, artifacts.EMBEDDER, artifacts.K_SELECTION,
+                     artifacts.ASSIGNMENTS):
             tracked.artifact(out_dir / name)
         tracked.artifact(details_path(metrics_path))
     return metrics

@@ -10,74 +10,28 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
+from bdc import artifacts
 from bdc.config import Params
-from bdc.disentangle.experts import FULL, ExpertSet, expert_name, train_all
+from bdc.disentangle.experts import (
+    FULL,
+    ExpertSet,
+    competence,
+    datasets,
+    expert_name,
+    train_all,
+)
+from bdc.disentangle.routing import route
 from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
-from bdc.problems.format import Problem, read_problems
+from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
 log = logging.getLogger(__name__)
-BASE = "__base__"
 
 # the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
 HEADLINE = ("competence.full.mean", "competence.expert.mean")
 
-
-
-def datasets(records: list[dict], assignments: list[dict]) -> dict[str, list[dict]]:
-    """``full``: every record; ``cluster_k``: the records of cluster k."""
-    cluster = {(a["problem_id"], a["task"]): a["cluster"] for a in assignments}
-    out: dict[str, list[dict]] = {FULL: records}
-    by: dict[int, list[dict]] = defaultdict(list)
-    for r in records:
-        by[cluster[(r["problem_id"], r["task"])]].append(r)
-    for k in sorted(by):
-        out[expert_name(k)] = by[k]
-    return out
-
-
-def route(problems: list[Problem], clusters_dir: Path) -> np.ndarray:
-    """Each problem's nearest centroid, from its text alone (the saved embedder)."""
-    from bdc.disentangle.clustering import assign
-    from bdc.disentangle.embedding import Embedder, EmbedderSpec
-
-    embedder = json.loads((clusters_dir / "embedder.json").read_text())
-    spec = EmbedderSpec(embedder["model"], embedder["trust_remote_code"])
-    centroids = np.load(clusters_dir / "centroids.npy")
-    return assign(Embedder(spec).embed([p.prompt for p in problems]), centroids)
-
-
-def competence(experts: ExpertSet, test: list[Problem], routes: np.ndarray, k: int,
-               sandbox, per_cluster: int) -> dict:
-    """Pass@1 (greedy, all hidden tests) on a held-out slice per cluster: the base, the
-    full-data LoRA and the cluster's expert, in one mixed-adapter batch. A quick look,
-    decided on by nothing: the full comparison (merges and Arrow too) is evaluate's."""
-    from bdc.scoring import solved
-    from bdc.system1 import solve
-
-    s = experts.settings
-    table: dict[str, dict[str, float]] = defaultdict(dict)
-    rows = []  # (solver kind, cluster, adapter, problem), every cluster in one batch
-    for c in range(k):
-        chosen = [p for p, r in zip(test, routes.tolist(), strict=True) if r == c][:per_cluster]
-        rows += [(kind, c, adapter, p) for kind, adapter in
-                 (("base", BASE), ("full", FULL), ("expert", expert_name(c))) for p in chosen]
-    outs = solve(experts.peft, experts.tokenizer, experts.template,
-                 [p.prompt for *_, p in rows], s.max_new_tokens, s.generate_batch,
-                 adapter_names=[adapter for _, _, adapter, _ in rows])
-    ok = solved([p for *_, p in rows], [program for _, program in outs], sandbox)
-    for kind, c in {(kind, c) for kind, c, _, _ in rows}:
-        mine = [good for (who, cl, _, _), good in zip(rows, ok, strict=True)
-                if who == kind and cl == c]
-        table[kind][str(c)] = float(np.mean(mine))
-    return {solver: {"by_cluster": dict(sorted(row.items())),
-                     "mean": float(np.mean(list(row.values())))}
-            for solver, row in table.items()}
 
 
 def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Path,
@@ -88,19 +42,19 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     from bdc.disentangle.registry import register
     from bdc.plots import line_figure, save_png
     from bdc.sandbox import Sandbox
-    from bdc.stages.validate import REPORT, require_validated
     from bdc.tracking import stage_run
+    from bdc.validation.report import require_validated
 
     s = params.experts
-    sft = explore_dir / "sft.jsonl"
-    require_validated(validate_dir / REPORT, sft)
+    sft = explore_dir / artifacts.SFT
+    require_validated(validate_dir / artifacts.REPORT, sft)
     data = datasets(list(read_jsonl(sft, dict)), list(read_jsonl(
-        clusters_dir / "assignments.jsonl", dict)))
+        clusters_dir / artifacts.ASSIGNMENTS, dict)))
     k = len(data) - 1
     experts_names = [expert_name(c) for c in range(k)]
     with stage_run("experts", {"experts": s.model_dump(), "seed": params.seed},
                    params.profile) as tracked:
-        tracked.dataset(explore_dir / "sft.jsonl", "SFT records", "training")
+        tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         experts = ExpertSet(s.base, s, s.template)
         loss_rows: list[dict] = []
 
@@ -114,7 +68,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
             merge(experts.peft, experts_names, f"merge_{name}", spec)
             experts.save(f"merge_{name}", out_dir / f"merge_{name}", {
                 "merge.json": json.dumps({"experts": experts_names, **spec.model_dump()})})
-        test = read_problems(problems_dir / "test.jsonl")
+        test = read_problems(problems_dir / artifacts.pool("test"))
         routes = route(test, clusters_dir)
         with Sandbox(params.sandbox) as sandbox:
             check = competence(experts, test, routes, k, sandbox, s.check_per_cluster)
@@ -137,8 +91,8 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         manifest = {"base": s.base, "template": experts.template.name,
                     "adapters": [FULL, *experts_names, *[f"merge_{m}" for m in s.merges]],
                     "experts": experts_names, "lora": s.lora.model_dump(),
-                    "embedder": json.loads((clusters_dir / "embedder.json").read_text())}
-        version = register(out_dir, manifest, {"centroids": clusters_dir / "centroids.npy"})
+                    "embedder": json.loads((clusters_dir / artifacts.EMBEDDER).read_text())}
+        version = register(out_dir, manifest, {"centroids": clusters_dir / artifacts.CENTROIDS})
         tracked.tag("bdc.registered_model", f"models:/bdc-experts/{version}")
         metrics["registered_version"] = version
         tracked.artifact(details_path(metrics_path))

@@ -47,7 +47,7 @@ def run(params: Params, problems_path: Path, out: Path, teams: list[str] | None 
         problems_dir: Path = Path("data/problems"),
         on_result: Callable[[str, int, dict], None] | None = None) -> str:
     """Train what the teams' tiny models need, compare, write JSON + Markdown; the table."""
-    from bdc.stages.pretrain import ensure_models
+    from bdc.llm.mini_models import ensure_models
     from bdc.tracking import stage_run
 
     c = params.explore_compare

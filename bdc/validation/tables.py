@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bdc import artifacts
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import CallTest, Problem, StdioTest, read_problems
 
@@ -207,12 +208,12 @@ def build(explore_dir: Path, problems_dir: Path, settings,
           limit: int | None = None) -> dict[str, pd.DataFrame]:
     """Every table, from an explore output folder and the pools it was explored from
     (``limit``: the first problems explore searched, ``explore.limit``)."""
-    explore = read_problems(problems_dir / "explore.jsonl")
+    explore = read_problems(problems_dir / artifacts.pool("explore"))
     explore = explore[:limit] if limit else explore
-    test = read_problems(problems_dir / "test.jsonl")
-    trees = read_trees(explore_dir / "trees")
-    sft = list(read_jsonl(explore_dir / "sft.jsonl", dict))
-    prefs = list(read_jsonl(explore_dir / "prefs.jsonl", dict))
+    test = read_problems(problems_dir / artifacts.pool("test"))
+    trees = read_trees(explore_dir / artifacts.TREES)
+    sft = list(read_jsonl(explore_dir / artifacts.SFT, dict))
+    prefs = list(read_jsonl(explore_dir / artifacts.PREFS, dict))
     return {
         "sft": sft_table(sft, trees, {p.id: p for p in explore}, test,
                          settings.near_duplicate_ngram, settings.near_duplicate_threshold,

@@ -19,19 +19,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bdc.boost.agents.base import (
-    ROLES,
-    Agent,
-    Backend,
-    Feedback,
-    Generation,
-    Reply,
-    Request,
-    Thought,
-    Usage,
-)
+from bdc.boost.agents.base import ROLES, Agent, Feedback, Reply, Thought
+from bdc.llm.base import Backend, Generation, Request, Usage
+from bdc.llm.prompts import CODE_HEADER, parse_steps, render, render_state
 from bdc.problems.format import CallTest, PublicView, StdioTest
-from bdc.problems.mini import CODE_HEADER, render, render_state
 
 
 @dataclass(frozen=True)
@@ -116,14 +107,6 @@ def parse_code(text: str) -> str:
     """The program in a reply: the last fenced block, else the whole text."""
     blocks = [m.group(1) for m in _FENCE.finditer(text)]
     return (blocks[-1] if blocks else text).strip("\n") + "\n"
-
-
-_STEP = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$")
-
-
-def parse_steps(text: str) -> list[str]:
-    """The numbered (or bulleted) lines of a plan: ``1. Sort xs.`` -> ``Sort xs.``."""
-    return [m.group(1) for line in text.splitlines() if (m := _STEP.match(line))]
 
 
 # ----------------------------------------------------------------------------- styles

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from bdc.config import TinyModelSettings
+from bdc.reuse import seal
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -61,8 +62,9 @@ def new_model(settings: TinyModelSettings, tokenizer, seed: int = 0):
 
 
 def save_model(model, tokenizer, out: str | Path,
-               extra_files: dict[str, str] | None = None) -> Path:
-    """Standard Hugging Face folder (plus ``extra_files``), written atomically."""
+               extra_files: dict[str, str] | None = None, record: dict | None = None) -> Path:
+    """Standard Hugging Face folder (plus ``extra_files``), written atomically; with its
+    training ``record`` sealed in (``bdc.reuse.seal``) when given."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -72,6 +74,8 @@ def save_model(model, tokenizer, out: str | Path,
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        if record is not None:
+            seal(tmp, record)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bdc.problems.mini import CODE_HEADER, render
+from bdc.llm.prompts import CODE_HEADER, render
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class MiniTemplate:
 
     def parse(self, completion: str) -> tuple[list[str], str]:
         """The thoughts and the program of a one-pass completion."""
-        from bdc.boost.agents.llm import parse_steps
+        from bdc.llm.prompts import parse_steps
 
         if CODE_HEADER not in completion:
             return parse_steps(completion), ""
@@ -89,7 +89,7 @@ class ChatTemplate:
                        program.rstrip("\n") + "\n```" + (self.tokenizer.eos_token or ""))
 
     def parse(self, completion: str) -> tuple[list[str], str]:
-        from bdc.boost.agents.llm import parse_steps
+        from bdc.llm.prompts import parse_steps
 
         plan, _, rest = completion.partition(self.code_header)
         return parse_steps(plan), rest.split("```", 1)[0]
@@ -151,13 +151,13 @@ def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
 def solve_served(server, template, problems: list[str], adapters: list, max_new_tokens: int,
                  temperature: float | None = None,
                  seed: int = 0) -> tuple[list[tuple[list[str], str]], list[int]]:
-    """:func:`solve` through a vLLM server (:class:`bdc.vllm_server.VLLMServer`): the same
+    """:func:`solve` through a vLLM server (:class:`bdc.llm.vllm_server.VLLMServer`): the same
     prompt and parse, one request per problem on its own adapter (``adapters[i]``: a
-    :class:`~bdc.vllm_server.Adapter`, or None for the base). Returns the ``(thoughts,
+    :class:`~bdc.llm.vllm_server.Adapter`, or None for the base). Returns the ``(thoughts,
     program)`` pairs and each completion's token count."""
     import asyncio
 
-    from bdc.boost.agents.base import Request
+    from bdc.llm.base import Request
 
     requests = [Request(prompt=template.prompt(p), temperature=temperature or 0.0,
                         max_tokens=max_new_tokens, seed=seed * 1000003 + i)

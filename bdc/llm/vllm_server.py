@@ -32,10 +32,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bdc.boost.agents.backends import HTTPSettings, OpenAIBackend
-from bdc.boost.agents.base import Completion, Request
 from bdc.config import VLLMSettings
 from bdc.errors import BDCError
+from bdc.llm.backends import HTTPSettings, OpenAIBackend
+from bdc.llm.base import Completion, Request
 from bdc.processes import ServiceError, log_tail, stop_groups, wait_http
 from bdc.runtime import configure_environment, state_dir
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from bdc.problems.format import Problem, Sample
 from bdc.sandbox import Sandbox
-from bdc.scoring import pass_at_k, score_samples
+from bdc.sandbox.scoring import pass_at_k, score_samples
 
 
 @dataclass
@@ -147,3 +147,30 @@ def markdown(result: dict, order: list[str], ks: list[int], note: str = "") -> s
                    else "" for g in groups]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
+
+
+def figures(result: dict, order: list[str], groups: list[str]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in order if n in result]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1))
+    ax.barh(names, [result[n]["strict_accuracy"]["mean"] for n in names],
+            xerr=[result[n]["strict_accuracy"]["std"] for n in names], color="C0")
+    ax.invert_yaxis()
+    ax.set_xlabel("strict accuracy on hidden tests (%), mean ± std over seeds")
+    fig.tight_layout()
+    rows = [n for n in names if result[n].get("by_group")]
+    heat, hx = plt.subplots(figsize=(1.2 * len(groups) + 2, 0.35 * len(rows) + 1))
+    image = hx.imshow([[result[n]["by_group"].get(g, {}).get("strict_accuracy", {})
+                        .get("mean", 0) for g in groups] for n in rows], cmap="viridis",
+                      aspect="auto")
+    hx.set_xticks(range(len(groups)), groups, rotation=45)
+    hx.set_yticks(range(len(rows)), rows)
+    heat.colorbar(image, label="strict accuracy (%)")
+    heat.tight_layout()
+    return fig, heat
+
+

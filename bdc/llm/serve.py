@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 import uuid
 
-from bdc.boost.agents.backends import HFBackend
-from bdc.boost.agents.base import AgentError, Request
+from bdc.llm.backends import HFBackend
+from bdc.llm.base import BackendError, Request
 
 
 def _error(message: str, status: int, param: str | None = None):
@@ -64,7 +64,7 @@ def create_app(backend: HFBackend, model_name: str):
                           "requests: send a prompt to /v1/completions", 400, "messages")
         try:
             done = await backend.generate(request)
-        except AgentError as exc:  # the request asks what this model cannot do
+        except BackendError as exc:  # the request asks what this model cannot do
             return _error(str(exc), 400, "messages" if chat else "prompt")
         gens = done.generations
         choices = []

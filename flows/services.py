@@ -1,14 +1,15 @@
 """The local control room: Prefect server + UI, MLflow server, a worker per work pool.
 
-``bdc ui`` starts them on loopback, creates the ``cpu`` and ``gpu`` process work pools and
-deploys ``prefect.yaml``, so a user can trigger the pipeline from the Prefect UI and compare
-the runs in MLflow; ``bdc ui --stop`` stops them. They are driven through their own command
-lines as separate processes (each in its own session, so stopping one stops its children),
-and their PIDs and logs live under ``var/``.
+``bdc ui`` (``python -m flows.services``) starts them on loopback, creates the ``cpu`` and
+``gpu`` process work pools and deploys ``prefect.yaml``, so a user can trigger the pipeline
+from the Prefect UI and compare the runs in MLflow; ``bdc ui --stop`` stops them. They are
+driven through their own command lines as separate processes (each in its own session, so
+stopping one stops its children), and their PIDs and logs live under ``var/``.
 """
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bdc.errors import BDCError
 from bdc.processes import ServiceError, group_alive, log_tail, stop_groups, wait_http
 from bdc.runtime import configure_environment, state_dir
 from bdc.tracking import artifact_root, tracking_uri
@@ -172,3 +174,42 @@ def stop(root: Path, grace: float = 15.0) -> list[str]:
     stop_groups(list(services.pids.values()), grace)
     state.unlink()
     return list(services.pids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.services [--stop] [--prefect-port N] [--mlflow-port N]``, what
+    ``bdc ui`` runs: start (or stop) the services and say where they are."""
+    from bdc import console
+    from bdc.runtime import project_root
+    from bdc.tracking import runs_view_url, setup
+
+    parser = argparse.ArgumentParser(prog="bdc ui")
+    parser.add_argument("--stop", action="store_true")
+    parser.add_argument("--prefect-port", type=int, default=4200)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    configure_environment()
+    console.setup_logging(False)
+    root = project_root()
+    try:
+        if args.stop:
+            stopped = stop(root)
+            console.say(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+            return 0
+        started = start(root, args.prefect_port, args.mlflow_port)
+    except BDCError as exc:  # what a user can act on, in one line; a bug keeps its trace
+        console.error(str(exc))
+        return 2
+    runs = runs_view_url(started.mlflow_url, setup(root))
+    console.say(f"Prefect UI : {started.prefect_url}  (deployment pipeline/pipeline: Run)\n"
+                f"MLflow UI  : {runs}  (the runs; MLflow opens on traces otherwise)\n"
+                f"workers    : {', '.join(POOLS)} pools; stop all: bdc ui --stop\n"
+                f"CLI        : export PREFECT_API_URL={started.prefect_url}/api  (without it "
+                "`prefect deployment run` starts a temporary server of its own: 'database is "
+                "locked')\n"
+                f"             prefect deployment run pipeline/pipeline")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

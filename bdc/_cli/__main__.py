@@ -1,0 +1,3 @@
+from bdc._cli import main
+
+main()

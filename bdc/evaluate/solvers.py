@@ -1,0 +1,249 @@
+"""Every System-1 solver the pipeline made, run on the same test problems through the same
+batched paths, and the System-2 side for reference.
+
+Solvers: the base model; the full-data LoRA; each expert alone; the oracle expert (the
+expert of the cluster the problem's family's training records fell in: mini only); the
+uniform, linear, TIES and DARE merges; Arrow; the customized solver. Adapter solvers share
+PEFT's mixed-adapter batches (or, on ``evaluate.engine: vllm``, one served adapter per
+request). System-2 rows: the tree of agents and each agent's own tree, at the explore budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from bdc import artifacts
+from bdc.config import Params
+from bdc.disentangle.experts import BASE_ADAPTER, FULL, expert_name
+from bdc.disentangle.routing import route
+from bdc.evaluate.claims import claims, own_cluster
+from bdc.evaluate.runner import Runner, mean_std, table
+from bdc.jsonl import read_jsonl
+from bdc.problems.format import Problem
+from bdc.reuse import folder_digest
+
+BASE = "base"  # the base model's row (its adapter is BASE_ADAPTER: none)
+log = logging.getLogger(__name__)
+
+
+def group_of(problem: Problem) -> str:
+    """The row's slice: the mini family, the CodeContests band, the APPS difficulty, or the
+    source (HumanEval, MBPP)."""
+    meta = problem.meta
+    return str(meta.get("family") or meta.get("band") or meta.get("difficulty")
+               or problem.source)
+
+
+def home_clusters(clusters_dir: Path) -> dict[str, int]:
+    """Family -> the cluster most of its training problems fell in (mini)."""
+    by: dict[str, Counter] = defaultdict(Counter)
+    for row in read_jsonl(clusters_dir / artifacts.CLUSTER_PROBLEMS, dict):
+        if row.get("family"):
+            by[row["family"]][row["cluster"]] += 1
+    return {f: c.most_common(1)[0][0] for f, c in by.items()}
+
+
+def oracle_adapter(problem: Problem, home: dict[str, int]) -> str:
+    """The oracle's adapter for a test problem: its family's home expert. A family with no
+    training records has no expert to know about, so the oracle is the base model there (the
+    table lists those families under ``oracle_without_expert``)."""
+    family = problem.meta.get("family")
+    return expert_name(home[family]) if family in home else BASE_ADAPTER
+
+
+def system2(params: Params, test: list[Problem], seeds: list[int], sandbox) -> dict:
+    """The tree of agents and each agent's own tree on the test problems (reference)."""
+    from bdc.boost.compare import Method, run_method
+    from bdc.boost.exploration import closing, make_agents
+
+    agents = make_agents(params.explore.agents, params.explore.cpu_threads)
+    methods = [Method("system2", "tree", tuple(agents)),
+               *[Method("system2", "tree", (a,)) for a in agents]] if len(agents) > 1 else \
+        [Method("system2", "tree", tuple(agents))]
+
+    async def all_runs() -> dict:
+        out = {}
+        for method in methods:
+            runs = [await run_method(method, test, params.explore, sandbox, seed)
+                    for seed in seeds]
+            out[f"System-2: {method.name}"] = {
+                "pass_rate": mean_std([100 * r["hidden_pass_rate"] for r in runs]),
+                "strict_accuracy": mean_std([100 * r["hidden_solve_rate"] for r in runs]),
+                "tokens": statistics.mean(r["tokens_per_problem"] for r in runs) * len(test),
+                "programs_per_problem": statistics.mean(r["programs_per_problem"]
+                                                        for r in runs),
+                "seconds": None, "seeds": len(runs), "by_group": {}}
+        return out
+
+    return asyncio.run(closing(agents, all_runs()))
+
+
+def adapter_rows(test: list[Problem], manifest: dict, home: dict[str, int]
+                 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """The base, the full-data LoRA, each expert, the merges and the oracle expert as rows
+    of one batch: ``(labels, adapter names, prompts)``, ``BASE_ADAPTER`` for the base alone."""
+    rows = [(BASE, BASE_ADAPTER), (FULL, FULL), *[(e, e) for e in manifest["experts"]],
+            *[(a, a) for a in manifest["adapters"] if a.startswith("merge_")]]
+    labels, names, prompts = [], [], []
+    for solver, adapter in rows:
+        labels += [(solver, p.id) for p in test]
+        names += [adapter] * len(test)
+        prompts += [p.prompt for p in test]
+    if home:
+        labels += [("oracle expert", p.id) for p in test]
+        names += [oracle_adapter(p, home) for p in test]
+        prompts += [p.prompt for p in test]
+    return labels, names, prompts
+
+
+def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
+                    home: dict[str, int], s, temperature: float | None):
+    """Every adapter-based solver as rows of the same PEFT mixed-adapter batches. The
+    template."""
+    from bdc.disentangle.registry import load_expert_set
+    from bdc.llm.system1 import solve, template_for
+
+    peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
+    template = template_for(tokenizer, manifest["template"])
+    labels, names, prompts = adapter_rows(test, manifest, home)
+    for seed in s.seeds:
+        runner.generate(labels, seed, lambda cb, seed=seed: solve(
+            peft, tokenizer, template, prompts, s.max_new_tokens, s.batch, adapter_names=names,
+            temperature=temperature, seed=seed, on_batch=cb))
+    return template
+
+
+def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
+                   hypernet_dir: Path, manifest: dict, home: dict[str, int], params: Params,
+                   temperature: float | None):
+    """``evaluate.engine: vllm``: the adapter solvers and the customized solver (one folded
+    rank-K*r adapter per problem, through the fold cache) on vLLM's server, one adapter per
+    request, every solver's requests in flight together. The template."""
+    import torch
+
+    from bdc.customize.fold import FoldedCache
+    from bdc.customize.solver import load
+    from bdc.llm.system1 import solve_served
+    from bdc.llm.vllm_server import Adapter, VLLMServer
+    from bdc.runtime import project_root, state_dir
+
+    s = params.evaluate
+    solver = load(hypernet_dir, experts_dir, clusters_dir, base=manifest["base"])
+    digest = folder_digest(hypernet_dir)[:16]
+    cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / f"eval-{digest}",
+                        manifest["base"], params.customize.fold_precision)
+    labels, names, prompts = adapter_rows(test, manifest, home)
+    adapters = [None if n == BASE_ADAPTER else Adapter(n, experts_dir / n) for n in names]
+    z = torch.as_tensor(solver.z([p.prompt for p in test]))
+    for i, p in enumerate(test):
+        labels.append(("customized", p.id))
+        prompts.append(p.prompt)
+        key = z[i:i + 1]
+        adapters.append(Adapter(f"fold-{cache.key(key)}", cache.adapter(key)))
+    log.info("evaluate: %d folded adapters for %d problems (cache hit rate %.2f)",
+             cache.misses + cache.hits, len(test), cache.hit_rate)
+    base = Path(manifest["base"])  # a folder (relative to the project), or a hub id
+    base = project_root() / base if (project_root() / base).exists() else manifest["base"]
+    with VLLMServer(base, params.vllm, project_root(), "base",
+                    lora_rank=cache.max_lora_rank) as server:
+        for seed in s.seeds:
+            runner.generate(labels, seed, lambda cb, seed=seed: cb(0, *solve_served(
+                server, solver.template, prompts, adapters, s.max_new_tokens, temperature,
+                seed)))
+    return solver.template
+
+
+def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
+               hypernet_dir: Path, s, temperature: float | None) -> None:
+    """The hypernetwork's gated forward, through the same batched path."""
+    from bdc.customize.solver import load
+    from bdc.llm.system1 import solve
+
+    solver = load(hypernet_dir, experts_dir, clusters_dir)
+    prompts = [p.prompt for p in test]
+    z = solver.z(prompts)
+    for seed in s.seeds:
+        runner.generate([("customized", p.id) for p in test], seed, lambda cb, seed=seed: solve(
+            solver.model, solver.tokenizer, solver.template, prompts, s.max_new_tokens,
+            s.batch, temperature=temperature, seed=seed, z=z, on_batch=cb))
+
+
+def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict, template,
+          params: Params, temperature: float | None) -> None:
+    """Arrow's training-free per-token routing over the experts."""
+    from bdc.disentangle.merging import arrow_model
+    from bdc.llm.system1 import solve
+
+    s = params.evaluate
+    model, tokenizer = arrow_model(manifest["base"], [experts_dir / e for e in
+                                                      manifest["experts"]],
+                                   params.experts.arrow_top_k, params.seed)
+    prompts = [p.prompt for p in test]
+    for seed in s.seeds:
+        runner.generate([("arrow", p.id) for p in test], seed, lambda cb, seed=seed: solve(
+            model, tokenizer, template, prompts, s.max_new_tokens, s.batch,
+            temperature=temperature, seed=seed, on_batch=cb))
+
+
+@dataclass
+class Evaluation:
+    """Every solver's programs scored, the table's rows, the claims and the table's order."""
+
+    outcomes: list
+    result: dict
+    claims: dict
+    order: list[str]
+
+
+def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, clusters_dir: Path,
+                 hypernet_dir: Path, manifest: dict, sandbox) -> Evaluation:
+    """Every System-1 solver (and, with ``evaluate.system2``, the System-2 trees) on the
+    hidden tests of ``test``; the claims measured on the result."""
+    import torch
+
+    s = params.evaluate
+    experts = manifest["experts"]
+    merges = [a for a in manifest["adapters"] if a.startswith("merge_")]
+    home = home_clusters(clusters_dir)
+    temperature = s.temperature or None
+    groups = {p.id: group_of(p) for p in test}
+    runner = Runner({p.id: p for p in test}, sandbox)
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        log.info("evaluate: %s in %.1fs", name, time.perf_counter() - clock)
+        clock = time.perf_counter()
+
+    if s.engine == "vllm":
+        template = served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir,
+                                  manifest, home, params, temperature)
+        phase("adapter and customized solvers generated on vLLM")
+    else:
+        template = adapter_solvers(runner, test, experts_dir, manifest, home, s,
+                                   temperature)
+        phase("adapter solvers generated")
+        customized(runner, test, experts_dir, clusters_dir, hypernet_dir, s, temperature)
+        phase("customized solver generated")
+    if len(experts) > 1:
+        arrow(runner, test, experts_dir, manifest, template, params, temperature)
+        phase("Arrow generated")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    outcomes = runner.finish()
+    phase("programs scored")
+    result = table(outcomes, groups, s.seeds, s.ks)
+    if s.system2:
+        result.update(system2(params, test, s.system2_seeds or s.seeds, sandbox))
+        phase("System-2 searched")
+    routes = dict(zip([p.id for p in test], route(test, clusters_dir).tolist(), strict=True))
+    measured = claims(result, experts, own_cluster(outcomes, routes, experts))
+    order = [BASE, FULL, *experts, "oracle expert", *merges, "arrow", "customized",
+             *[n for n in result if n.startswith("System-2")]]
+    return Evaluation(outcomes, result, measured, order)

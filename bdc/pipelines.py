@@ -1,0 +1,87 @@
+"""Each profile's pipeline from the one definition, ``dvc.yaml``.
+
+DVC reads a pipeline only from a ``dvc.yaml`` file, and its templating cannot drop a stage or
+move every output under another folder, so a profile other than mini is generated: the
+paper profile's ``paper/dvc.yaml`` is dvc.yaml's stages without ``pretrain`` (its agents are
+API or vLLM-served models, its base a hub model), run at the project root (``wdir: ..``) with
+``paper/params.yaml``, outputs under ``paper/data``, and no dependency on the tiny models.
+``bdc pipelines write`` rewrites the generated files; ``--check`` (and a test) fails when a
+committed one differs, so they cannot drift from dvc.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# profile -> (its folder, the stages it has not: dvc.yaml's others)
+DERIVED = {"paper": ("paper", ("pretrain",))}
+HEADER = """\
+# GENERATED from dvc.yaml by `bdc pipelines write`: edit dvc.yaml, then run it (a test fails
+# while this file differs). The {profile} profile's pipeline: dvc.yaml's stages but
+# {dropped}, with the settings of {folder}/params.yaml and the outputs under {folder}/data.
+# Stages run at the project root (wdir: ..), sharing its code, gx/ suites, var/ state and
+# MLflow store. Run it with `dvc repro {folder}/dvc.yaml` or the Prefect `pipeline` flow with
+# profile {profile} (its GPU stages go to the `gpu` work pool).
+"""
+
+
+def _moved(path: str, folder: str) -> str:
+    return f"{folder}/{path}" if path.startswith("data/") else path
+
+
+def _entries(entries: list, folder: str) -> list:
+    """DVC out/metric/plot entries (a path, or {path: options}) under ``folder``."""
+    return [_moved(e, folder) if isinstance(e, str) else
+            {_moved(k, folder): v for k, v in e.items()} for e in entries]
+
+
+def derived_stages(stages: dict[str, Any], folder: str, dropped: tuple[str, ...]
+                   ) -> dict[str, Any]:
+    """A profile's stages, given dvc.yaml's."""
+    out = {}
+    for name, stage in stages.items():
+        if name in dropped:
+            continue
+        cmd = " ".join(_moved(w, folder) for w in stage["cmd"].split())
+        new: dict[str, Any] = {"wdir": "..", "cmd": f"{cmd} --params {folder}/params.yaml",
+                               "deps": [_moved(d, folder) for d in stage["deps"]
+                                        if not d.startswith("data/models/")],
+                               "params": [{f"{folder}/params.yaml": stage["params"]}]}
+        for key in ("outs", "metrics", "plots"):
+            if key in stage:
+                new[key] = _entries(stage[key], folder)
+        out[name] = new
+    return out
+
+
+def render(root: Path, profile: str) -> str:
+    """The text of ``profile``'s generated dvc.yaml."""
+    folder, dropped = DERIVED[profile]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    body = yaml.safe_dump({"stages": derived_stages(stages, folder, dropped)},
+                          sort_keys=False, width=100)
+    return HEADER.format(profile=profile, folder=folder,
+                         dropped=", ".join(f"`{d}`" for d in dropped)) + body
+
+
+def stale(root: Path) -> list[Path]:
+    """The generated pipeline files that differ from what dvc.yaml makes."""
+    out = []
+    for profile, (folder, _) in DERIVED.items():
+        path = root / folder / "dvc.yaml"
+        if not path.exists() or path.read_text() != render(root, profile):
+            out.append(path)
+    return out
+
+
+def write(root: Path) -> list[Path]:
+    """Rewrite every generated pipeline file that differs; the ones rewritten."""
+    changed = stale(root)
+    for profile, (folder, _) in DERIVED.items():
+        path = root / folder / "dvc.yaml"
+        if path in changed:
+            path.write_text(render(root, profile))
+    return changed

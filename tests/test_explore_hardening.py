@@ -123,6 +123,43 @@ def test_trees_are_reused_only_under_the_settings_that_made_them(tmp_path, sandb
                    agents=list(reversed(agents)))[0]["resumed_problems"] == 0
 
 
+def test_a_tree_cut_short_by_its_wall_clock_is_searched_again(tmp_path, sandbox):
+    """Bug: a tree stopped by `wall_time` counted as finished and was reused forever (a busy
+    machine, or one huge prompt slowing every tree's batch, left trees of one rollout as the
+    problems' results). A cut tree is kept (its outputs count this run) but never reused."""
+    out = tmp_path / "explore"
+    base = params()
+    cut = base.model_copy(update={"explore": base.explore.model_copy(update={
+        "search": base.explore.search.model_copy(update={"wall_time_s": 1e-6})})})
+    first, _ = explore(cut, PROBLEMS, out, sandbox, agents=[returning("0")])
+    assert first["stopped"] == {"wall_time": len(PROBLEMS)}
+    assert first["cut_short"] == len(PROBLEMS) and first["problems"] == len(PROBLEMS)
+    again, _ = explore(cut, PROBLEMS, out, sandbox, agents=[returning("0")])
+    assert again["resumed_problems"] == 0  # searched again, not taken as done
+    done, _ = explore(base, PROBLEMS, out, sandbox, agents=[returning("0")])
+    assert done["cut_short"] == 0
+    assert explore(base, PROBLEMS, out, sandbox,
+                   agents=[returning("0")])[0]["resumed_problems"] == len(PROBLEMS)
+
+
+def test_a_problem_whose_prompt_is_over_the_limit_fails_alone_before_any_search(
+        tmp_path, sandbox):
+    """Bug: one problem with a 57k-character prompt in a 7-problem pool slowed every
+    tree's batched generation until all stopped on their wall clock. It is refused before
+    any generation, named, and the others are searched as usual."""
+    out = tmp_path / "explore"
+    huge = PROBLEMS[0].model_copy(update={"prompt": "x" * 5000})
+    problems = [huge, *PROBLEMS[1:]]
+    with pytest.raises(ExploreFailed, match=rf"{huge.id}.*5000 characters.*max_prompt_chars"):
+        explore(params(max_prompt_chars=4000), problems, out, sandbox, agents=[returning("0")])
+    kept = {p.id: strict_json(tree_file(out, p.id)) for p in problems}
+    assert "error" in kept[huge.id] and kept[huge.id]["error"]["type"] == "PromptTooLong"
+    assert all("tree" in kept[p.id] for p in PROBLEMS[1:])
+    metrics, _ = explore(params(max_prompt_chars=4000, max_failed_share=0.5), problems, out,
+                         sandbox, agents=[returning("0")])
+    assert metrics["failed"] == [huge.id] and metrics["resumed_problems"] == len(PROBLEMS) - 1
+
+
 def test_limit_never_deletes_finished_trees_outside_the_selection(tmp_path, sandbox):
     out = tmp_path / "explore"
     explore(params(), PROBLEMS, out, sandbox, agents=[returning("0")])

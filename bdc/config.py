@@ -209,6 +209,9 @@ class ExploreSettings(Strict):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads while local CPU "
                                     "models search (default: cores / those models)")
     limit: int | None = Field(None, ge=1, description="explore only the first N problems")
+    max_prompt_chars: int = Field(32000, ge=1, description="a problem whose text is longer is "
+                                  "not searched (recorded as failed, named): trees share "
+                                  "their agents' batches, and one huge prompt slows them all")
     max_failed_share: float = Field(0.0, ge=0, le=1, description="the stage fails (naming "
                                     "them) when more problems than this share could not be "
                                     "searched; each is recorded and re-tried by a re-run")

@@ -29,7 +29,8 @@ HEADER = """\
 
 
 def _moved(path: str, folder: str) -> str:
-    return f"{folder}/{path}" if path.startswith("data/") else path
+    """A path of dvc.yaml's, in the profile's pipeline: its data and its params file."""
+    return f"{folder}/{path}" if path.startswith("data/") or path == "params.yaml" else path
 
 
 def _entries(entries: list, folder: str) -> list:

@@ -107,8 +107,12 @@ def test_repro_noop_and_param_change(pipeline, tmp_path):
     params = yaml.safe_load((pipeline / "params.yaml").read_text())
     params["sandbox"]["timeout"] = 4.0
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prepared = {f: (pipeline / "data/problems" / f).read_bytes() for f in ("test.jsonl",)}
     out = dvc("repro", "check", cwd=pipeline)
-    assert "Running stage 'check'" in out and "Running stage 'prepare'" not in out
+    # the stage that reads the key re-runs; prepare re-checks the whole file (seconds) and,
+    # its outputs unchanged, makes nothing after it re-run
+    assert "Running stage 'check'" in out and "Running stage 'prepare'" in out
+    assert {f: (pipeline / "data/problems" / f).read_bytes() for f in prepared} == prepared
 
     params["problems"]["test"][0]["limit"] = 5
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -138,6 +142,19 @@ def test_bad_params_fail_the_stage_with_the_key(pipeline):
     out = dvc("repro", "prepare", cwd=pipeline, check=False)
     assert "problems.explore[0].slise" in out
     assert not (pipeline / "data/problems/explore.jsonl").exists()
+
+
+def test_a_misspelled_top_level_key_stops_dvc_repro_naming_it(pipeline):
+    """Bug: `experst: {epochs: 20}` in params.yaml was silent under `dvc repro` ("Data and
+    pipelines are up to date", exit 0: DVC tracks only the keys each stage reads), and the
+    user believed the setting took effect."""
+    dvc("repro", "prepare", cwd=pipeline)
+    text = (pipeline / "params.yaml").read_text()
+    (pipeline / "params.yaml").write_text(text + "experst: {epochs: 20}\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "prepare"],
+                          cwd=pipeline, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "experst" in proc.stdout + proc.stderr
+    assert "up to date" not in proc.stdout
 
 
 def test_killed_stage_leaves_no_valid_looking_output(pipeline):

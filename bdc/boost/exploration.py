@@ -55,6 +55,10 @@ class ExploreFailed(BDCError):
     """Too many problems could not be searched; the message names them."""
 
 
+class PromptTooLong(BDCError):
+    """A problem's text is over ``explore.max_prompt_chars``: not searched."""
+
+
 # ----------------------------------------------------------------------------- agents
 
 def make_backend(spec: AgentSettings) -> Backend:
@@ -238,7 +242,10 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
             old = json.loads(tree_file(out_dir, p.id).read_text())
         except (OSError, ValueError):
             continue
-        if old.get("fingerprint") == prints[p.id] and "error" not in old:
+        # a tree cut short by its wall clock is not a result (a busy machine, or another
+        # problem's huge prompt, stopped it): kept for this run's outputs until searched again
+        if old.get("fingerprint") == prints[p.id] and "error" not in old and \
+                old["tree"]["stopped"] != "wall_time":
             records[p.id] = old
     resumed = len(records)
     todo = [p for p in problems if p.id not in records]
@@ -263,6 +270,12 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
 
     if on_progress:
         on_progress(len(records), len(problems), solved, 0.0)
+    for p in [p for p in todo if len(p.prompt) > settings.max_prompt_chars]:
+        keep(p, failure_of(p, PromptTooLong(
+            f"{p.id}: its prompt of {len(p.prompt)} characters is over "
+            f"explore.max_prompt_chars ({settings.max_prompt_chars}): not searched"),
+            prints[p.id]))
+    todo = [p for p in todo if p.id not in failed]
     if todo and settings.cluster.address:
         search_on_cluster(params, todo, prints, keep)
     elif todo:
@@ -295,5 +308,6 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
         "sft_records": len(sft), "preference_pairs": len(prefs),
         "sft_p2t_records": len(sft) - len(t2s),
         "sft_chain_share": sum(bool(r["thoughts"]) for r in t2s) / len(t2s) if t2s else 0.0,
-        "failed_problems": len(failed), "failed": sorted(failed)})
+        "failed_problems": len(failed), "failed": sorted(failed),
+        "cut_short": sum(rec["tree"]["stopped"] == "wall_time" for _, rec in ordered)})
     return metrics, [rec for _, rec in ordered]

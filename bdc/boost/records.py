@@ -25,7 +25,7 @@ from bdc.sandbox import ExecutionResult
 # The code that makes a tree: a change to it (not to its comments or docstrings) is a new
 # search. The builders of training data and metrics are not here: they re-derive every run.
 TREE_CODE = ("boost/tree_of_agents.py", "boost/exploration.py", "boost/agents", "llm/base.py",
-             "llm/backends.py", "llm/prompts.py", "sandbox")
+             "llm/backends.py", "llm/loading.py", "llm/prompts.py", "sandbox")
 # Sandbox settings that cannot change a program's outcome (how many workers, which uids).
 SANDBOX_NEUTRAL = {"workers", "uid_base", "strict"}
 

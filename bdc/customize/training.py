@@ -24,7 +24,10 @@ from bdc.disentangle.experts import Collator, tokenize
 from bdc.reuse import code_version, digest, file_digest, finished, identity, seal
 
 # the code that makes the hypernetwork's weights: a change to it trains again
-HYPERNET_CODE = ("customize", "disentangle/experts.py", "llm/system1.py", "llm/prompts.py")
+HYPERNET_CODE = ("customize/config.py", "customize/layer.py", "customize/model.py",
+                 "customize/router.py", "customize/solver.py", "customize/training.py",
+                 "disentangle/embedding.py", "disentangle/experts.py", "llm/system1.py",
+                 "llm/prompts.py")
 
 
 def split(records: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -151,6 +151,7 @@ class ExpertSet:
         try:
             self.peft.save_pretrained(tmp, selected_adapters=[name])
             saved = tmp / name if (tmp / name).is_dir() else tmp
+            canonical_adapter_config(saved)
             for file, text in extra.items():
                 (saved / file).write_text(text)
             if record is not None:
@@ -160,6 +161,18 @@ class ExpertSet:
             saved.rename(folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def canonical_adapter_config(folder: Path) -> None:
+    """PEFT keeps ``target_modules`` as a set and writes it in the set's order, which changes
+    with every process's string hashing: the same adapter saved twice differed, and DVC
+    re-ran every stage after experts. Lists of names are written sorted."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("target_modules", "modules_to_save", "layers_to_transform"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key], key=str)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,

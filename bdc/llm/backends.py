@@ -1,4 +1,5 @@
-"""Where an agent's LLM runs: an OpenAI-compatible server, vLLM in-process, or transformers.
+"""Where an LLM runs, for the search's agents and the System-1 solvers: an OpenAI-compatible
+server, vLLM in-process, or transformers.
 
 Local backends (transformers, vLLM) gather the requests of every open search tree into
 batches: a request waits while the current batch runs, and the next batch takes everything
@@ -6,7 +7,7 @@ that arrived meanwhile. The HTTP backend sends requests concurrently under a lim
 rate limits and server errors with backoff, and adapts to what its provider accepts (``n``,
 ``seed``).
 
-Accounting (the same on every backend, see :class:`~bdc.boost.agents.base.Completion`): a
+Accounting (the same on every backend, see :class:`~bdc.llm.base.Completion`): a
 request costs its prompt tokens once plus every generated token, a chosen end-of-text token
 included. HTTP counts are the provider's reported ``usage``.
 """

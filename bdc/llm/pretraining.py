@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from bdc.config import PretrainModel
-from bdc.llm.prompts import CODE_HEADER, render
+from bdc.llm.prompts import CODE_HEADER, parse_steps, render
 from bdc.problems.format import Problem
 from bdc.runtime import cpu_cores
 
@@ -258,8 +258,6 @@ def write_programs(model, tokenizer, problems: list[Problem], max_new_tokens: in
 def write_plans(model, tokenizer, problems: list[Problem], max_new_tokens: int,
                 batch_size: int) -> list[list[str]]:
     """One greedy plan (the thought lines before the code header) per problem."""
-    from bdc.llm.prompts import parse_steps
-
     return [parse_steps(t.split(CODE_HEADER, 1)[0]) for t in complete(
         model, tokenizer, [render(p.prompt) for p in problems], max_new_tokens, batch_size)]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bdc.llm.prompts import CODE_HEADER, render
+from bdc.llm.prompts import CODE_HEADER, parse_steps, render
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,6 @@ class MiniTemplate:
 
     def parse(self, completion: str) -> tuple[list[str], str]:
         """The thoughts and the program of a one-pass completion."""
-        from bdc.llm.prompts import parse_steps
-
         if CODE_HEADER not in completion:
             return parse_steps(completion), ""
         plan, code = completion.split(CODE_HEADER, 1)
@@ -89,8 +87,6 @@ class ChatTemplate:
                        program.rstrip("\n") + "\n```" + (self.tokenizer.eos_token or ""))
 
     def parse(self, completion: str) -> tuple[list[str], str]:
-        from bdc.llm.prompts import parse_steps
-
         plan, _, rest = completion.partition(self.code_header)
         return parse_steps(plan), rest.split("```", 1)[0]
 

@@ -1,11 +1,12 @@
-"""Host side of the sandbox: warm isolated workers in, trustworthy test outcomes out.
+"""The host's sandbox: a pool of warm isolated workers, one program at a time on each, and
+trustworthy test outcomes out.
 
-The host keeps every expected output. A worker (see ``worker.py``) hands the host prepared
-program processes; the host sends each one only its program and call arguments (function
-tests) or stdin (stdio tests), reads plain data back, and compares here. Assertion snippets
-(``{"code": ...}`` tests) run here too, against proxies whose every call runs in the sandbox,
-so a program never sees the values it is compared with. The host also supervises: deadlines,
-output caps, and kills through a pidfd.
+The host keeps every expected output. A worker (``worker.py``, supervised through
+``worker_process``) hands the host prepared program processes; the host sends each one only
+its program and call arguments (function tests) or stdin (stdio tests) through ``program``,
+and compares what comes back outside the program (``judging``), assertion snippets included,
+run against proxies whose every call runs in the sandbox. Deadlines, output caps and kills
+through a pidfd are ``program``'s; what this machine isolates is ``isolation``'s.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """One module per pipeline stage (as DVC's example-get-started has one per stage).
 
-A stage module reads its inputs, calls the method code (``bdc.boost``, ``bdc.disentangle``,
-``bdc.customize``), writes its outputs atomically and logs its MLflow run. The ML itself lives
-in the method packages and the foundations, not here.
+A stage module reads its inputs, calls the method code (``bdc.llm`` for the mini models,
+``bdc.boost``, ``bdc.validation``, ``bdc.disentangle``, ``bdc.customize``, ``bdc.evaluate``),
+writes its outputs atomically and logs its MLflow run. No stage imports another; the ML
+itself lives in the method packages and the foundations, not here.
 """

@@ -34,6 +34,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     from bdc.customize.solver import build
     from bdc.customize.training import train_or_reuse
     from bdc.disentangle.experts import device_and_dtype
+    from bdc.disentangle.routing import require_same_clusters
     from bdc.plots import line_figure, save_png
     from bdc.tracking import stage_run
     from bdc.validation.report import require_validated
@@ -42,7 +43,9 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     sft = explore_dir / artifacts.SFT
     require_validated(validate_dir / artifacts.REPORT, sft)
     records = list(read_jsonl(sft, dict))
-    experts = json.loads((experts_dir / artifacts.MANIFEST).read_text())["experts"]
+    manifest = json.loads((experts_dir / artifacts.MANIFEST).read_text())
+    require_same_clusters(manifest, experts_dir, clusters_dir)
+    experts = manifest["experts"]
     cluster_of = {r["problem_id"]: r["cluster"]
                   for r in read_jsonl(clusters_dir / artifacts.CLUSTER_PROBLEMS, dict)}
     device, dtype = device_and_dtype(params.experts)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bdc import artifacts
 from bdc.config import Params
+from bdc.disentangle.routing import require_same_clusters
 from bdc.evaluate.runner import figures, markdown
 from bdc.evaluate.solvers import evaluate_all, group_of, home_clusters
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
@@ -40,6 +41,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
     test = read_problems(problems_dir / artifacts.pool("test"))
     test = first_per_family(test, s.per_group, group_of)  # per slice, family or source
     manifest = json.loads((experts_dir / artifacts.MANIFEST).read_text())
+    require_same_clusters(manifest, experts_dir, clusters_dir)
     experts = manifest["experts"]
     home = home_clusters(clusters_dir)
     temperature = s.temperature or None

@@ -22,7 +22,7 @@ from bdc.disentangle.experts import (
     expert_name,
     train_all,
 )
-from bdc.disentangle.routing import route
+from bdc.disentangle.routing import clusters_of, route
 from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
@@ -91,7 +91,8 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         manifest = {"base": s.base, "template": experts.template.name,
                     "adapters": [FULL, *experts_names, *[f"merge_{m}" for m in s.merges]],
                     "experts": experts_names, "lora": s.lora.model_dump(),
-                    "embedder": json.loads((clusters_dir / artifacts.EMBEDDER).read_text())}
+                    "embedder": json.loads((clusters_dir / artifacts.EMBEDDER).read_text()),
+                    "clusters": clusters_of(clusters_dir)}
         version = register(out_dir, manifest, {"centroids": clusters_dir / artifacts.CENTROIDS})
         tracked.tag("bdc.registered_model", f"models:/bdc-experts/{version}")
         metrics["registered_version"] = version

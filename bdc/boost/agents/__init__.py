@@ -1,6 +1,7 @@
-"""LLM agents for the search: one interface, several backends (HTTP, vLLM, local HF).
+"""The search's agents: one interface, whatever LLM backend (``bdc.llm``) they run on.
 
-``base`` holds the records and the interface, ``prompts`` the two prompt styles (the mini
-models' native text format, and instructions + JSON for chat models), ``backends`` the places
-an LLM can run, ``scripted`` a model-free agent for tests and overhead benchmarks.
+``base`` holds the interface and what an agent returns (thoughts with priors, programs,
+feedback); ``llm`` the agent over an LLM with its two prompt styles (the mini models' native
+text format, and instructions + JSON for chat models); ``scripted`` a model-free agent for
+tests and overhead benchmarks.
 """

@@ -93,16 +93,10 @@ def runs_view_url(ui_url: str, experiment_id: str, run_id: str | None = None) ->
     return f"{base}/runs?workflowType=machine_learning"
 
 
-def stage_description(stage: str) -> str:
-    """A stage run's description in MLflow: the first paragraph of its stage module's
-    docstring (``bdc/stages/<stage>.py``), so a run says what it is."""
-    import importlib
-
-    try:
-        doc = importlib.import_module(f"bdc.stages.{stage.replace('-', '_')}").__doc__ or ""
-    except ImportError:
-        return ""
-    return " ".join(doc.strip().split("\n\n")[0].split())
+def describe(doc: str | None) -> str:
+    """A stage run's description in MLflow: the first paragraph of the docstring of the stage
+    module that starts it, so a run says what it is."""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def params_hash(params: Mapping[str, Any]) -> str:
@@ -179,8 +173,9 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], profile: str,
-              root: Path | None = None) -> Iterator[StageRun]:
-    """An MLflow run for one stage, nested under the pipeline's run when there is one."""
+              root: Path | None = None, doc: str | None = None) -> Iterator[StageRun]:
+    """An MLflow run for one stage, nested under the pipeline's run when there is one;
+    described by ``doc`` (the stage module passes its own docstring)."""
     import mlflow
 
     setup(root)
@@ -188,7 +183,7 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
             "bdc.params_hash": params_hash(params), "bdc.profile": profile}
     parent = os.environ.get(PARENT_ENV) or None
     with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent,
-                          description=stage_description(stage) or None) as run:
+                          description=describe(doc) or None) as run:
         flat = {k: json.dumps(v) if isinstance(v, list | dict) else v
                 for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})

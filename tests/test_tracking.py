@@ -98,7 +98,9 @@ def test_stage_runs_explain_themselves(store, tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"problem_id": "a", "thoughts": ["x"], "n": 1}\n'
                     '{"problem_id": "b", "thoughts": [], "n": 2}\n')
-    with tracking.stage_run("explore", {}, "mini", root=store) as run:
+    from bdc.stages import explore
+
+    with tracking.stage_run("explore", {}, "mini", root=store, doc=explore.__doc__) as run:
         run.dataset(data, "SFT records", "training")
         run.table([{"rate": 0.1 + 0.1 + 0.1 - 0.1}], "t.json")
     (r,) = only_run(store, **{"bdc.stage": "explore"})

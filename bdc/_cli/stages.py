@@ -10,6 +10,14 @@ import typer
 from bdc import console
 from bdc._cli.app import ParamsOption, UserError, _params, app
 
+# the stages' folders, as dvc.yaml passes them (a stage's own outputs are its --out-dir)
+ProblemsDir = typer.Option(Path("data/problems"), "--problems-dir")
+PlotsDir = typer.Option(Path("data/plots"), "--plots-dir")
+ExploreDir = typer.Option(Path("data/explore"), "--explore-dir")
+ValidateDir = typer.Option(Path("data/validate"), "--validate-dir")
+ClustersDir = typer.Option(Path("data/clusters"), "--clusters-dir")
+ExpertsDir = typer.Option(Path("data/experts"), "--experts-dir")
+
 
 @app.command("prepare")
 def prepare_cmd(
@@ -38,7 +46,7 @@ def pretrain_cmd(
     models_dir: Path = typer.Option(Path("data/models"), "--models-dir",
                                     help="one Hugging Face folder per model goes here"),
     metrics: Path = typer.Option(Path("data/metrics/pretrain.json"), "--metrics"),
-    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    plots_dir: Path = PlotsDir,
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage pretrain (mini profile): train the tiny agents and base model from scratch and
@@ -157,10 +165,10 @@ def disentangle_cmd(
     validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir",
                                       help="validate's output (report.json vouches for the "
                                       "SFT file)"),
-    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    problems_dir: Path = ProblemsDir,
     out_dir: Path = typer.Option(Path("data/clusters"), "--out-dir"),
     metrics: Path = typer.Option(Path("data/metrics/disentangle.json"), "--metrics"),
-    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    plots_dir: Path = PlotsDir,
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage disentangle: embed the validated SFT data and cluster it (k fixed or by
@@ -180,14 +188,14 @@ def disentangle_cmd(
 
 @app.command("experts")
 def experts_cmd(
-    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir"),
-    validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir"),
-    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
-    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    explore_dir: Path = ExploreDir,
+    validate_dir: Path = ValidateDir,
+    clusters_dir: Path = ClustersDir,
+    problems_dir: Path = ProblemsDir,
     out_dir: Path = typer.Option(Path("data/experts"), "--out-dir",
                                  help="one PEFT adapter folder per expert, full and merges"),
     metrics: Path = typer.Option(Path("data/metrics/experts.json"), "--metrics"),
-    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    plots_dir: Path = PlotsDir,
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage experts: one LoRA per cluster and one on all data (PEFT, one loaded base), the
@@ -209,14 +217,14 @@ def experts_cmd(
 
 @app.command("customize")
 def customize_cmd(
-    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir"),
-    validate_dir: Path = typer.Option(Path("data/validate"), "--validate-dir"),
-    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
-    experts_dir: Path = typer.Option(Path("data/experts"), "--experts-dir"),
-    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    explore_dir: Path = ExploreDir,
+    validate_dir: Path = ValidateDir,
+    clusters_dir: Path = ClustersDir,
+    experts_dir: Path = ExpertsDir,
+    problems_dir: Path = ProblemsDir,
     out_dir: Path = typer.Option(Path("data/hypernet"), "--out-dir"),
     metrics: Path = typer.Option(Path("data/metrics/customize.json"), "--metrics"),
-    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    plots_dir: Path = PlotsDir,
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage customize: train the input-aware hypernetwork over the experts (base and
@@ -236,13 +244,13 @@ def customize_cmd(
 
 @app.command("evaluate-solvers")
 def evaluate_solvers_cmd(
-    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
-    experts_dir: Path = typer.Option(Path("data/experts"), "--experts-dir"),
-    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    problems_dir: Path = ProblemsDir,
+    experts_dir: Path = ExpertsDir,
+    clusters_dir: Path = ClustersDir,
     hypernet_dir: Path = typer.Option(Path("data/hypernet"), "--hypernet-dir"),
     out_dir: Path = typer.Option(Path("data/eval"), "--out-dir"),
     metrics: Path = typer.Option(Path("data/metrics/evaluate.json"), "--metrics"),
-    plots_dir: Path = typer.Option(Path("data/plots"), "--plots-dir"),
+    plots_dir: Path = PlotsDir,
     params: Path | None = ParamsOption,
 ) -> None:
     """Stage evaluate: every System-1 solver (and the System-2 side) on the test problems'

@@ -50,7 +50,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
                   for r in read_jsonl(clusters_dir / artifacts.CLUSTER_PROBLEMS, dict)}
     device, dtype = device_and_dtype(params.experts)
     with stage_run("customize", {"customize": s.model_dump(), "seed": params.seed},
-                   params.profile) as tracked:
+                   params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         solver = build(params.experts.base, experts_dir, experts, clusters_dir, s.layers,
                        s.projections, s.hidden, s.normalisation, params.experts.template,

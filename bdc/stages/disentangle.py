@@ -114,7 +114,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, problems_dir: Pat
     sft = explore_dir / artifacts.SFT
     require_validated(validate_dir / artifacts.REPORT, sft)
     with stage_run("disentangle", {"disentangle": params.disentangle.model_dump(),
-                                   "seed": params.seed}, params.profile) as tracked:
+                                   "seed": params.seed}, params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "clustering")
         out = disentangle(params, sft, problems_dir)
         metrics = write_outputs(out, params.disentangle, out_dir, plots_dir)

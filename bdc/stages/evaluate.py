@@ -46,7 +46,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
     home = home_clusters(clusters_dir)
     temperature = s.temperature or None
     with stage_run("evaluate", {"evaluate": s.model_dump(), "experts.base": params.experts.base,
-                                "problems": len(test)}, params.profile) as tracked, \
+                                "problems": len(test)}, params.profile, doc=__doc__) as tracked, \
             Sandbox(params.sandbox) as sandbox:
         tracked.dataset(problems_dir / artifacts.pool("test"), "test problems", "evaluation")
         done = evaluate_all(params, test, experts_dir, clusters_dir, hypernet_dir, manifest,

@@ -53,7 +53,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     k = len(data) - 1
     experts_names = [expert_name(c) for c in range(k)]
     with stage_run("experts", {"experts": s.model_dump(), "seed": params.seed},
-                   params.profile) as tracked:
+                   params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         experts = ExpertSet(s.base, s, s.template)
         loss_rows: list[dict] = []

@@ -29,7 +29,7 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
     problems = read_problems(problems_path)
     with stage_run("explore", {"explore": params.explore.model_dump(), "seed": params.seed,
                                "sandbox": params.sandbox.model_dump(exclude=SANDBOX_NEUTRAL)},
-                   params.profile) as tracked, \
+                   params.profile, doc=__doc__) as tracked, \
             (nullcontext() if params.explore.cluster.address else Sandbox(params.sandbox)) \
             as sandbox:
         tracked.dataset(problems_path, "explore problems", "search")

@@ -60,7 +60,7 @@ def run(params: Params, problems_path: Path, out: Path, teams: list[str] | None 
     with stage_run("explore-compare", {"explore": params.explore.model_dump(),
                                        "explore_compare": c.model_dump(), "seeds": seeds,
                                        "teams": list(chosen), "problems": len(problems)},
-                   params.profile) as tracked, Sandbox(params.sandbox) as sandbox:
+                   params.profile, doc=__doc__) as tracked, Sandbox(params.sandbox) as sandbox:
         if needed:
             ensure_models(params, {n: c.models[n] for n in needed}, Path(c.models_dir),
                           problems_dir)

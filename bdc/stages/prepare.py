@@ -75,7 +75,7 @@ def run(params: Params, out_dir: Path, metrics_path: Path, plots_path: Path) -> 
     from bdc.tracking import stage_run
 
     with stage_run("prepare", {"problems": params.problems.model_dump()},
-                   params.profile) as tracked:
+                   params.profile, doc=__doc__) as tracked:
         metrics = prepare(params, out_dir, metrics_path, plots_path)
         for pool in ("pretrain", "explore", "test"):
             tracked.dataset(out_dir / f"{pool}.jsonl", f"{pool} problems", "output")

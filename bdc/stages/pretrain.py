@@ -32,7 +32,7 @@ def run(params: Params, problems_dir: Path, models_dir: Path, metrics_path: Path
     loss_rows: list[dict] = []
     with stage_run("pretrain", {"pretrain": params.pretrain.model_dump(),
                                 "tiny_model": params.tiny_model.model_dump(),
-                                "seed": params.seed}, params.profile) as tracked, \
+                                "seed": params.seed}, params.profile, doc=__doc__) as tracked, \
             Sandbox(params.sandbox) as sandbox:
 
         def on_loss(name: str, step: int, loss: float) -> None:

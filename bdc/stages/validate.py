@@ -33,7 +33,7 @@ def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
     with stage_run("validate", {"validate": params.validate_.model_dump(),
                                 "explore.max_failed_share": params.explore.max_failed_share,
                                 "explore_dir": str(explore_dir)},
-                   params.profile) as tracked:
+                   params.profile, doc=__doc__) as tracked:
         (out_dir / artifacts.REPORT).unlink(missing_ok=True)  # no stale vouching for new data
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "validation")
         metrics, failed = validate(params, explore_dir, problems_dir, out_dir)

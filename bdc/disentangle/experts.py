@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import ExpertsSettings
+from bdc.jsonl import atomic_folder
 from bdc.llm.system1 import examples
 from bdc.problems.format import Problem
 from bdc.reuse import code_version, digest, finished, identity, seal
@@ -146,21 +146,17 @@ class ExpertSet:
              record: dict | None = None) -> None:
         """PEFT's own format, written atomically: ``PeftModel.from_pretrained`` loads it;
         with its training ``record`` sealed in (``bdc.reuse.seal``) when given."""
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             self.peft.save_pretrained(tmp, selected_adapters=[name])
-            saved = tmp / name if (tmp / name).is_dir() else tmp
-            canonical_adapter_config(saved)
+            if (tmp / name).is_dir():  # PEFT saves a named adapter in a subfolder
+                for file in (tmp / name).iterdir():
+                    file.rename(tmp / file.name)
+                (tmp / name).rmdir()
+            canonical_adapter_config(tmp)
             for file, text in extra.items():
-                (saved / file).write_text(text)
+                (tmp / file).write_text(text)
             if record is not None:
-                seal(saved, record)
-            if folder.exists():
-                shutil.rmtree(folder)
-            saved.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                seal(tmp, record)
 
 
 def canonical_adapter_config(folder: Path) -> None:

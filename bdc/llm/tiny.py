@@ -7,14 +7,13 @@ same loading, generation and PEFT paths the paper profile uses with an 8B model.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from bdc.config import TinyModelSettings
+from bdc.jsonl import atomic_folder
 from bdc.reuse import seal
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -66,22 +65,13 @@ def save_model(model, tokenizer, out: str | Path,
     """Standard Hugging Face folder (plus ``extra_files``), written atomically; with its
     training ``record`` sealed in (``bdc.reuse.seal``) when given."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if record is not None:
             seal(tmp, record)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

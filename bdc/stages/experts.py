@@ -56,14 +56,16 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
                    params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         experts = ExpertSet(s.base, s, s.template)
-        loss_rows: list[dict] = []
 
         def on_log(name: str, step: int, loss: float) -> None:
-            loss_rows.append({"adapter": name, "step": step, "loss": loss})
             tracked.metrics({f"loss.{name}": loss}, step=step)
 
         records = train_all(experts, data, out_dir, state_dir() / "experts", on_log,
                             on_progress)
+        # from the training records, reused adapters' too (a run that reused every adapter
+        # wrote the loss table as a header alone)
+        loss_rows = [{"adapter": name, "step": step, "loss": loss}
+                     for name, r in records.items() for step, loss in r["losses"]]
         for name, spec in s.merges.items():
             merge(experts.peft, experts_names, f"merge_{name}", spec)
             experts.save(f"merge_{name}", out_dir / f"merge_{name}", {

@@ -224,8 +224,9 @@ def use_ci_profile(root: Path) -> None:
 
 
 # the solver trains until its greedy programs solve half of the arith explore problems the
-# explore tests search (measured: 400 steps do it on one CPU; float training differs across
-# CPUs, so the steps are not fixed), in cycles of warm restarts, failing loudly after the last
+# explore tests search, in cycles of warm restarts, failing loudly after the last: the steps
+# are not fixed, as float training differs across CPUs (measured on one Intel Xeon: 3 of 8
+# after the 400 steps once thought enough, 7 of 8 after the second cycle, 600 steps)
 SOLVER_CYCLES, SOLVER_SKILL = ((400, 6e-3),) + ((200, 3e-3),) * 4, 0.5
 
 

@@ -26,7 +26,8 @@ class RecordError(BDCError, ValueError):
     """A record is malformed; the message starts with ``file:line:``."""
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_invalid(exc: ValidationError) -> str:
+    """pydantic's errors as ``field.path: message; ...``."""
     parts = []
     for err in exc.errors():
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
@@ -54,7 +55,7 @@ def read_jsonl(path: str | Path, parse: Callable[[dict], T]) -> Iterator[T]:
             try:
                 yield parse(obj)
             except ValidationError as exc:
-                raise RecordError(f"{path}:{lineno}: {_describe(exc)}") from exc
+                raise RecordError(f"{path}:{lineno}: {describe_invalid(exc)}") from exc
             except (ValueError, TypeError, KeyError) as exc:
                 raise RecordError(f"{path}:{lineno}: {exc}") from exc
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bdc.jsonl import read_jsonl
 from bdc.runtime import project_root, state_dir
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class StageRun:
         import mlflow
         import pandas as pd
 
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+        rows = list(read_jsonl(path, dict))  # a malformed line is named, file and line
         frame = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None
                                else json.dumps(v, sort_keys=True) for k, v in row.items()}
                               for row in rows])

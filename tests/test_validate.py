@@ -277,3 +277,92 @@ def test_bdc_validate_fails_naming_each_corrupted_problem(project):
         assert pid in err
     assert (project / "val/docs/index.html").exists() and not (project / "val/report.json"
                                                                ).exists()
+
+
+def truncate_last_sft_line(folder: Path) -> None:
+    text = (folder / "sft.jsonl").read_text()
+    (folder / "sft.jsonl").write_text(text[:len(text) - 40])
+
+
+def replace_sft_line(line: str):
+    def change(folder: Path) -> None:
+        lines = (folder / "sft.jsonl").read_text().splitlines(keepends=True)
+        lines[2] = line + "\n"
+        (folder / "sft.jsonl").write_text("".join(lines))
+    return change
+
+
+def non_string_program(folder: Path) -> None:
+    lines = (folder / "sft.jsonl").read_text().splitlines(keepends=True)
+    row = json.loads(lines[2])
+    row["program"] = 5
+    lines[2] = json.dumps(row) + "\n"
+    (folder / "sft.jsonl").write_text("".join(lines))
+
+
+def non_string_thought_in_a_pair(folder: Path) -> None:
+    row = json.loads((folder / "prefs.jsonl").read_text())
+    row["thoughts"] = [{"step": 1}]
+    (folder / "prefs.jsonl").write_text(json.dumps(row) + "\n")
+
+
+def truncate_a_tree(folder: Path) -> None:
+    path = folder / "trees/1.json"
+    path.write_text(path.read_text()[:50])
+
+
+# what each malformed input must be named by: (the file, the line or field)
+MALFORMED = {
+    "truncated last line": (truncate_last_sft_line, "sft.jsonl:LAST:", "invalid JSON"),
+    "not JSON": (replace_sft_line("def f(x): return x"), "sft.jsonl:3:", "invalid JSON"),
+    "a JSON array": (replace_sft_line('["a", "b"]'), "sft.jsonl:3:", "expected a JSON object"),
+    "non-string program": (non_string_program, "sft.jsonl:3:", "program"),
+    "non-string thought": (non_string_thought_in_a_pair, "prefs.jsonl:1:", "thoughts[0]"),
+    "truncated tree file": (truncate_a_tree, "trees/1.json:", "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_malformed_explored_data_is_named_by_file_line_and_field(tmp_path, case):
+    """Issue 26.5: these crashed with bare tracebacks (json.loads in the MLflow dataset
+    logging, len() of a non-string in the tables) naming no file, line or field."""
+    from bdc.jsonl import RecordError
+    from bdc.validation import tables
+
+    change, where, what = MALFORMED[case]
+    data = good()
+    where = where.replace("LAST", str(len(data["sft"])))
+    write_explore(tmp_path / "explore", data["trees"], data["sft"], data["prefs"])
+    write_problems(tmp_path / "problems/explore.jsonl", data["explore"])
+    write_problems(tmp_path / "problems/test.jsonl", data["test"])
+    tables.build(tmp_path / "explore", tmp_path / "problems", Params().validate_)  # good: fine
+    change(tmp_path / "explore")
+    with pytest.raises(RecordError) as caught:
+        tables.build(tmp_path / "explore", tmp_path / "problems", Params().validate_)
+    assert where in str(caught.value) and what in str(caught.value), caught.value
+
+
+@pytest.mark.parametrize("case", ["truncated last line", "non-string program"])
+def test_bdc_validate_on_malformed_lines_names_them_and_leaves_no_stale_success(project,
+                                                                               case):
+    """Issue 26.5: a truncated SFT line crashed validate in the MLflow dataset logging, a
+    non-string program in the tables (exit 1, no file named), and the last run's metrics
+    still said {"success": true}."""
+    change, where, what = MALFORMED[case]
+    data = good()
+    where = where.replace("LAST", str(len(data["sft"])))
+    write_explore(project / "bad", data["trees"], data["sft"], data["prefs"])
+    write_problems(project / "data/problems/explore.jsonl", data["explore"])
+    write_problems(project / "data/problems/test.jsonl", data["test"])
+    change(project / "bad")
+    metrics = project / "data/metrics/validate.json"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps({"success": True, "failed": 0}))  # the last run's
+    done = subprocess.run(["bdc", "validate", "--explore-dir", "bad", "--out-dir", "val"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"bad/{where}" in done.stderr and what in done.stderr, done.stderr
+    assert json.loads(metrics.read_text())["success"] is False
+    assert where in json.loads(metrics.read_text())["error"]
+    assert not (project / "val/report.json").exists()

@@ -16,12 +16,11 @@ from pathlib import Path
 
 from bdc import artifacts
 from bdc.config import Params
-from bdc.jsonl import atomic_open, write_metrics
+from bdc.jsonl import RecordError, atomic_open, write_metrics
 from bdc.validation.report import ValidationFailed, sha256, validated_inputs
 
 # the numbers `dvc metrics show` shows; all of them go to data/metrics/details/
-HEADLINE = ("success", "failed")
-
+HEADLINE = ("success", "failed", "error")
 
 
 def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
@@ -35,8 +34,17 @@ def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
                                 "explore_dir": str(explore_dir)},
                    params.profile, doc=__doc__) as tracked:
         (out_dir / artifacts.REPORT).unlink(missing_ok=True)  # no stale vouching for new data
-        tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "validation")
-        metrics, failed = validate(params, explore_dir, problems_dir, out_dir)
+        # until this run has measured, its metrics say it has not: never the last run's success
+        write_metrics(metrics_path, {"success": False, "error": "validate did not finish"},
+                      HEADLINE)
+        try:
+            tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "validation")
+            metrics, failed = validate(params, explore_dir, problems_dir, out_dir)
+        except RecordError as exc:
+            write_metrics(metrics_path, {"success": False, "error": str(exc)}, HEADLINE)
+            tracked.tag("bdc.error", str(exc)[:5000])
+            raise ValidationFailed(f"the explored data is malformed, nothing was validated: "
+                                   f"{exc}") from exc
         write_metrics(metrics_path, metrics, HEADLINE)
         tracked.metrics(metrics)
         tracked.artifacts(out_dir / "docs", "docs")

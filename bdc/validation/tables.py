@@ -13,6 +13,12 @@ the offending problems:
 
 Hidden tests are read here, for checking only: validation trains nothing and searches
 nothing.
+
+Before any table is built, every line and tree file is read against a loose schema
+(:class:`SftLine`, :class:`PrefLine`, :class:`TreeFile`): a field may be missing or null
+(an expectation says so, with the problems at fault), but one of the wrong type, a line that
+is not a JSON object, or a truncated tree file is a :class:`~bdc.jsonl.RecordError` naming
+the file, the line and the field, since no table can be built from it.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bdc import artifacts
-from bdc.jsonl import read_jsonl
+from bdc.jsonl import RecordError, describe_invalid, read_jsonl
 from bdc.problems.format import CallTest, Problem, StdioTest, read_problems
 
 _WORD = re.compile(r"\w+")
@@ -120,10 +127,75 @@ def expected_texts(problem: Problem, min_chars: int) -> list[str]:
 
 # ----------------------------------------------------------------------------- tables
 
+class _Loose(BaseModel):
+    """Types only: missing and null fields pass (the expectations judge those), extra
+    fields are kept, numbers are not read from strings."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class SftLine(_Loose):
+    problem_id: str | None = None
+    task: str | None = None
+    prompt: str | None = None
+    thoughts: list[str] | None = None
+    program: str | None = None
+    public_pass_rate: float | None = None
+    hidden_pass_rate: float | None = None
+
+
+class PrefLine(_Loose):
+    problem_id: str | None = None
+    prompt: str | None = None
+    thoughts: list[str] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    chosen_value: float | None = None
+    rejected_value: float | None = None
+
+
+class _Answer(_Loose):
+    thoughts: list[str] | None = None
+    program: str | None = None
+    public_pass_rate: float | None = None
+    hidden: dict | None = None
+
+
+class _Search(_Loose):
+    nodes: list | None = None
+    programs: int | None = None
+    tokens: int | None = None
+
+
+class TreeFile(_Loose):
+    problem_id: str
+    solved_hidden: bool | None = None
+    answer: _Answer | None = None
+    tree: _Search | None = None
+    error: dict | None = None
+
+
+def checked(schema: type[BaseModel]):
+    """A :func:`read_jsonl` parser: the line as it is, once ``schema`` accepts its types."""
+    def parse(obj: dict) -> dict:
+        schema.model_validate(obj)
+        return obj
+    return parse
+
+
 def read_trees(trees_dir: Path) -> dict[str, dict]:
     records = {}
     for path in sorted(trees_dir.glob("*.json")):
-        record = json.loads(path.read_text())
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RecordError(f"{path}: not a whole JSON file (truncated?): {exc}") from exc
+        if not isinstance(record, dict):
+            raise RecordError(f"{path}: expected a JSON object")
+        try:
+            TreeFile.model_validate(record)
+        except ValidationError as exc:
+            raise RecordError(f"{path}: {describe_invalid(exc)}") from exc
         records[record["problem_id"]] = record
     return records
 
@@ -212,8 +284,8 @@ def build(explore_dir: Path, problems_dir: Path, settings,
     explore = explore[:limit] if limit else explore
     test = read_problems(problems_dir / artifacts.pool("test"))
     trees = read_trees(explore_dir / artifacts.TREES)
-    sft = list(read_jsonl(explore_dir / artifacts.SFT, dict))
-    prefs = list(read_jsonl(explore_dir / artifacts.PREFS, dict))
+    sft = list(read_jsonl(explore_dir / artifacts.SFT, checked(SftLine)))
+    prefs = list(read_jsonl(explore_dir / artifacts.PREFS, checked(PrefLine)))
     return {
         "sft": sft_table(sft, trees, {p.id: p for p in explore}, test,
                          settings.near_duplicate_ngram, settings.near_duplicate_threshold,

@@ -78,7 +78,7 @@ def test_programs_are_scored_while_the_next_batch_generates():
 
     with Sandbox(SandboxSettings(workers=1)) as sandbox:
         runner = Runner({p.id: p for p in problems}, sandbox)
-        runner.generate([("ref", p.id) for p in problems], 0, run)
+        runner.generate([("ref", p.id) for p in problems], 0, run, chunk="ref")
         outcomes = runner.finish()
     assert [o.passed_all for o in outcomes] == [True] * len(problems)
     assert max(seen) > 1  # the scoring thread ran beside the generating one
@@ -99,3 +99,57 @@ def test_oracle_of_a_family_without_training_records_is_the_base():
     home = {"arith": 2}
     assert oracle_adapter(problem("arith"), home) == "cluster_2"
     assert oracle_adapter(problem("string"), home) == "__base__"
+
+
+def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
+    """Issue 26.6: evaluate redid all its work after a kill or a failure. Finished chunks
+    are kept and restored (their generation is not called again), the unfinished one is
+    generated, and the result equals an uninterrupted run's; a damaged chunk is generated
+    again with a warning naming its file."""
+    from bdc.config import SandboxSettings
+    from bdc.evaluate.runner import Runner
+    from bdc.problems import mini
+    from bdc.sandbox import Sandbox
+
+    problems = mini.load(slice="test", limit=1).problems[:4]
+    calls = []
+
+    def program(p, solver):  # the second solver is wrong on purpose: scores must survive
+        return p.meta["reference"]["program"] if solver == "a" else "def f(*a):\n    return 0\n"
+
+    def run_of(solver, fail=False):
+        def run(on_batch):
+            calls.append(solver)
+            on_batch(0, [([], program(p, solver)) for p in problems[:2]], [3, 3])
+            if fail:
+                raise RuntimeError("killed mid-chunk")
+            on_batch(2, [([], program(p, solver)) for p in problems[2:]], [3, 3])
+        return run
+
+    def evaluation(folder, fail=False):
+        with Sandbox(SandboxSettings(workers=1)) as sandbox:
+            runner = Runner({p.id: p for p in problems}, sandbox, folder)
+            for solver in ("a", "b"):
+                runner.generate([(solver, p.id) for p in problems], 0,
+                                run_of(solver, fail and solver == "b"), chunk=solver)
+            return runner.finish(), runner.reused
+
+    whole, _ = evaluation(None)
+    with pytest.raises(RuntimeError):
+        evaluation(tmp_path, fail=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # b never looked done
+    calls.clear()
+    resumed, reused = evaluation(tmp_path)
+    assert calls == ["b"] and reused == ["a"]
+    key = [(o.solver, o.problem_id, o.program, o.pass_rate, o.passed_all) for o in whole]
+    assert [(o.solver, o.problem_id, o.program, o.pass_rate, o.passed_all)
+            for o in resumed] == key
+    assert [o.passed_all for o in resumed] == [True] * 4 + [False] * 4
+
+    (tmp_path / "a.jsonl").write_text('{"solver": "a", "se')  # a truncated chunk
+    calls.clear()
+    with caplog.at_level("WARNING"):
+        again, reused = evaluation(tmp_path)
+    assert calls == ["a"] and reused == ["b"] and "a.jsonl" in caplog.text
+    assert [(o.solver, o.problem_id, o.program, o.pass_rate, o.passed_all)
+            for o in again] == key

@@ -12,7 +12,7 @@ of them count the same things (every program executed, every token of every requ
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,8 +32,13 @@ class Method:
 
     @property
     def name(self) -> str:
-        names = "+".join(a.name for a in self.agents)
-        return f"tree({names})" if self.kind == "tree" else f"best-of-N({names})"
+        return method_name(self.kind, [a.name for a in self.agents])
+
+
+def method_name(kind: str, agents: Sequence[str]) -> str:
+    """``tree(planner+coder)``, ``best-of-N(coder)``: a method's name from its agents'."""
+    names = "+".join(agents)
+    return f"tree({names})" if kind == "tree" else f"best-of-N({names})"
 
 
 def methods(team: str, agents: list[Agent]) -> list[Method]:

@@ -8,20 +8,33 @@ generates. The metrics follow the protocol: pass rate (mean fraction of hidden t
 x100) and strict accuracy (share of problems passing all), per slice or family; pass@k with
 the unbiased estimator over the n samples (seeds) per problem; mean and sample std over the
 seeds; tokens and wall time per solver (a shared batch's time is split by tokens).
+
+Work is kept as it finishes: each chunk (one solver group under one seed) is written, scored,
+to the runner's folder, and a run that finds a chunk there restores it instead of generating
+it again. The folder is named by everything that made its chunks (see
+``bdc.evaluate.solvers.finished_dir``), so a killed or failed evaluate resumes where it
+stopped, and a changed expert, setting or line of code starts afresh.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
+from bdc.jsonl import atomic_open, read_jsonl, write_jsonl
 from bdc.problems.format import Problem, Sample
 from bdc.sandbox import Sandbox
 from bdc.sandbox.scoring import pass_at_k, score_samples
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,13 +52,35 @@ class Outcome:
     passed_all: bool = False
 
 
+def restore_json(path: Path) -> Any:
+    """What :func:`keep_json` kept at ``path`` (None: nothing, or unreadable: a warning names
+    the file, and the caller computes it again)."""
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("evaluate: %s cannot be read (%s): computing it again", path, exc)
+        return None
+    log.info("evaluate: %s reused (finished by an earlier run)", path.name)
+    return value
+
+
+def keep_json(path: Path, value: Any) -> None:
+    with atomic_open(path) as f:
+        json.dump(value, f)
+
+
 @dataclass
 class Runner:
-    """Generates batches and scores each in the sandbox while the next one generates."""
+    """Generates batches and scores each in the sandbox while the next one generates; keeps
+    each finished chunk in ``folder`` (None: keeps nothing) and restores it from there."""
 
     problems: dict[str, Problem]
     sandbox: Sandbox
+    folder: Path | None = None
     outcomes: list[Outcome] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
     _pending: list[Future] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -57,11 +92,49 @@ class Runner:
                                                   "hidden"), strict=True):
             row.pass_rate, row.passed_all = score.pass_rate, score.status == "passed"
 
+    def _chunk(self, chunk: str) -> Path | None:
+        return self.folder / f"{chunk}.jsonl" if self.folder else None
+
+    def finished(self, chunk: str) -> bool:
+        path = self._chunk(chunk)
+        return path is not None and path.exists()
+
+    def _restore(self, chunk: str, labels: list[tuple[str, str]], seed: int
+                 ) -> list[Outcome] | None:
+        """The chunk's rows as an earlier run kept them; None (with a warning naming the
+        file) when they cannot be read or are not this chunk's rows."""
+        path = self._chunk(chunk)
+        try:
+            rows = list(read_jsonl(path, lambda o: Outcome(**o)))
+        except ValueError as exc:
+            log.warning("evaluate: %s cannot be read (%s): generating it again", path, exc)
+            return None
+        if [(o.solver, o.problem_id) for o in rows] != labels or any(o.seed != seed
+                                                                     for o in rows):
+            log.warning("evaluate: %s does not hold this chunk's rows: generating it again",
+                        path)
+            return None
+        return rows
+
+    def _keep(self, chunk: str, rows: list[Outcome], scored: list[Future]) -> None:
+        for future in scored:  # the chunk's scoring ran before this (one worker, in order)
+            future.result()   # and a failed one keeps the chunk from looking finished
+        write_jsonl(self._chunk(chunk), [asdict(r) for r in rows])
+
     def generate(self, labels: list[tuple[str, str]], seed: int,
-                 run: Callable[[Callable], None]) -> None:
+                 run: Callable[[Callable], None], chunk: str) -> None:
         """``labels``: (solver, problem id) per row; ``run(on_batch)`` generates them in
-        order, calling ``on_batch(start, results, tokens)`` per batch."""
+        order, calling ``on_batch(start, results, tokens)`` per batch. A ``chunk`` a run
+        already finished is restored instead (``run`` is not called)."""
+        restored = self._restore(chunk, labels, seed) if self.finished(chunk) else None
+        if restored is not None:
+            self.outcomes += restored
+            self.reused.append(chunk)
+            log.info("evaluate: %s reused (finished by an earlier run)", chunk)
+            return
         clock = [time.perf_counter()]
+        mine: list[Outcome] = []
+        scored: list[Future] = []
 
         def on_batch(start: int, results: list, tokens: list[int]) -> None:
             now = time.perf_counter()
@@ -70,10 +143,23 @@ class Runner:
             rows = [Outcome(solver, seed, pid, program, thoughts, n, elapsed * n / total)
                     for (solver, pid), (thoughts, program), n in
                     zip(labels[start:start + len(results)], results, tokens, strict=True)]
-            self.outcomes += rows
-            self._pending.append(self._pool.submit(self._score, rows))
+            mine.extend(rows)
+            scored.append(self._pool.submit(self._score, rows))
 
-        run(on_batch)
+        try:
+            run(on_batch)
+        except BaseException:
+            self._settle()  # what finished before the failure is kept, not lost with it
+            raise
+        self.outcomes += mine
+        self._pending += scored
+        if self.folder is not None:
+            self._pending.append(self._pool.submit(self._keep, chunk, mine, scored))
+
+    def _settle(self) -> None:
+        for future in self._pending:
+            if not future.done():
+                future.exception()  # waits; the failure being raised is the one to report
 
     def finish(self) -> list[Outcome]:
         for future in self._pending:

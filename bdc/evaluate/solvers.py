@@ -11,6 +11,8 @@ request). System-2 rows: the tree of agents and each agent's own tree, at the ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -23,10 +25,10 @@ from bdc.config import Params
 from bdc.disentangle.experts import BASE_ADAPTER, FULL, expert_name
 from bdc.disentangle.routing import route
 from bdc.evaluate.claims import claims, own_cluster
-from bdc.evaluate.runner import Runner, mean_std, table
+from bdc.evaluate.runner import Runner, keep_json, mean_std, restore_json, table
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import Problem
-from bdc.reuse import folder_digest
+from bdc.reuse import code_version, digest, folder_digest, identity
 
 BASE = "base"  # the base model's row (its adapter is BASE_ADAPTER: none)
 log = logging.getLogger(__name__)
@@ -57,22 +59,36 @@ def oracle_adapter(problem: Problem, home: dict[str, int]) -> str:
     return expert_name(home[family]) if family in home else BASE_ADAPTER
 
 
-def system2(params: Params, test: list[Problem], seeds: list[int], sandbox) -> dict:
-    """The tree of agents and each agent's own tree on the test problems (reference)."""
-    from bdc.boost.compare import Method, run_method
+def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
+            folder: Path | None = None) -> dict:
+    """The tree of agents and each agent's own tree on the test problems (reference). Each
+    method's seed is kept in ``folder`` as it finishes and restored from there; the agents'
+    models load only when something is left to search."""
+    from bdc.boost.compare import Method, method_name, run_method
     from bdc.boost.exploration import closing, make_agents
 
-    agents = make_agents(params.explore.agents, params.explore.cpu_threads)
-    methods = [Method("system2", "tree", tuple(agents)),
-               *[Method("system2", "tree", (a,)) for a in agents]] if len(agents) > 1 else \
-        [Method("system2", "tree", tuple(agents))]
+    names = list(params.explore.agents)
+    teams = [tuple(names), *[(n,) for n in names]] if len(names) > 1 else [tuple(names)]
+    agents: dict = {}
+
+    async def one(members: tuple[str, ...], seed: int) -> dict:
+        path = folder / f"system2.{'+'.join(members)}.seed{seed}.json" if folder else None
+        if path and (kept := restore_json(path)) is not None:
+            return kept
+        if not agents:
+            made = make_agents(params.explore.agents, params.explore.cpu_threads)
+            agents.update({a.name: a for a in made})
+        run = await run_method(Method("system2", "tree", tuple(agents[n] for n in members)),
+                               test, params.explore, sandbox, seed)
+        if path:
+            keep_json(path, run)
+        return run
 
     async def all_runs() -> dict:
         out = {}
-        for method in methods:
-            runs = [await run_method(method, test, params.explore, sandbox, seed)
-                    for seed in seeds]
-            out[f"System-2: {method.name}"] = {
+        for members in teams:
+            runs = [await one(members, seed) for seed in seeds]
+            out[f"System-2: {method_name('tree', members)}"] = {
                 "pass_rate": mean_std([100 * r["hidden_pass_rate"] for r in runs]),
                 "strict_accuracy": mean_std([100 * r["hidden_solve_rate"] for r in runs]),
                 "tokens": statistics.mean(r["tokens_per_problem"] for r in runs) * len(test),
@@ -81,7 +97,14 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox) -> d
                 "seconds": None, "seeds": len(runs), "by_group": {}}
         return out
 
-    return asyncio.run(closing(agents, all_runs()))
+    async def then_close() -> dict:
+        try:
+            return await all_runs()
+        finally:
+            if agents:
+                await closing(list(agents.values()), asyncio.sleep(0))
+
+    return asyncio.run(then_close())
 
 
 def adapter_rows(test: list[Problem], manifest: dict, home: dict[str, int]
@@ -103,28 +126,31 @@ def adapter_rows(test: list[Problem], manifest: dict, home: dict[str, int]
 
 
 def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
-                    home: dict[str, int], s, temperature: float | None):
-    """Every adapter-based solver as rows of the same PEFT mixed-adapter batches. The
-    template."""
+                    home: dict[str, int], s, temperature: float | None) -> None:
+    """Every adapter-based solver as rows of the same PEFT mixed-adapter batches (the expert
+    set loads only when a seed is left to generate)."""
     from bdc.disentangle.registry import load_expert_set
     from bdc.llm.system1 import solve, template_for
 
-    peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
-    template = template_for(tokenizer, manifest["template"])
+    @functools.cache
+    def loaded():
+        peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
+        return peft, tokenizer, template_for(tokenizer, manifest["template"])
+
     labels, names, prompts = adapter_rows(test, manifest, home)
     for seed in s.seeds:
         runner.generate(labels, seed, lambda cb, seed=seed: solve(
-            peft, tokenizer, template, prompts, s.max_new_tokens, s.batch, adapter_names=names,
-            temperature=temperature, seed=seed, on_batch=cb))
-    return template
+            *loaded(), prompts, s.max_new_tokens, s.batch, adapter_names=names,
+            temperature=temperature, seed=seed, on_batch=cb), chunk=f"adapters.seed{seed}")
 
 
 def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
                    hypernet_dir: Path, manifest: dict, home: dict[str, int], params: Params,
-                   temperature: float | None):
+                   temperature: float | None) -> None:
     """``evaluate.engine: vllm``: the adapter solvers and the customized solver (one folded
     rank-K*r adapter per problem, through the fold cache) on vLLM's server, one adapter per
-    request, every solver's requests in flight together. The template."""
+    request, every solver's requests in flight together (the server starts only when a
+    seed is left to generate)."""
     import torch
 
     from bdc.customize.fold import FoldedCache
@@ -134,29 +160,38 @@ def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clust
     from bdc.runtime import project_root, state_dir
 
     s = params.evaluate
-    solver = load(hypernet_dir, experts_dir, clusters_dir, base=manifest["base"])
-    digest = folder_digest(hypernet_dir)[:16]
-    cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / f"eval-{digest}",
-                        manifest["base"], params.customize.fold_precision)
     labels, names, prompts = adapter_rows(test, manifest, home)
-    adapters = [None if n == BASE_ADAPTER else Adapter(n, experts_dir / n) for n in names]
-    z = torch.as_tensor(solver.z([p.prompt for p in test]))
-    for i, p in enumerate(test):
-        labels.append(("customized", p.id))
-        prompts.append(p.prompt)
-        key = z[i:i + 1]
-        adapters.append(Adapter(f"fold-{cache.key(key)}", cache.adapter(key)))
-    log.info("evaluate: %d folded adapters for %d problems (cache hit rate %.2f)",
-             cache.misses + cache.hits, len(test), cache.hit_rate)
-    base = Path(manifest["base"])  # a folder (relative to the project), or a hub id
-    base = project_root() / base if (project_root() / base).exists() else manifest["base"]
-    with VLLMServer(base, params.vllm, project_root(), "base",
-                    lora_rank=cache.max_lora_rank) as server:
+    labels += [("customized", p.id) for p in test]
+    prompts += [p.prompt for p in test]
+
+    @functools.cache
+    def requests() -> tuple:
+        solver = load(hypernet_dir, experts_dir, clusters_dir, base=manifest["base"])
+        digest = folder_digest(hypernet_dir)[:16]
+        cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / f"eval-{digest}",
+                            manifest["base"], params.customize.fold_precision)
+        adapters = [None if n == BASE_ADAPTER else Adapter(n, experts_dir / n) for n in names]
+        z = torch.as_tensor(solver.z([p.prompt for p in test]))
+        for i in range(len(test)):
+            key = z[i:i + 1]
+            adapters.append(Adapter(f"fold-{cache.key(key)}", cache.adapter(key)))
+        log.info("evaluate: %d folded adapters for %d problems (cache hit rate %.2f)",
+                 cache.misses + cache.hits, len(test), cache.hit_rate)
+        base = Path(manifest["base"])  # a folder (relative to the project), or a hub id
+        base = project_root() / base if (project_root() / base).exists() else manifest["base"]
+        server = stack.enter_context(VLLMServer(base, params.vllm, project_root(), "base",
+                                                lora_rank=cache.max_lora_rank))
+        return server, solver.template, adapters
+
+    def run(on_batch, seed: int) -> None:
+        server, template, adapters = requests()
+        on_batch(0, *solve_served(server, template, prompts, adapters, s.max_new_tokens,
+                                  temperature, seed))
+
+    with contextlib.ExitStack() as stack:
         for seed in s.seeds:
-            runner.generate(labels, seed, lambda cb, seed=seed: cb(0, *solve_served(
-                server, solver.template, prompts, adapters, s.max_new_tokens, temperature,
-                seed)))
-    return solver.template
+            runner.generate(labels, seed, functools.partial(run, seed=seed),
+                            chunk=f"served.seed{seed}")
 
 
 def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -165,30 +200,43 @@ def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_
     from bdc.customize.solver import load
     from bdc.llm.system1 import solve
 
-    solver = load(hypernet_dir, experts_dir, clusters_dir)
     prompts = [p.prompt for p in test]
-    z = solver.z(prompts)
+
+    @functools.cache
+    def loaded():
+        solver = load(hypernet_dir, experts_dir, clusters_dir)
+        return solver, solver.z(prompts)
+
+    def run(on_batch, seed: int) -> None:
+        solver, z = loaded()
+        solve(solver.model, solver.tokenizer, solver.template, prompts, s.max_new_tokens,
+              s.batch, temperature=temperature, seed=seed, z=z, on_batch=on_batch)
+
     for seed in s.seeds:
-        runner.generate([("customized", p.id) for p in test], seed, lambda cb, seed=seed: solve(
-            solver.model, solver.tokenizer, solver.template, prompts, s.max_new_tokens,
-            s.batch, temperature=temperature, seed=seed, z=z, on_batch=cb))
+        runner.generate([("customized", p.id) for p in test], seed,
+                        functools.partial(run, seed=seed), chunk=f"customized.seed{seed}")
 
 
-def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict, template,
+def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
           params: Params, temperature: float | None) -> None:
     """Arrow's training-free per-token routing over the experts."""
     from bdc.disentangle.merging import arrow_model
-    from bdc.llm.system1 import solve
+    from bdc.llm.system1 import solve, template_for
 
     s = params.evaluate
-    model, tokenizer = arrow_model(manifest["base"], [experts_dir / e for e in
-                                                      manifest["experts"]],
-                                   params.experts.arrow_top_k, params.seed)
+
+    @functools.cache
+    def loaded():
+        model, tokenizer = arrow_model(manifest["base"], [experts_dir / e for e in
+                                                          manifest["experts"]],
+                                       params.experts.arrow_top_k, params.seed)
+        return model, tokenizer, template_for(tokenizer, manifest["template"])
+
     prompts = [p.prompt for p in test]
     for seed in s.seeds:
         runner.generate([("arrow", p.id) for p in test], seed, lambda cb, seed=seed: solve(
-            model, tokenizer, template, prompts, s.max_new_tokens, s.batch,
-            temperature=temperature, seed=seed, on_batch=cb))
+            *loaded(), prompts, s.max_new_tokens, s.batch, temperature=temperature,
+            seed=seed, on_batch=cb), chunk=f"arrow.seed{seed}")
 
 
 @dataclass
@@ -199,12 +247,43 @@ class Evaluation:
     result: dict
     claims: dict
     order: list[str]
+    reused: list[str]  # the System-1 chunks restored from an earlier run's kept work
+
+
+# the code that makes evaluate's programs and scores, in the keys of its kept work
+SYSTEM1_CODE = ("evaluate", "llm", "customize", "disentangle", "sandbox", "problems/format.py")
+SYSTEM2_CODE = ("evaluate", "llm", "boost", "sandbox", "problems/format.py")
+
+
+def finished_dirs(params: Params, test: list[Problem], experts_dir: Path, clusters_dir: Path,
+                  hypernet_dir: Path, manifest: dict, root: Path) -> tuple[Path, Path]:
+    """Where the System-1 and the System-2 work of this evaluation is kept as it finishes:
+    folders under ``root`` named by a fingerprint of everything that made it (the problems,
+    the experts, clusters and hypernetwork byte for byte, the base, the generation and
+    sandbox settings, the code), so only the same evaluation ever resumes from them."""
+    s = params.evaluate
+    common = {"problems": [p.model_dump(mode="json") for p in test],
+              "sandbox": params.sandbox.model_dump(mode="json")}
+    system1 = {**common, "code": code_version(SYSTEM1_CODE),
+               "experts": folder_digest(experts_dir), "clusters": folder_digest(clusters_dir),
+               "hypernet": folder_digest(hypernet_dir), "base": identity(manifest["base"]),
+               "generation": s.model_dump(mode="json", include={
+                   "temperature", "max_new_tokens", "batch", "engine"}),
+               "arrow": [params.experts.arrow_top_k, params.seed],
+               "served": [params.vllm.model_dump(mode="json"),
+                          params.customize.fold_precision] if s.engine == "vllm" else None}
+    system2 = {**common, "code": code_version(SYSTEM2_CODE),
+               "explore": params.explore.model_dump(mode="json"),
+               "agents": {n: identity(a.model) for n, a in params.explore.agents.items()}}
+    return root / f"system1-{digest(system1)}", root / f"system2-{digest(system2)}"
 
 
 def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, clusters_dir: Path,
-                 hypernet_dir: Path, manifest: dict, sandbox) -> Evaluation:
+                 hypernet_dir: Path, manifest: dict, sandbox,
+                 kept: tuple[Path, Path] | None = None) -> Evaluation:
     """Every System-1 solver (and, with ``evaluate.system2``, the System-2 trees) on the
-    hidden tests of ``test``; the claims measured on the result."""
+    hidden tests of ``test``; the claims measured on the result. ``kept``: the folders of
+    :func:`finished_dirs`, where finished work is kept and restored from (None: none)."""
     import torch
 
     s = params.evaluate
@@ -213,7 +292,7 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
     home = home_clusters(clusters_dir)
     temperature = s.temperature or None
     groups = {p.id: group_of(p) for p in test}
-    runner = Runner({p.id: p for p in test}, sandbox)
+    runner = Runner({p.id: p for p in test}, sandbox, kept[0] if kept else None)
     clock = time.perf_counter()
 
     def phase(name: str) -> None:
@@ -222,17 +301,16 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
         clock = time.perf_counter()
 
     if s.engine == "vllm":
-        template = served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir,
-                                  manifest, home, params, temperature)
+        served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir, manifest, home,
+                       params, temperature)
         phase("adapter and customized solvers generated on vLLM")
     else:
-        template = adapter_solvers(runner, test, experts_dir, manifest, home, s,
-                                   temperature)
+        adapter_solvers(runner, test, experts_dir, manifest, home, s, temperature)
         phase("adapter solvers generated")
         customized(runner, test, experts_dir, clusters_dir, hypernet_dir, s, temperature)
         phase("customized solver generated")
     if len(experts) > 1:
-        arrow(runner, test, experts_dir, manifest, template, params, temperature)
+        arrow(runner, test, experts_dir, manifest, params, temperature)
         phase("Arrow generated")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -240,10 +318,11 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
     phase("programs scored")
     result = table(outcomes, groups, s.seeds, s.ks)
     if s.system2:
-        result.update(system2(params, test, s.system2_seeds or s.seeds, sandbox))
+        result.update(system2(params, test, s.system2_seeds or s.seeds, sandbox,
+                              kept[1] if kept else None))
         phase("System-2 searched")
     routes = dict(zip([p.id for p in test], route(test, clusters_dir).tolist(), strict=True))
     measured = claims(result, experts, own_cluster(outcomes, routes, experts))
     order = [BASE, FULL, *experts, "oracle expert", *merges, "arrow", "customized",
              *[n for n in result if n.startswith("System-2")]]
-    return Evaluation(outcomes, result, measured, order)
+    return Evaluation(outcomes, result, measured, order, runner.reused)

@@ -6,6 +6,10 @@ Solvers: the base model; the full-data LoRA; each expert alone; the oracle exper
 expert of the cluster the problem's family's training records fell in: mini only); the
 uniform, linear, TIES and DARE merges; Arrow; the customized solver. System-2 rows: the
 tree of agents and each agent's own tree, at the explore budget.
+
+Finished work is kept in ``var/evaluate/`` as it finishes (each solver group's programs and
+scores for one seed, each System-2 method's seed), named by everything that made it: a
+killed or failed run resumes where it stopped; anything changed starts afresh.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ from bdc import artifacts
 from bdc.config import Params
 from bdc.disentangle.routing import require_same_clusters
 from bdc.evaluate.runner import figures, markdown
-from bdc.evaluate.solvers import evaluate_all, group_of, home_clusters
+from bdc.evaluate.solvers import evaluate_all, finished_dirs, group_of, home_clusters
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
 from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
+from bdc.runtime import state_dir
 
 log = logging.getLogger(__name__)
 # the numbers `dvc metrics show` shows (the claims' solvers); every solver's go to
@@ -49,9 +54,12 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
                                 "problems": len(test)}, params.profile, doc=__doc__) as tracked, \
             Sandbox(params.sandbox) as sandbox:
         tracked.dataset(problems_dir / artifacts.pool("test"), "test problems", "evaluation")
+        kept = finished_dirs(params, test, experts_dir, clusters_dir, hypernet_dir, manifest,
+                             state_dir() / "evaluate")
         done = evaluate_all(params, test, experts_dir, clusters_dir, hypernet_dir, manifest,
-                            sandbox)
+                            sandbox, kept)
         outcomes, result, measured, order = done.outcomes, done.result, done.claims, done.order
+        tracked.metrics({"reused_chunks": len(done.reused)})
         sampling = "greedy: the seeds draw the same programs, so std is 0 by construction" \
             if temperature is None else f"sampling at temperature {s.temperature}"
         no_expert = sorted({str(p.meta.get("family")) for p in test

@@ -203,7 +203,8 @@ CI_LATER = {  # the stages after explore, at test size
                          "target_modules": ["q_proj", "v_proj"]}},
     "customize": {"epochs": 1, "validation_share": 0.2, "max_new_tokens": 64},
     # greedy, one seed: the flow test compares the vLLM engine's programs with these
-    "evaluate": {"per_group": 2, "seeds": [0], "temperature": 0.0, "max_new_tokens": 64},
+    "evaluate": {"per_group": 2, "seeds": [0], "ks": [1], "temperature": 0.0,
+                 "max_new_tokens": 64},
 }
 
 
@@ -321,7 +322,7 @@ def train_ci_experts(base: str, folder: Path) -> tuple[str, Path]:
     train_all(experts, {"cluster_0": rec[:2], "cluster_1": rec[2:4], "cluster_2": rec[4:]},
               out, folder / "work")
     merge(experts.peft, ["cluster_0", "cluster_1", "cluster_2"], "merge_uniform",
-          MergeSettings(combination="cat"))
+          MergeSettings(combination="cat"), 0)
     experts.save("merge_uniform", out / "merge_uniform", {})
     return base, out
 

@@ -14,7 +14,8 @@ import torch
 from bdc.config import CustomizeSettings
 from bdc.customize.config import layer_indices, max_lora_rank
 from bdc.customize.fold import FoldedCache, fold, save_folded
-from bdc.customize.model import CustomizedModel, load_experts
+from bdc.customize.model import CustomizedModel
+from bdc.disentangle.experts import load_adapters
 from tests.test_experts import records
 
 EXPERTS = ["cluster_0", "cluster_1", "cluster_2"]
@@ -28,7 +29,7 @@ def trained(ci_experts):
 
 def customized(trained, layers="all", normalisation="expert_softmax"):
     base, out = trained
-    peft, tok = load_experts(base, out, EXPERTS)
+    peft, tok = load_adapters(base, out, EXPERTS)
     return CustomizedModel.from_experts(peft, EXPERTS, layers, None, Z_DIM, 16,
                                         normalisation), tok
 

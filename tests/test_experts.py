@@ -210,23 +210,32 @@ def test_merges_equal_the_hand_computed_combinations(tmp_path, base):
     train_all(experts, {"cluster_0": records()[:2], "cluster_1": records()[2:4],
                         "cluster_2": records()[4:]}, tmp_path / "out", tmp_path / "work")
     names = ["cluster_0", "cluster_1", "cluster_2"]
-    merge(experts.peft, names, "merge_uniform", MergeSettings(combination="cat"))
+    merge(experts.peft, names, "merge_uniform", MergeSettings(combination="cat"), 0)
     average = sum(delta(experts.peft, n) for n in names) / 3
     assert torch.allclose(delta(experts.peft, "merge_uniform"), average, atol=1e-6)
-    merge(experts.peft, names, "merge_linear", MergeSettings(combination="linear"))
+    merge(experts.peft, names, "merge_linear", MergeSettings(combination="linear"), 0)
     a, b = zip(*[parts(experts.peft, n)[:2] for n in names], strict=True)
     w = math.sqrt(1 / 3 * parts(experts.peft, names[0])[2])
     by_hand = (sum(b) * w) @ (sum(a) * w)
     assert torch.allclose(delta(experts.peft, "merge_linear"), by_hand, atol=1e-6)
     merge(experts.peft, names, "merge_ties", MergeSettings(combination="ties", weight=1.0,
-                                                           density=0.3))
+                                                           density=0.3), 0)
     weights = torch.tensor([math.sqrt(parts(experts.peft, n)[2]) for n in names])
     by_hand = ties(list(b), weights, 0.3) @ ties(list(a), weights, 0.3)
     assert torch.allclose(delta(experts.peft, "merge_ties"), by_hand, atol=1e-6)
     # PEFT's quirk: re-using a name returns silently without merging; ours re-merges
     before = delta(experts.peft, "merge_uniform").clone()
-    merge(experts.peft, names[:2], "merge_uniform", MergeSettings(combination="cat"))
+    merge(experts.peft, names[:2], "merge_uniform", MergeSettings(combination="cat"), 0)
     assert not torch.allclose(delta(experts.peft, "merge_uniform"), before)
+    # DARE drops at random: the same seed gives the same merge (it differed run to run, and
+    # DVC re-ran customize and evaluate after an experts run that reused every adapter)
+    dare = MergeSettings(combination="dare_linear", density=0.5)
+    merges = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(len(merges))  # the global generator must not matter
+        merge(experts.peft, names, "merge_dare", dare, seed)
+        merges.append(delta(experts.peft, "merge_dare").clone())
+    assert torch.equal(merges[0], merges[1]) and not torch.equal(merges[0], merges[2])
 
 
 def test_paper_settings_validate_and_dry_run_on_a_tiny_model(tmp_path, base):
@@ -269,3 +278,20 @@ def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch):
     assert len(programs) == 2 and all(isinstance(p, str) for p in programs)
     meta = mlflow.MlflowClient().get_model_version(MODEL_NAME, version)
     assert str(meta.version) == version
+
+
+def test_a_missing_adapter_is_one_error_naming_its_folder(tmp_path, base):
+    """Issue 26.8: a missing adapter folder gave two chained tracebacks, a misleading
+    HFValidationError (PEFT took the path for a hub id) and then the real one."""
+    from bdc.disentangle.experts import MissingAdapter, load_adapters
+    from bdc.disentangle.merging import arrow_model
+    from bdc.errors import BDCError
+
+    (tmp_path / "cluster_1").mkdir()  # a folder, but no adapter in it
+    for load in (lambda: load_adapters(base, tmp_path, ["cluster_0"]),
+                 lambda: arrow_model(base, [tmp_path / "cluster_1"], 1, 0)):
+        with pytest.raises(MissingAdapter) as caught:
+            load()
+        assert isinstance(caught.value, BDCError)  # the command line: one line, exit 2
+        assert str(tmp_path) in str(caught.value) and "dvc repro experts" in str(caught.value)
+        assert caught.value.__cause__ is None and caught.value.__context__ is None

@@ -181,7 +181,59 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     (up_to_date,) = [a.data for a in asyncio.run(_artifacts("stage-prepare"))
                      if "Up to date" in (a.data or "")]
     assert "Current metrics" in up_to_date and results[0]["mlflow_run_id"] in up_to_date
+    a_rerun_that_reuses_everything_leaves_later_stages_up_to_date(project)
+    evaluate_resumes_after_a_kill(project)
     evaluate_on_vllm_equals_transformers(project)
+
+
+def a_rerun_that_reuses_everything_leaves_later_stages_up_to_date(project):
+    """Issue 26.6: adapters listed target_modules in random order and trees stored their
+    wall-clock seconds, so a forced re-run that reused every tree and adapter still changed
+    its outputs, and DVC re-ran customize and evaluate after it (1.7-2.6 min each time)."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    loss = (project / "data/plots/experts_loss.csv").read_text()
+    for stage, reused in (("explore", " 0 to search"), ("experts", "already trained, reused")):
+        done = subprocess.run([dvc, "repro", "--force", "--single-item", stage], cwd=project,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert reused in done.stdout + done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+        assert ": training\n" not in done.stdout
+    # the reused adapters' losses stay in the table (it was rewritten as a header alone)
+    assert (project / "data/plots/experts_loss.csv").read_text() == loss
+    status = subprocess.run([dvc, "status", "dvc.yaml"], cwd=project, capture_output=True,
+                            text=True, timeout=300)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def evaluate_resumes_after_a_kill(project):
+    """Issue 26.6: evaluate redid 100 % of its work after a kill. Killed (-9) once its first
+    chunk (every adapter solver's programs, scored) is kept, it resumes from that chunk and
+    ends with the same programs and scores as the pipeline's uninterrupted run."""
+    import json
+    import shutil
+
+    shutil.rmtree(project / "var/evaluate")  # the pipeline's run kept all of its work
+    command = ["bdc", "evaluate-solvers", "--out-dir", "var/eval-resumed", "--metrics",
+               "var/eval-resumed.json", "--plots-dir", "var/plots-resumed"]
+    proc = subprocess.Popen(command, cwd=project, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (chunks := list((project / "var/evaluate").glob("system1-*/adapters.seed0.jsonl"))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no chunk was kept"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "var/eval-resumed/table.json").exists()
+    kept = chunks[0].read_bytes()
+    done = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "adapters.seed0 reused" in done.stderr and chunks[0].read_bytes() == kept
+
+    def scored(folder):
+        return sorted((r["solver"], r["problem_id"], r["program"], r["pass_rate"])
+                      for r in map(json.loads, (project / folder / "samples.jsonl")
+                                   .read_text().splitlines()))
+    assert scored("var/eval-resumed") == scored("data/eval")
 
 
 def evaluate_on_vllm_equals_transformers(project):

@@ -114,9 +114,10 @@ def template_of(base: str):
 
 def routed_solver(base: str, experts: Path):
     """A customized model whose router is not uniform (so each input folds differently)."""
-    from bdc.customize.model import CustomizedModel, load_experts
+    from bdc.customize.model import CustomizedModel
+    from bdc.disentangle.experts import load_adapters
 
-    peft, tok = load_experts(base, experts, EXPERTS)
+    peft, tok = load_adapters(base, experts, EXPERTS)
     model = CustomizedModel.from_experts(peft, EXPERTS, "all", None, 6, 16, "expert_softmax")
     generator = torch.Generator().manual_seed(0)
     for mlp in model.router.mlps.values():
@@ -176,14 +177,14 @@ def test_served_programs_equal_the_hf_path_token_for_token(served, adapters, tmp
     adapter per problem, through the fold cache) on vLLM: greedy fp32 programs equal the HF
     path's (PEFT mixed-adapter batches, the gated forward)."""
     from bdc.customize.fold import FoldedCache
-    from bdc.customize.model import load_experts
+    from bdc.disentangle.experts import load_adapters
     from bdc.llm.system1 import solve, solve_served
 
     base, experts = adapters
     template, texts = template_of(base), prompts()
     n = len(texts)
     names = ["__base__", *EXPERTS, "merge_uniform"]
-    peft, tok = load_experts(base, experts, [*EXPERTS, "merge_uniform"])
+    peft, tok = load_adapters(base, experts, [*EXPERTS, "merge_uniform"])
     hf = solve(peft, tok, template, texts * len(names), TOKENS, 8,
                adapter_names=[name for name in names for _ in range(n)])
     model, tok = routed_solver(base, experts)

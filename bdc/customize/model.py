@@ -30,20 +30,6 @@ def inputs(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return np.concatenate([vectors, vectors @ centroids.T], axis=1).astype(np.float32)
 
 
-def load_experts(base: str, experts_dir: Path, names: list[str], device: str = "cpu",
-                 dtype: str | None = None):
-    """The base with every expert as a named PEFT adapter (PEFT reads their format)."""
-    from peft import PeftModel
-
-    from bdc.llm.loading import load_causal_lm
-
-    model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
-    peft = PeftModel.from_pretrained(model, str(experts_dir / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(str(experts_dir / name), adapter_name=name)
-    return peft, tokenizer
-
-
 class CustomizedModel(nn.Module):
     def __init__(self, model: nn.Module, router: Hypernetwork) -> None:
         super().__init__()

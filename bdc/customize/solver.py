@@ -11,7 +11,8 @@ import numpy as np
 
 from bdc import artifacts
 from bdc.customize.config import HypernetConfig
-from bdc.customize.model import CustomizedModel, inputs, load_experts
+from bdc.customize.model import CustomizedModel, inputs
+from bdc.disentangle.experts import load_adapters
 
 SOLVER_NAME = "solver.json"
 
@@ -54,7 +55,7 @@ def build(base: str, experts_dir: Path, experts: list[str], clusters_dir: Path,
 
     centroids = np.load(clusters_dir / artifacts.CENTROIDS)
     embedder = embedder_of(clusters_dir)
-    peft, tokenizer = load_experts(base, experts_dir, experts, device, dtype)
+    peft, tokenizer = load_adapters(base, experts_dir, experts, device, dtype)
     z_dim = int(json.loads((clusters_dir / artifacts.EMBEDDER).read_text())["dimension"]) + \
         len(centroids)
     model = CustomizedModel.from_experts(peft, experts, layers, projections, z_dim, hidden,

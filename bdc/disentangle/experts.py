@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bdc.config import ExpertsSettings
+from bdc.errors import BDCError
 from bdc.jsonl import atomic_folder
 from bdc.llm.system1 import examples
 from bdc.problems.format import Problem
@@ -138,9 +139,10 @@ class ExpertSet:
         from peft import PeftModel
 
         if self.peft is None:
-            self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name)
+            self.peft = PeftModel.from_pretrained(self.model, adapter_folder(folder),
+                                                  adapter_name=name)
         else:
-            self.peft.load_adapter(str(folder), adapter_name=name)
+            self.peft.load_adapter(adapter_folder(folder), adapter_name=name)
 
     def save(self, name: str, folder: Path, extra: dict[str, str],
              record: dict | None = None) -> None:
@@ -157,6 +159,36 @@ class ExpertSet:
                 (tmp / file).write_text(text)
             if record is not None:
                 seal(tmp, record)
+
+
+class MissingAdapter(BDCError):
+    """An adapter folder a stage needs is not there (or holds no adapter)."""
+
+
+def adapter_folder(folder: Path) -> str:
+    """``folder`` as PEFT loads it, once it holds an adapter. PEFT takes any path that is not
+    a folder for a hub id: a missing adapter gave a misleading ``HFValidationError`` with the
+    real error chained behind it."""
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise MissingAdapter(f"{folder}: no adapter there (no adapter_config.json); the "
+                             "experts stage makes the adapters: dvc repro experts")
+    return str(folder)
+
+
+def load_adapters(base: str, folder: Path, names: list[str], device: str = "cpu",
+                  dtype: str | None = None):
+    """The base with each adapter ``folder/<name>`` loaded under its name (PEFT reads their
+    format): the expert set of the customize and evaluate stages and the registry."""
+    from peft import PeftModel
+
+    from bdc.llm.loading import load_causal_lm
+
+    model, tokenizer = load_causal_lm(base, device=device, dtype=dtype)
+    peft = PeftModel.from_pretrained(model, adapter_folder(folder / names[0]),
+                                     adapter_name=names[0])
+    for name in names[1:]:
+        peft.load_adapter(adapter_folder(folder / name), adapter_name=name)
+    return peft, tokenizer
 
 
 def canonical_adapter_config(folder: Path) -> None:

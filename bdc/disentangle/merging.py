@@ -15,15 +15,21 @@ from pathlib import Path
 from bdc.config import MergeSettings
 
 
-def merge(peft_model, experts: list[str], name: str, spec: MergeSettings) -> None:
+def merge(peft_model, experts: list[str], name: str, spec: MergeSettings, seed: int) -> None:
     """Add the merged adapter ``name``. PEFT returns silently, merging nothing, when the name
-    exists: an old merge is deleted first."""
+    exists: an old merge is deleted first. DARE drops weights at random: under ``seed``
+    (the global generator untouched), or the same experts merged twice differed and DVC
+    re-ran every stage after a run that reused every expert."""
+    import torch
+
     if name in peft_model.peft_config:
         peft_model.delete_adapter(name)
     weight = spec.weight if spec.weight is not None else 1.0 / len(experts)
     kwargs = {"density": spec.density} if spec.density is not None else {}
-    peft_model.add_weighted_adapter(experts, [weight] * len(experts), name,
-                                    combination_type=spec.combination, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model.add_weighted_adapter(experts, [weight] * len(experts), name,
+                                        combination_type=spec.combination, **kwargs)
     if name not in peft_model.peft_config:
         raise RuntimeError(f"PEFT did not add the merged adapter {name!r}")
 
@@ -34,10 +40,12 @@ def arrow_model(base_path: str, expert_folders: list[Path], top_k: int, seed: in
     the experts' weights on first use: no training, no data)."""
     from peft import ArrowConfig, create_arrow_model
 
+    from bdc.disentangle.experts import adapter_folder
     from bdc.llm.loading import load_causal_lm
 
+    folders = [adapter_folder(f) for f in expert_folders]
     base, tokenizer = load_causal_lm(base_path, device=device, dtype=dtype)
-    model = create_arrow_model(base, [str(f) for f in expert_folders],
+    model = create_arrow_model(base, folders,
                                ArrowConfig(top_k=min(top_k, len(expert_folders)),
                                            rng_seed=seed))
     return model.eval(), tokenizer

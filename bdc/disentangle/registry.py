@@ -43,15 +43,10 @@ class ExpertSetModel(mlflow.pyfunc.PythonModel):
 
 def load_expert_set(adapters_dir: Path, manifest: dict, base: str | None = None):
     """The base (from its reference, or ``base``) with every adapter of the manifest."""
-    from peft import PeftModel
+    from bdc.disentangle.experts import load_adapters
 
-    from bdc.llm.loading import load_causal_lm
-
-    model, tokenizer = load_causal_lm(base or manifest["base"])
-    names = manifest["adapters"]
-    peft = PeftModel.from_pretrained(model, str(adapters_dir / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        peft.load_adapter(str(adapters_dir / name), adapter_name=name)
+    peft, tokenizer = load_adapters(base or manifest["base"], adapters_dir,
+                                    manifest["adapters"])
     return peft.eval(), tokenizer, manifest
 
 

@@ -67,7 +67,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         loss_rows = [{"adapter": name, "step": step, "loss": loss}
                      for name, r in records.items() for step, loss in r["losses"]]
         for name, spec in s.merges.items():
-            merge(experts.peft, experts_names, f"merge_{name}", spec)
+            merge(experts.peft, experts_names, f"merge_{name}", spec, s.seed)
             experts.save(f"merge_{name}", out_dir / f"merge_{name}", {
                 "merge.json": json.dumps({"experts": experts_names, **spec.model_dump()})})
         test = read_problems(problems_dir / artifacts.pool("test"))

@@ -368,6 +368,16 @@ class EvaluateSettings(Strict):
     max_new_tokens: int = Field(512, ge=8)
     batch: int = Field(32, ge=1)
 
+    @model_validator(mode="after")
+    def _enough_samples(self) -> EvaluateSettings:
+        """pass@k needs k samples per problem (one a seed); a k above that was silently left
+        out of the table."""
+        too_big = [k for k in self.ks if k > len(self.seeds)]
+        if too_big or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks {self.ks}: pass@k needs 1 <= k <= the samples per problem, "
+                             f"one per seed, and seeds {self.seeds} give {len(self.seeds)}")
+        return self
+
 
 class OrchestrationSettings(Strict):
     """How Prefect runs the DVC stages (stage order comes from dvc.yaml)."""

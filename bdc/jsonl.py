@@ -7,6 +7,7 @@ a complete output, so every writer goes through a temporary file and one ``os.re
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -60,12 +61,42 @@ def read_jsonl(path: str | Path, parse: Callable[[dict], T]) -> Iterator[T]:
                 raise RecordError(f"{path}:{lineno}: {exc}") from exc
 
 
+class OutputError(BDCError, OSError):
+    """An output cannot be written (a full disk, a read-only folder); names the path."""
+
+
+# errors of writing itself: a write into an open file reports no file name
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def _cannot_write(path: Path, exc: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write it: {exc.strerror or exc}")
+
+
+def require_writable(*folders: str | Path) -> None:
+    """Each folder exists or can be made, and takes a new file: checked by writing one, as
+    permissions alone do not tell (root, read-only mounts). A stage calls this before any
+    work, so a folder it cannot write fails it before it rewrites its other outputs."""
+    for folder in map(Path, folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".writable.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _cannot_write(folder, exc) from None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
-    """Write to a temp file beside ``path``; rename over it only if the block succeeds."""
+    """Write to a temp file beside ``path``; rename over it only if the block succeeds. A
+    full disk or an unwritable folder is an :class:`OutputError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from None
     os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; outputs are ordinary files
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -73,9 +104,12 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, BDCError) and \
+                exc.errno in _NO_ROOM:
+            raise _cannot_write(path, exc) from None
         raise
 
 
@@ -85,14 +119,21 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     ``folder``, which replaces it only if the block succeeds (a model, an adapter: a killed
     save never leaves a half-written folder that looks finished)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as exc:
+        raise _cannot_write(folder, exc) from None
     tmp.chmod(0o755)
     try:
         yield tmp
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
+    except OSError as exc:
+        if isinstance(exc, BDCError) or exc.errno not in _NO_ROOM:
+            raise
+        raise _cannot_write(folder, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

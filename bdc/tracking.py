@@ -18,11 +18,13 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bdc.errors import BDCError
 from bdc.jsonl import read_jsonl
 from bdc.runtime import project_root, state_dir
 
@@ -40,19 +42,66 @@ def artifact_root(root: Path | None = None) -> str:
     return (state_dir(root) / "mlflow" / "artifacts").resolve().as_uri()
 
 
+class StoreUnreadable(BDCError):
+    """The MLflow store cannot be opened (a truncated or corrupted database file)."""
+
+
 def setup(root: Path | None = None) -> str:
     """Point MLflow at the project's store and the ``bdc`` experiment; the experiment id."""
     import mlflow
 
     (state_dir(root) / "mlflow").mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_uri(root))
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's and MLflow's many error types
+        store = uri.removeprefix("sqlite:///")
+        raise StoreUnreadable(
+            f"{store}: the MLflow store cannot be read ({str(exc).splitlines()[0]}); move it "
+            "aside to start a new one, or set MLFLOW_TRACKING_URI") from None
     if experiment is None:
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # lost a creation race
             mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
+
+
+def owner_tags() -> dict[str, str]:
+    """The process that holds a run open, as tags: what :func:`end_orphans` checks."""
+    return {"bdc.host": socket.gethostname(), "bdc.pid": str(os.getpid())}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def end_orphans(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this machine that is gone (a stage
+    killed with -9, a lost session): MLflow kept them RUNNING forever. Runs of other machines,
+    and runs whose process lives, are left alone. The ids ended."""
+    from mlflow.tracking import MlflowClient
+
+    client, host, ended = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
+                                  max_results=1000):
+        tags = run.data.tags
+        pid = tags.get("bdc.pid", "")
+        if tags.get("bdc.host") == host and pid.isdigit() and _gone(int(pid)):
+            client.set_tag(run.info.run_id, "bdc.ended", f"its process (pid {pid}) was gone "
+                           "when a later run started: killed")
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    if ended:
+        log.info("MLflow: %d run(s) of killed processes marked KILLED", len(ended))
+    return ended
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -179,9 +228,9 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
     described by ``doc`` (the stage module passes its own docstring)."""
     import mlflow
 
-    setup(root)
+    end_orphans(setup(root))
     tags = {"bdc.stage": stage, "bdc.git_commit": git_commit(root),
-            "bdc.params_hash": params_hash(params), "bdc.profile": profile}
+            "bdc.params_hash": params_hash(params), "bdc.profile": profile, **owner_tags()}
     parent = os.environ.get(PARENT_ENV) or None
     with mlflow.start_run(run_name=stage, tags=tags, parent_run_id=parent,
                           description=describe(doc) or None) as run:

@@ -14,7 +14,16 @@ from typing import Any
 
 from bdc import artifacts
 from bdc.runtime import pipeline_folder, project_root
-from bdc.tracking import flatten, git_commit, metric_name, rounded, runs_view_url, setup
+from bdc.tracking import (
+    end_orphans,
+    flatten,
+    git_commit,
+    metric_name,
+    owner_tags,
+    rounded,
+    runs_view_url,
+    setup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +42,11 @@ def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
     from mlflow.tracking import MlflowClient
 
     experiment_id = setup(root)
+    end_orphans(experiment_id)
     client = MlflowClient()
     run = client.create_run(experiment_id, run_name="pipeline", tags={
         "bdc.stage": "pipeline", "bdc.git_commit": git_commit(root), "bdc.profile": profile,
+        **owner_tags(),
         "mlflow.note.content": "The pipeline's stages run under Prefect; their runs nest "
                                "under this one.", **(tags or {})})
     try:

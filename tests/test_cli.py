@@ -184,3 +184,41 @@ def test_the_project_root_from_inside_a_pipeline_folder(tmp_path):
     finally:
         if env is not None:
             os.environ["BDC_PROJECT"] = env
+
+
+def test_an_unwritable_output_fails_the_stage_before_it_rewrites_anything(tmp_path):
+    """Issue 26.8: experts failed on a read-only data/plots only after rewriting its metrics
+    and adapters (which then looked fresh), with a traceback naming no path. A folder a
+    stage cannot write (here: under a file, which not even root can write into) fails it
+    first, in one line naming the folder."""
+    (tmp_path / "not-a-folder").write_text("")
+    metrics = tmp_path / "metrics/prepare.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"from": "the last run"}')
+    proc = bdc("prepare", "--out-dir", str(tmp_path / "problems"), "--metrics", str(metrics),
+               "--plots", str(tmp_path / "not-a-folder/plots/prepare.csv"), cwd=tmp_path,
+               check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{tmp_path / 'not-a-folder/plots'}: cannot write it" in proc.stderr, proc.stderr
+    assert metrics.read_text() == '{"from": "the last run"}'
+    assert not list((tmp_path / "problems").glob("*.jsonl"))
+
+
+FULL_DISK = """
+import resource, signal, sys
+from bdc.jsonl import write_jsonl
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+write_jsonl(sys.argv[1], [{"program": "x" * 100}] * 1000)
+"""
+
+
+def test_a_full_disk_names_the_output_and_leaves_no_partial_file(tmp_path):
+    """Issue 26.8: a full disk gave a traceback without a path. Writes past a file-size limit
+    fail as writes on a full disk do (no file name in the OS error)."""
+    out = tmp_path / "samples.jsonl"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(out)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"OutputError: {out}: cannot write it: File too large" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary

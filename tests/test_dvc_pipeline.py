@@ -170,6 +170,13 @@ def test_killed_stage_leaves_no_valid_looking_output(pipeline):
     else:
         pytest.fail("the slow stage never started writing")
     time.sleep(0.5)  # mid-write
+    # a second `dvc repro` meanwhile is refused, with DVC's words the docs quote
+    second = subprocess.run([str(Path(sys.executable).parent / "dvc"), "repro", "slow"],
+                            cwd=pipeline, capture_output=True, text=True, timeout=120)
+    refused = second.stdout + second.stderr
+    assert second.returncode != 0 and ("is busy, it is being blocked by" in refused or
+                                       "Unable to acquire lock" in refused), refused
+    print(refused)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (data / "slow.txt").exists()  # the partial file never took the real name

@@ -141,3 +141,61 @@ def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monk
                                  "full.strict_accuracy.std": 1.0}
     assert tracking.runs_view_url("http://ui:5000/", "7") == \
         "http://ui:5000/#/experiments/7/runs?workflowType=machine_learning"
+
+
+KILLED_STAGE = """
+import sys, time
+from pathlib import Path
+from bdc import tracking
+with tracking.stage_run("explore", {}, "mini", root=Path(sys.argv[1])):
+    print("started", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_stage_s_run_is_marked_killed_by_the_next_run(store):
+    """Issue 26.8: the MLflow run of a stage killed with -9 stayed RUNNING forever. The next
+    run on the machine ends it as KILLED (its process is gone); a run whose process lives
+    is left alone."""
+    import subprocess
+    import sys
+
+    def start(stage: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_STAGE.replace("explore", stage),
+                                 str(store)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "started"
+        return proc
+
+    killed, living = start("explore"), start("validate")
+    try:
+        killed.kill()
+        killed.wait()
+        (dead,) = only_run(store, **{"bdc.stage": "explore"})
+        assert dead.info.status == "RUNNING"  # what MLflow keeps by itself
+        with tracking.stage_run("disentangle", {}, "mini", root=store):
+            pass
+        assert mlflow.get_run(dead.info.run_id).info.status == "KILLED"
+        assert "gone" in mlflow.get_run(dead.info.run_id).data.tags["bdc.ended"]
+        (alive,) = only_run(store, **{"bdc.stage": "validate"})
+        assert alive.info.status == "RUNNING"
+    finally:
+        living.kill()
+        living.wait()
+
+
+def test_a_truncated_store_is_one_error_naming_the_file(store):
+    """Issue 26.8: a truncated MLflow database gave SQLAlchemy's traceback, no path."""
+    import subprocess
+    import sys
+
+    setup = "import sys; from pathlib import Path; from bdc import tracking; " \
+            "tracking.setup(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", setup, str(store)], check=True, timeout=120,
+                   capture_output=True)
+    db = store / "var/mlflow/mlflow.db"
+    db.write_bytes(db.read_bytes()[:20000])
+    done = subprocess.run([sys.executable, "-c", setup, str(store)], capture_output=True,
+                          text=True, timeout=120)
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"bdc.tracking.StoreUnreadable: {db}: the MLflow store cannot be "
+                           "read"), done.stderr[-2000:]

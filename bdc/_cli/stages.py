@@ -19,6 +19,16 @@ ClustersDir = typer.Option(Path("data/clusters"), "--clusters-dir")
 ExpertsDir = typer.Option(Path("data/experts"), "--experts-dir")
 
 
+def _writable(metrics: Path, *folders: Path | None) -> None:
+    """Every folder the stage writes takes a file, checked before any work: a stage that
+    failed on its last output (a read-only plots folder) had already rewritten the others,
+    which then looked fresh."""
+    from bdc.jsonl import details_path, require_writable
+
+    require_writable(metrics.parent, details_path(metrics).parent,
+                     *[f for f in folders if f is not None])
+
+
 @app.command("prepare")
 def prepare_cmd(
     out_dir: Path = typer.Option(Path("data/problems"), "--out-dir", help="where explore.jsonl "
@@ -31,6 +41,8 @@ def prepare_cmd(
 ) -> None:
     """Stage prepare: build the explore and test problem pools from params.problems."""
     from bdc.stages.prepare import run
+
+    _writable(metrics, out_dir, plots.parent)
 
     result = run(_params(params), out_dir, metrics, plots)
     for pool in ("explore", "test"):
@@ -52,6 +64,8 @@ def pretrain_cmd(
     """Stage pretrain (mini profile): train the tiny agents and base model from scratch and
     measure their competence in the sandbox."""
     from bdc.stages.pretrain import run
+
+    _writable(metrics, models_dir, plots_dir)
 
     with console.progress() as progress:
         tasks: dict[str, int] = {}
@@ -87,6 +101,8 @@ def explore_cmd(
     """Stage explore (Boost): MC-Tree-of-Agents over the explore problems; resumes from the
     problems already explored with the same settings."""
     from bdc.stages.explore import run
+
+    _writable(metrics, out_dir, plots_dir)
 
     with console.progress() as progress:
         task = progress.add_task("exploring", total=None, info="")
@@ -153,6 +169,8 @@ def validate_cmd(
     failed expectations and problems) when it is not fit to train on."""
     from bdc.stages.validate import run
 
+    _writable(metrics, out_dir)
+
     result = run(_params(params), explore_dir, problems_dir, out_dir, metrics)
     console.say(f"validated: {result['expectations']} expectations hold over "
                 f"{result['rows']}; Data Docs in {out_dir / 'docs'}")
@@ -174,6 +192,8 @@ def disentangle_cmd(
     """Stage disentangle: embed the validated SFT data and cluster it (k fixed or by
     silhouette); assignments, centroids and the embedder for the experts and hypernetwork."""
     from bdc.stages.disentangle import run
+
+    _writable(metrics, out_dir, plots_dir)
 
     m = run(_params(params), explore_dir, validate_dir, problems_dir, out_dir, metrics,
             plots_dir)
@@ -201,6 +221,8 @@ def experts_cmd(
     """Stage experts: one LoRA per cluster and one on all data (PEFT, one loaded base), the
     static merges and Arrow, a quick competence check, the expert set in the registry."""
     from bdc.stages.experts import run
+
+    _writable(metrics, out_dir, plots_dir)
 
     def started(name: str, reused: bool) -> None:
         console.say(f"{name}: {'already trained, reused' if reused else 'training'}")
@@ -231,6 +253,8 @@ def customize_cmd(
     experts frozen); routing diagnostics; the solver in the registry."""
     from bdc.stages.customize import run
 
+    _writable(metrics, out_dir, plots_dir)
+
     m = run(_params(params), explore_dir, validate_dir, clusters_dir, experts_dir,
             problems_dir, out_dir, metrics, plots_dir)
     trained = "reused" if m["reused"] else f"trained in {m['train_seconds']}s"
@@ -256,6 +280,8 @@ def evaluate_solvers_cmd(
     """Stage evaluate: every System-1 solver (and the System-2 side) on the test problems'
     hidden tests; the table and the claims as measured."""
     from bdc.stages.evaluate import run
+
+    _writable(metrics, out_dir, plots_dir)
 
     result = run(_params(params), problems_dir, experts_dir, clusters_dir, hypernet_dir,
                  out_dir, metrics, plots_dir)

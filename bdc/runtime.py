@@ -73,6 +73,12 @@ def state_dir(root: Path | None = None) -> Path:
     return (root or project_root()) / "var"
 
 
+def packaged_model_dir(name: str, root: Path | None = None) -> Path:
+    """Where the packaged real model ``name`` (``params.yaml`` ``models:``) is converted to
+    by ``bdc models prepare``: runtime state, outside DVC's outputs."""
+    return state_dir(root) / "models" / name
+
+
 def configure_environment(root: Path | None = None) -> Path:
     """Point every tool's state at the project and set the telemetry switches.
 

@@ -12,7 +12,7 @@ import pytest
 
 BDC = str(Path(sys.executable).parent / "bdc")
 COMMANDS = [[], ["problems"], ["problems", "export"], ["evaluate"], ["tiny-model"],
-            ["sandbox-info"], ["prepare"]]
+            ["sandbox-info"], ["prepare"], ["models"], ["models", "prepare"]]
 
 
 def bdc(*args, cwd=None, check=True, timeout=300):
@@ -222,3 +222,11 @@ def test_a_full_disk_names_the_output_and_leaves_no_partial_file(tmp_path):
     assert proc.returncode != 0
     assert f"OutputError: {out}: cannot write it: File too large" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_models_prepare_refuses_a_model_params_does_not_name(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    proc = bdc("models", "prepare", "gpt-5", "--params", str(tmp_path / "params.yaml"),
+               check=False)
+    assert proc.returncode == 2 and "models ['gpt-5']: not in params.yaml models:" in \
+        proc.stderr, proc.stderr

@@ -19,9 +19,11 @@ def test_defaults_match_params_yaml():
     exceptions are the method's recipes, ``explore``, ``experts``, ``customize`` and
     ``evaluate`` (the schema holds the paper code's defaults: API agents, 16 rollouts, r 8 on
     q/v, Adam at 1e-5, greedy decoding ...; params.yaml the mini profile's tiny models and
-    budgets) and ``explore_compare`` (its teams name those mini agents)."""
+    budgets), ``explore_compare`` (its teams name those mini agents) and ``models`` (the
+    packaged real models: data, not a default)."""
     params = load_params(ROOT / "params.yaml")
-    paper_defaults = ("explore", "explore_compare", "experts", "customize", "evaluate")
+    paper_defaults = ("explore", "explore_compare", "experts", "customize", "evaluate",
+                      "models")
     assert params.model_copy(update={k: getattr(Params(), k) for k in paper_defaults}) \
         == Params()
     paper = Params().explore.search

@@ -23,6 +23,9 @@ app.add_typer(problems_app, name="problems")
 pipelines_app = typer.Typer(help="Each profile's pipeline, generated from dvc.yaml.",
                             no_args_is_help=True)
 app.add_typer(pipelines_app, name="pipelines")
+models_app = typer.Typer(help="Packaged real models (params.yaml models:): check, convert.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 ParamsOption = typer.Option(None, "--params", help="params.yaml to read (default: the "
                             "project's; outside a project, the built-in defaults)")

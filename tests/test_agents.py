@@ -17,12 +17,12 @@ from bdc.boost.agents.llm import (
     LLMAgent,
     MiniStyle,
     Sampling,
-    parse_code,
     parse_thoughts,
 )
 from bdc.config import TinyModelSettings
 from bdc.llm.backends import HFBackend, HTTPSettings, OpenAIBackend
 from bdc.llm.base import Backend, BackendError, Completion, Generation, Request
+from bdc.llm.prompts import program_in
 from bdc.llm.tiny import build_tiny_model
 from bdc.llm.vllm_server import free_port
 from bdc.problems.format import CallTest, Problem
@@ -61,7 +61,7 @@ def test_unusable_replies_are_recorded_not_raised():
     assert parse_thoughts("I think we should loop.", 3).fallback == "no JSON in the reply"
     assert parse_thoughts('{"thoughts": []}', 3).fallback == "JSON without thoughts"
     assert parse_thoughts('{"thoughts": [], "done": true}', 3).done
-    assert parse_code("text\n```python\ndef f():\n    return 1\n```\nbye") == \
+    assert program_in("text\n```python\ndef f():\n    return 1\n```\nbye") == \
         "def f():\n    return 1\n"
 
 

@@ -1,10 +1,12 @@
 """The mini profile's text format (``### Problem / ### Thoughts / ### Code``): the one format
 the tiny models are trained on and prompted with, shared by pretraining, the search's agents
-and the System-1 solver; and the parsing of a plan's numbered lines, which every format uses.
+and the System-1 solver; the parsing of a plan's numbered lines, which every format uses; and
+the program in a real model's reply (:func:`program_in`).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 
 
@@ -33,3 +35,63 @@ _STEP = re.compile(r"^\s*(?:\d+[.)]|[-*])\s+(.+?)\s*$")
 def parse_steps(text: str) -> list[str]:
     """The numbered (or bulleted) lines of a plan: ``1. Sort xs.`` -> ``Sort xs.``."""
     return [m.group(1) for line in text.splitlines() if (m := _STEP.match(line))]
+
+
+# ----------------------------------------------------------------------------- real replies
+
+_BLOCK = re.compile(r"```[ \t]*[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def parseable_prefix(code: str) -> str:
+    """``code`` if it parses, else its longest run of first lines that does (a reply cut off
+    by the token limit mid-statement keeps its complete functions)."""
+    lines = code.rstrip().splitlines()
+    for end in range(len(lines), 0, -1):
+        head = "\n".join(lines[:end]).rstrip()
+        if head and parses(head):
+            return head + "\n"
+    return ""
+
+
+def _functions(code: str) -> set[str]:
+    return {n.name for n in ast.parse(code).body if isinstance(n, ast.FunctionDef)}
+
+
+def program_in(text: str, entry_point: str | None = None) -> str:
+    """The program in a model's reply, as real instruction-tuned models write it (built from
+    SmolLM2-135M-Instruct's replies, tests/fixtures/real_samples.jsonl): fenced code with
+    prose around it; several blocks (a class, then the function; the function, then example
+    usage); a block the token limit cut off before its closing fence; no fence at all.
+    Among the fenced blocks (each cut to its part that parses): the first that defines
+    ``entry_point``, else the first that defines a top-level function, else the first with
+    any code; without a fence, the reply's own part that parses. Empty: no code."""
+    blocks = [parseable_prefix(m.group(1)) for m in _BLOCK.finditer(text)]
+    blocks = [b for b in blocks if b.strip()]
+    if not blocks:
+        return parseable_prefix(text) if "```" not in text else ""
+    for wanted in ([entry_point] if entry_point else []) + [None]:
+        for block in blocks:
+            names = _functions(block)
+            if (wanted in names) if wanted else names:
+                return block
+    return blocks[0]
+
+
+_TOP_LEVEL = re.compile(r"^\S", re.M)
+
+
+def function_body(continuation: str) -> str:
+    """A completion model's continuation of a function prompt, cut where the function ends:
+    at the first line that starts in column 0 (the next ``def``, a ``print``, a comment:
+    HumanEval's stop sequences, as one rule). Gemma 3 270M, a base model, writes the body
+    and then keeps going with more functions."""
+    match = _TOP_LEVEL.search(continuation)
+    return continuation if match is None else continuation[:match.start()]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bdc.llm.prompts import CODE_HEADER, parse_steps, render
+from bdc.llm.prompts import CODE_HEADER, parse_steps, program_in, render
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,13 @@ class ChatTemplate:
                        program.rstrip("\n") + "\n```" + (self.tokenizer.eos_token or ""))
 
     def parse(self, completion: str) -> tuple[list[str], str]:
-        plan, _, rest = completion.partition(self.code_header)
-        return parse_steps(plan), rest.split("```", 1)[0]
+        """The plan and the program: in the trained format after the code header; in a
+        zero-shot reply (prose, several blocks, a cut-off fence) as :func:`program_in`
+        finds it."""
+        plan, header, rest = completion.partition(self.code_header)
+        if header:
+            return parse_steps(plan), rest.split("```", 1)[0]
+        return parse_steps(completion.split("```", 1)[0]), program_in(completion)
 
 
 def template_for(tokenizer, kind: str = "auto") -> MiniTemplate | ChatTemplate:

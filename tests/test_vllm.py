@@ -342,3 +342,27 @@ def test_stopping_bdc_serve_leaves_no_process(serving):
     time.sleep(0.5)
     assert [p for p in spawned if alive(p)] == []
     assert list((server.root / "var/logs").glob("vllm-base-*.log"))
+
+
+def test_the_packaged_smollm2_greedy_on_vllm_equals_transformers(smollm2, vllm_python,
+                                                                   monkeypatch):
+    """A real pretrained model (SmolLM2-135M-Instruct, 30 layers, a 49k vocabulary, its
+    chat template) served by vLLM under its packaged name: greedy fp32 programs and plans
+    equal transformers' on the same prompts (held on this CPU; the System-1 parse of
+    zero-shot replies in between)."""
+    from bdc.llm.loading import load_causal_lm
+    from bdc.llm.system1 import ChatTemplate, solve, solve_served
+    from bdc.problems import mini
+
+    monkeypatch.setenv("BDC_PROJECT", str(smollm2))
+    texts = [p.prompt for p in mini.load(slice="test", limit=1).problems[:4]]
+    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    template = ChatTemplate(tokenizer)
+    hf = solve(model, tokenizer, template, texts, 48, 4)
+    del model
+    real = VLLMSettings(python=vllm_python, max_model_len=1024, startup_timeout_s=300)
+    with VLLMServer("smollm2-135m-instruct", real, smollm2, "base", lora_rank=8) as server:
+        assert server.model == str(smollm2 / "var/models/smollm2-135m-instruct")
+        got, tokens = solve_served(server, template, texts, [None] * len(texts), 48)
+    assert got == hf and all(t > 0 for t in tokens)
+    assert sum(bool(program) for _, program in hf) >= 2  # real code came out to compare

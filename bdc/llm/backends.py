@@ -254,7 +254,10 @@ class VLLMBackend(BatchingBackend):
         # start for nothing at the mini sizes, and the worker runs in this process (with
         # VLLM_ENABLE_V1_MULTIPROCESSING=0 the engine core too: 13 s to start, not 37 s)
         cpu = current_platform.is_cpu()
-        self.llm = LLM(model=str(model), dtype=dtype or "auto", seed=0, enforce_eager=cpu,
+        from bdc.llm.loading import model_location
+
+        self.llm = LLM(model=model_location(model), dtype=dtype or "auto", seed=0,
+                       enforce_eager=cpu,
                        distributed_executor_backend="uni" if cpu else None,
                        gpu_memory_utilization=gpu_memory_utilization, **kwargs)
 

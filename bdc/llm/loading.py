@@ -52,12 +52,21 @@ def load_causal_lm(name_or_path: str | Path, device: str = "cpu", dtype: str | N
     return model.to(device).eval(), tokenizer
 
 
-def _from_pretrained(cls, name_or_path: str | Path, what: str, **kwargs):
+def model_location(name_or_path: str | Path) -> str:
+    """Where a model setting points: a local folder as it is; a packaged model's name
+    (``params.yaml`` ``models:``, prepared by ``bdc models prepare``) its converted folder;
+    anything else unchanged (a hub id). Every engine (transformers, vLLM) loads from this."""
     from bdc.llm.packaged import converted
 
     local = Path(name_or_path).expanduser()
-    if not local.exists():  # a packaged model's name: its converted folder
-        local = converted(str(name_or_path)) or local
+    if local.exists():
+        return str(local)
+    folder = converted(str(name_or_path))
+    return str(folder) if folder is not None else str(name_or_path)
+
+
+def _from_pretrained(cls, name_or_path: str | Path, what: str, **kwargs):
+    local = Path(model_location(name_or_path))
     if local.exists():
         if not local.is_dir():
             raise ModelLoadError(f"{local}: a model path must be a folder in Hugging Face format")

@@ -98,7 +98,10 @@ class VLLMServer:
     def __init__(self, model: str | Path, settings: VLLMSettings, root: Path | None = None,
                  name: str = "model", lora_rank: int | None = None,
                  port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.model, self.settings, self.name, self.host = str(model), settings, name, host
+        from bdc.llm.loading import model_location
+
+        self.model, self.settings, self.name = model_location(model), settings, name
+        self.host = host
         self.root = root or Path.cwd()
         self.lora_rank, self.port = lora_rank, port or free_port()
         self.proc: subprocess.Popen | None = None

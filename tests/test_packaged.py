@@ -106,3 +106,19 @@ def test_packaged_smollm2_is_checked_converted_once_and_loads_by_name(smollm2, m
         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_stages_prepare_the_packaged_models_their_settings_name(smollm2, monkeypatch, caplog):
+    """What a stage calls before it loads a model: only the packaged models its settings
+    use (an agent, the System-1 base), each converted once; the mini settings use none."""
+    from bdc.config import load_params
+    from bdc.llm.packaged import ensure, referenced
+
+    mini = load_params(ROOT / "params.yaml")
+    assert referenced(mini) == [] and ensure(mini, smollm2) == {}
+    small = mini.model_copy(update={"experts": mini.experts.model_copy(
+        update={"base": SMOLLM2})})
+    assert referenced(small) == [SMOLLM2]
+    with caplog.at_level("INFO"):
+        assert ensure(small, smollm2) == {SMOLLM2: smollm2 / "var/models" / SMOLLM2}
+    assert "converted already" in caplog.text and "gemma" not in caplog.text

@@ -13,9 +13,10 @@ version, sha256, licence, what converted it) and ``training.json``, whose finger
 sha256 and the conversion code) is the model's identity in the fingerprint of everything made
 from it, so a changed model makes its adapters train again.
 
-Stages refer to a packaged model by its name (``experts.base: smollm2-135m-instruct``);
-:func:`bdc.llm.loading.load_causal_lm` resolves the name to the converted folder. Hub ids and
-local folders load as before (the paper profile).
+Stages refer to a packaged model by its name (``experts.base: smollm2-135m-instruct``) and
+prepare the ones their settings name as they start (:func:`ensure`: a conversion once, then a
+check of the folder's checksums); :func:`bdc.llm.loading.load_causal_lm` resolves the name to
+the converted folder. Hub ids and local folders load as before (the paper profile).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bdc.config import PackagedModel
+from bdc.config import PackagedModel, Params
 from bdc.errors import BDCError
 from bdc.jsonl import atomic_folder, atomic_open
 from bdc.reuse import code_version, digest, finished, seal
@@ -195,3 +196,15 @@ def prepare(name: str, spec: PackagedModel, root: Path | None = None,
 def source_of(folder: Path) -> dict:
     with open(Path(folder) / SOURCE) as f:
         return json.load(f)
+
+
+def referenced(params: Params) -> list[str]:
+    """The packaged models the settings use: an agent's model, the System-1 base."""
+    used = [a.model for a in params.explore.agents.values()] + [params.experts.base]
+    return sorted({m for m in used if m in params.models})
+
+
+def ensure(params: Params, root: Path | None = None) -> dict[str, Path]:
+    """Every packaged model the settings use, prepared (see :func:`prepare`): what a stage
+    calls before it loads one."""
+    return {name: prepare(name, params.models[name], root) for name in referenced(params)}

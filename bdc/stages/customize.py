@@ -14,6 +14,7 @@ import numpy as np
 from bdc import artifacts
 from bdc.config import Params
 from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
+from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
@@ -49,6 +50,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
     cluster_of = {r["problem_id"]: r["cluster"]
                   for r in read_jsonl(clusters_dir / artifacts.CLUSTER_PROBLEMS, dict)}
     device, dtype = device_and_dtype(params.experts)
+    ensure(params)  # the packaged real models its settings name, converted once
     with stage_run("customize", {"customize": s.model_dump(), "seed": params.seed},
                    params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")

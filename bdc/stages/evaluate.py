@@ -24,6 +24,7 @@ from bdc.disentangle.routing import require_same_clusters
 from bdc.evaluate.runner import figures, markdown
 from bdc.evaluate.solvers import evaluate_all, finished_dirs, group_of, home_clusters
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
+from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
 from bdc.runtime import state_dir
@@ -50,6 +51,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
     experts = manifest["experts"]
     home = home_clusters(clusters_dir)
     temperature = s.temperature or None
+    ensure(params)  # the packaged real models its settings name, converted once
     with stage_run("evaluate", {"evaluate": s.model_dump(), "experts.base": params.experts.base,
                                 "problems": len(test)}, params.profile, doc=__doc__) as tracked, \
             Sandbox(params.sandbox) as sandbox:

@@ -24,6 +24,7 @@ from bdc.disentangle.experts import (
 )
 from bdc.disentangle.routing import clusters_of, route
 from bdc.jsonl import atomic_open, details_path, read_jsonl, write_metrics
+from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
 from bdc.runtime import state_dir
 
@@ -52,6 +53,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         clusters_dir / artifacts.ASSIGNMENTS, dict)))
     k = len(data) - 1
     experts_names = [expert_name(c) for c in range(k)]
+    ensure(params)  # the packaged real models its settings name, converted once
     with stage_run("experts", {"experts": s.model_dump(), "seed": params.seed},
                    params.profile, doc=__doc__) as tracked:
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")

@@ -12,6 +12,7 @@ from bdc.boost.exploration import DERIVED, explore
 from bdc.boost.records import SANDBOX_NEUTRAL, per_family
 from bdc.config import Params
 from bdc.jsonl import details_path, write_metrics
+from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
 from bdc.sandbox import Sandbox
 
@@ -27,6 +28,7 @@ def run(params: Params, problems_path: Path, out_dir: Path, metrics_path: Path,
     from bdc.tracking import stage_run
 
     problems = read_problems(problems_path)
+    ensure(params)  # the packaged real models its settings name, converted once
     with stage_run("explore", {"explore": params.explore.model_dump(), "seed": params.seed,
                                "sandbox": params.sandbox.model_dump(exclude=SANDBOX_NEUTRAL)},
                    params.profile, doc=__doc__) as tracked, \

@@ -295,3 +295,32 @@ def test_a_missing_adapter_is_one_error_naming_its_folder(tmp_path, base):
         assert isinstance(caught.value, BDCError)  # the command line: one line, exit 2
         assert str(tmp_path) in str(caught.value) and "dvc repro experts" in str(caught.value)
         assert caught.value.__cause__ is None and caught.value.__context__ is None
+
+
+def test_the_loss_on_loss_tokens_only_is_the_model_s_own_loss(base):
+    """The experts' trainer computes the LM head on the loss tokens only (the speed-up on
+    real models, benchmarks/bench_lora.py): its loss and gradients must be the model's own
+    (shifted labels, -100 ignored; summed over num_items_in_batch when Trainer gives it)."""
+    import torch
+
+    from bdc.disentangle.experts import Collator, ExpertSet, loss_tokens_loss, tokenize
+
+    s = settings(base=base)
+    experts = ExpertSet(base, s, "mini")
+    experts.add("a", 0)
+    batch = Collator(experts.tokenizer.pad_token_id)(
+        tokenize(records()[:3], experts.tokenizer, experts.template, s.max_length))
+    grads = []
+    for loss_of in (lambda: experts.peft(**batch).loss,
+                    lambda: loss_tokens_loss(experts.peft, batch),
+                    lambda: experts.peft(**batch, num_items_in_batch=7).loss,
+                    lambda: loss_tokens_loss(experts.peft, batch, 7)):
+        experts.peft.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in experts.peft.parameters()
+                                      if p.requires_grad]))
+    for (own, own_grads), (ours, our_grads) in (grads[:2], grads[2:]):
+        assert torch.allclose(own, ours, rtol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+                   for a, b in zip(own_grads, our_grads, strict=True))

@@ -96,6 +96,28 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def loss_tokens_loss(model, inputs: dict, num_items_in_batch=None):
+    """The causal LM loss with the LM head on the positions that carry loss only: a real
+    model's head (SmolLM2: 49k-vocabulary logits per token) is a large share of every
+    forward and backward, and the prompt's logits were computed only to be ignored. The same
+    loss as the model's own (shifted labels, -100 ignored, summed over the accumulated
+    batch's loss tokens when ``num_items_in_batch`` is given, else their mean)."""
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=inputs["input_ids"],
+                                attention_mask=inputs.get("attention_mask")).last_hidden_state
+    target = inputs["labels"][:, 1:]
+    keep = target != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if cap:  # Gemma's logits pass through tanh: the same here
+        logits = cap * (logits / cap).tanh()
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits, target[keep])
+    return F.cross_entropy(logits, target[keep], reduction="sum") / num_items_in_batch
+
+
 def fingerprint(name: str, base: str, settings: ExpertsSettings, template: str,
                 rows: list[dict]) -> str:
     return digest({
@@ -204,10 +226,21 @@ def canonical_adapter_config(folder: Path) -> None:
 
 
 def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
-                  on_log: Callable[[str, int, float], None] | None = None) -> dict:
+                  on_log: Callable[[str, int, float], None] | None = None,
+                  callbacks: list | None = None) -> dict:
     """Train one named adapter with ``Trainer``, resuming from its checkpoint if one is
-    there; the training record (loss curve, seconds, data size)."""
+    there; the training record (loss curve, seconds, data size). ``callbacks``: extra
+    ``TrainerCallback``s (a benchmark's clock)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    class LossTokensTrainer(Trainer):
+        """Trainer, with the LM head computed on the loss tokens only (see
+        :func:`loss_tokens_loss`)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            loss = loss_tokens_loss(model, inputs, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
 
     s = experts.settings
     experts.peft.set_adapter(name)  # only this adapter is trainable
@@ -222,8 +255,9 @@ def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
         seed=s.seed, data_seed=s.seed, report_to=[], disable_tqdm=True,
         bf16=device_and_dtype(s)[1] == "bfloat16", use_cpu=experts.device == "cpu",
         dataloader_num_workers=0, remove_unused_columns=False)
-    trainer = Trainer(model=experts.peft, args=args, train_dataset=rows,
-                      data_collator=Collator(experts.tokenizer.pad_token_id))
+    trainer = LossTokensTrainer(model=experts.peft, args=args, train_dataset=rows,
+                                data_collator=Collator(experts.tokenizer.pad_token_id),
+                                callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # the losses go to MLflow, not stdout
     resume = any(work.glob("checkpoint-*"))
     started = time.perf_counter()

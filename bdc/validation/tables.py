@@ -23,7 +23,6 @@ the file, the line and the field, since no table can be built from it.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import re
@@ -35,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bdc import artifacts
 from bdc.jsonl import RecordError, describe_invalid, read_jsonl
+from bdc.llm.prompts import parses
 from bdc.problems.format import CallTest, Problem, StdioTest, read_problems
 
 _WORD = re.compile(r"\w+")
@@ -54,14 +54,6 @@ def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     if len(words) < n:
         return {tuple(words)} if words else set()
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-def parses(program: str) -> bool:
-    try:
-        ast.parse(program)
-    except (SyntaxError, ValueError):
-        return False
-    return True
 
 
 def record_text(row: dict) -> str:

@@ -344,25 +344,70 @@ def test_stopping_bdc_serve_leaves_no_process(serving):
     assert list((server.root / "var/logs").glob("vllm-base-*.log"))
 
 
+def random_experts(base: str, folder: Path, names: list[str]) -> None:
+    """LoRA adapters on ``base`` (q,v r 4) with random, seeded B: experts that change the
+    model's output without training, to check that an engine applies them."""
+    from peft import LoraConfig, get_peft_model
+
+    from bdc.llm.loading import load_causal_lm
+
+    model, _ = load_causal_lm(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft.add_adapter(name, config)
+    generator = torch.Generator().manual_seed(0)
+    for key, param in peft.named_parameters():
+        if "lora_B" in key:
+            param.data = 0.05 * torch.randn(param.shape, generator=generator)
+    for name in names:  # PEFT saves a named adapter in folder/<name>
+        peft.save_pretrained(folder, selected_adapters=[name])
+        assert (folder / name / "adapter_config.json").exists()
+
+
 def test_the_packaged_smollm2_greedy_on_vllm_equals_transformers(smollm2, vllm_python,
-                                                                   monkeypatch):
+                                                                   monkeypatch, tmp_path):
     """A real pretrained model (SmolLM2-135M-Instruct, 30 layers, a 49k vocabulary, its
     chat template) served by vLLM under its packaged name: greedy fp32 programs and plans
-    equal transformers' on the same prompts (held on this CPU; the System-1 parse of
-    zero-shot replies in between)."""
-    from bdc.llm.loading import load_causal_lm
+    equal transformers' on the same prompts, on the base, on each of two experts and on the
+    customized solver's folded adapter (held on this CPU; the System-1 parse of zero-shot
+    replies in between)."""
+    from bdc.customize.fold import FoldedCache
+    from bdc.customize.model import CustomizedModel
+    from bdc.disentangle.experts import load_adapters
+    from bdc.llm.loading import load_causal_lm, model_location
     from bdc.llm.system1 import ChatTemplate, solve, solve_served
     from bdc.problems import mini
 
     monkeypatch.setenv("BDC_PROJECT", str(smollm2))
+    name, experts = "smollm2-135m-instruct", ["e0", "e1"]
     texts = [p.prompt for p in mini.load(slice="test", limit=1).problems[:4]]
-    model, tokenizer = load_causal_lm("smollm2-135m-instruct")
+    n = len(texts)
+    model, tokenizer = load_causal_lm(name)
     template = ChatTemplate(tokenizer)
     hf = solve(model, tokenizer, template, texts, 48, 4)
     del model
-    real = VLLMSettings(python=vllm_python, max_model_len=1024, startup_timeout_s=300)
-    with VLLMServer("smollm2-135m-instruct", real, smollm2, "base", lora_rank=8) as server:
-        assert server.model == str(smollm2 / "var/models/smollm2-135m-instruct")
-        got, tokens = solve_served(server, template, texts, [None] * len(texts), 48)
+    random_experts(name, tmp_path / "experts", experts)
+    peft, _ = load_adapters(name, tmp_path / "experts", experts)
+    hf += solve(peft, tokenizer, template, texts * 2, 48, 8,
+                adapter_names=[e for e in experts for _ in range(n)])
+    customized = CustomizedModel.from_experts(peft, experts, "all", None, 4, 8,
+                                              "expert_softmax")
+    generator = torch.Generator().manual_seed(0)
+    for mlp in customized.router.mlps.values():
+        mlp[2].weight.data = torch.randn(mlp[2].weight.shape, generator=generator)
+    z = torch.randn(1, 4, generator=generator).repeat(n, 1)  # one folded adapter for all
+    hf += solve(customized, tokenizer, template, texts, 48, 4, z=z)
+    cache = FoldedCache(customized, tmp_path / "folded", model_location(name), 0.01)
+    folded = Adapter(f"fold-{cache.key(z[:1])}", cache.adapter(z[:1]))
+    del peft, customized
+    real = VLLMSettings(python=vllm_python, max_model_len=1024, startup_timeout_s=300,
+                        max_loras=3, max_cpu_loras=3)
+    with VLLMServer(name, real, smollm2, "base", lora_rank=cache.max_lora_rank) as server:
+        assert server.model == str(smollm2 / "var/models" / name)
+        adapters = [None] * n + [Adapter(e, tmp_path / "experts" / e) for e in experts
+                                 for _ in range(n)] + [folded] * n
+        got, tokens = solve_served(server, template, texts * 4, adapters, 48)
     assert got == hf and all(t > 0 for t in tokens)
-    assert sum(bool(program) for _, program in hf) >= 2  # real code came out to compare
+    assert sum(bool(program) for _, program in hf[:n]) >= 2  # real code to compare
+    assert len({repr(hf[i * n:(i + 1) * n]) for i in range(4)}) >= 3  # adapters applied

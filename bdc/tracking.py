@@ -57,9 +57,12 @@ def setup(root: Path | None = None) -> str:
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's and MLflow's many error types
         store = uri.removeprefix("sqlite:///")
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise StoreUnreadable(
-            f"{store}: the MLflow store cannot be read ({str(exc).splitlines()[0]}); move it "
-            "aside to start a new one, or set MLFLOW_TRACKING_URI") from None
+            f"{store}: the MLflow store cannot be read ({why}). A damaged database file "
+            "(e.g. 'database disk image is malformed') can be moved aside to start a new "
+            "one; a locked, outdated or unreachable store needs its own fix, or set "
+            "MLFLOW_TRACKING_URI") from None
     if experiment is None:
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # lost a creation race
             mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
@@ -68,9 +71,19 @@ def setup(root: Path | None = None) -> str:
     return experiment.experiment_id
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace: containers sharing a host name and a store number
+    their processes apart, so a pid alone names no process outside its namespace."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "unknown"
+
+
 def owner_tags() -> dict[str, str]:
     """The process that holds a run open, as tags: what :func:`end_orphans` checks."""
-    return {"bdc.host": socket.gethostname(), "bdc.pid": str(os.getpid())}
+    return {"bdc.host": socket.gethostname(), "bdc.pid": str(os.getpid()),
+            "bdc.pid_namespace": _pid_namespace()}
 
 
 def _gone(pid: int) -> bool:
@@ -84,17 +97,20 @@ def _gone(pid: int) -> bool:
 
 
 def end_orphans(experiment_id: str) -> list[str]:
-    """Mark KILLED the runs left RUNNING by a process of this machine that is gone (a stage
-    killed with -9, a lost session): MLflow kept them RUNNING forever. Runs of other machines,
-    and runs whose process lives, are left alone. The ids ended."""
+    """Mark KILLED the runs left RUNNING by a process of this machine (host and PID
+    namespace) that is gone (a stage killed with -9, a lost session): MLflow kept them
+    RUNNING forever. Runs of other machines or containers, and runs whose process lives, are
+    left alone. The ids ended."""
     from mlflow.tracking import MlflowClient
 
-    client, host, ended = MlflowClient(), socket.gethostname(), []
+    client, ended = MlflowClient(), []
+    host, namespace = socket.gethostname(), _pid_namespace()
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'",
                                   max_results=1000):
         tags = run.data.tags
         pid = tags.get("bdc.pid", "")
-        if tags.get("bdc.host") == host and pid.isdigit() and _gone(int(pid)):
+        if tags.get("bdc.host") == host and tags.get("bdc.pid_namespace") == namespace \
+                and pid.isdigit() and _gone(int(pid)):
             client.set_tag(run.info.run_id, "bdc.ended", f"its process (pid {pid}) was gone "
                            "when a later run started: killed")
             client.set_terminated(run.info.run_id, status="KILLED")

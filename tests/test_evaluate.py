@@ -106,6 +106,8 @@ def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
     are kept and restored (their generation is not called again), the unfinished one is
     generated, and the result equals an uninterrupted run's; a damaged chunk is generated
     again with a warning naming its file."""
+    import time
+
     from bdc.config import SandboxSettings
     from bdc.evaluate.runner import Runner
     from bdc.problems import mini
@@ -135,6 +137,12 @@ def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
             return runner.finish(), runner.reused
 
     whole, _ = evaluation(None)
+    # a model's loading is not generation time (it was split over the first chunk's rows)
+    with Sandbox(SandboxSettings(workers=1)) as sandbox:
+        runner = Runner({p.id: p for p in problems}, sandbox)
+        runner.generate([("a", p.id) for p in problems], 0, run_of("a"), chunk="a",
+                        load=lambda: time.sleep(1.0))
+        assert sum(o.seconds for o in runner.finish()) < 0.5
     with pytest.raises(RuntimeError):
         evaluation(tmp_path, fail=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # b never looked done

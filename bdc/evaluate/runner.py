@@ -122,16 +122,21 @@ class Runner:
         write_jsonl(self._chunk(chunk), [asdict(r) for r in rows])
 
     def generate(self, labels: list[tuple[str, str]], seed: int,
-                 run: Callable[[Callable], None], chunk: str) -> None:
+                 run: Callable[[Callable], None], chunk: str,
+                 load: Callable[[], object] | None = None) -> None:
         """``labels``: (solver, problem id) per row; ``run(on_batch)`` generates them in
         order, calling ``on_batch(start, results, tokens)`` per batch. A ``chunk`` a run
-        already finished is restored instead (``run`` is not called)."""
+        already finished is restored instead (neither ``load`` nor ``run`` is called).
+        ``load()`` readies the model first, outside the clock: the seconds per solver are
+        generation's alone, whichever chunks a resumed run restored."""
         restored = self._restore(chunk, labels, seed) if self.finished(chunk) else None
         if restored is not None:
             self.outcomes += restored
             self.reused.append(chunk)
             log.info("evaluate: %s reused (finished by an earlier run)", chunk)
             return
+        if load is not None:
+            load()
         clock = [time.perf_counter()]
         mine: list[Outcome] = []
         scored: list[Future] = []
@@ -149,22 +154,27 @@ class Runner:
         try:
             run(on_batch)
         except BaseException:
-            self._settle()  # what finished before the failure is kept, not lost with it
+            # what finished before the failure is kept, not lost with it; and no scoring
+            # of this chunk outlives the sandbox the caller closes next
+            self._settle(scored)
             raise
         self.outcomes += mine
         self._pending += scored
         if self.folder is not None:
             self._pending.append(self._pool.submit(self._keep, chunk, mine, scored))
 
-    def _settle(self) -> None:
-        for future in self._pending:
+    def _settle(self, scored: list[Future]) -> None:
+        for future in [*self._pending, *scored]:
             if not future.done():
                 future.exception()  # waits; the failure being raised is the one to report
+        self._pool.shutdown()
 
     def finish(self) -> list[Outcome]:
-        for future in self._pending:
-            future.result()
-        self._pool.shutdown()
+        try:
+            for future in self._pending:
+                future.result()
+        finally:
+            self._pool.shutdown(cancel_futures=True)
         return self.outcomes
 
 

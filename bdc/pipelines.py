@@ -2,9 +2,12 @@
 
 DVC reads a pipeline only from a ``dvc.yaml`` file, and its templating cannot drop a stage or
 move every output under another folder, so a profile other than mini is generated: the
-paper profile's ``paper/dvc.yaml`` is dvc.yaml's stages without ``pretrain`` (its agents are
-API or vLLM-served models, its base a hub model), run at the project root (``wdir: ..``) with
-``paper/params.yaml``, outputs under ``paper/data``, and no dependency on the tiny models.
+small and paper profiles' ``small/dvc.yaml`` and ``paper/dvc.yaml`` are dvc.yaml's stages
+without ``pretrain`` (their agents and base are real pretrained models), run at the project
+root (``wdir: ..``) with the profile's ``params.yaml``, outputs under its ``data/``, and no
+dependency on the tiny models. The small profile's models are packaged ones named in its
+``models:`` section, so the stages that load them also depend on those settings (a changed
+model re-runs them).
 ``bdc pipelines write`` rewrites the generated files; ``--check`` (and a test) fails when a
 committed one differs, so they cannot drift from dvc.yaml.
 """
@@ -17,7 +20,10 @@ from typing import Any
 import yaml
 
 # profile -> (its folder, the stages it has not: dvc.yaml's others)
-DERIVED = {"paper": ("paper", ("pretrain",))}
+DERIVED = {"small": ("small", ("pretrain",)), "paper": ("paper", ("pretrain",))}
+# profile -> {stage: params it reads beyond dvc.yaml's}
+EXTRA_PARAMS = {"small": {s: ["models"] for s in ("explore", "experts", "customize",
+                                                   "evaluate")}}
 HEADER = """\
 # GENERATED from dvc.yaml by `bdc pipelines write`: edit dvc.yaml, then run it (a test fails
 # while this file differs). The {profile} profile's pipeline: dvc.yaml's stages but
@@ -39,9 +45,9 @@ def _entries(entries: list, folder: str) -> list:
             {_moved(k, folder): v for k, v in e.items()} for e in entries]
 
 
-def derived_stages(stages: dict[str, Any], folder: str, dropped: tuple[str, ...]
-                   ) -> dict[str, Any]:
-    """A profile's stages, given dvc.yaml's."""
+def derived_stages(stages: dict[str, Any], folder: str, dropped: tuple[str, ...],
+                   extra: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """A profile's stages, given dvc.yaml's (``extra``: more params of some stages)."""
     out = {}
     for name, stage in stages.items():
         if name in dropped:
@@ -50,7 +56,8 @@ def derived_stages(stages: dict[str, Any], folder: str, dropped: tuple[str, ...]
         new: dict[str, Any] = {"wdir": "..", "cmd": f"{cmd} --params {folder}/params.yaml",
                                "deps": [_moved(d, folder) for d in stage["deps"]
                                         if not d.startswith("data/models/")],
-                               "params": [{f"{folder}/params.yaml": stage["params"]}]}
+                               "params": [{f"{folder}/params.yaml": [
+                                   *stage["params"], *(extra or {}).get(name, [])]}]}
         for key in ("outs", "metrics", "plots"):
             if key in stage:
                 new[key] = _entries(stage[key], folder)
@@ -62,7 +69,8 @@ def render(root: Path, profile: str) -> str:
     """The text of ``profile``'s generated dvc.yaml."""
     folder, dropped = DERIVED[profile]
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    body = yaml.safe_dump({"stages": derived_stages(stages, folder, dropped)},
+    body = yaml.safe_dump({"stages": derived_stages(stages, folder, dropped,
+                                                    EXTRA_PARAMS.get(profile))},
                           sort_keys=False, width=100)
     return HEADER.format(profile=profile, folder=folder,
                          dropped=", ".join(f"`{d}`" for d in dropped)) + body

@@ -30,7 +30,7 @@ OFFLINE_SWITCHES = {
 
 
 # each profile's pipeline folder, relative to the project root (see pipeline_folder)
-PROFILES = MappingProxyType({"mini": Path("."), "paper": Path("paper")})
+PROFILES = MappingProxyType({"mini": Path("."), "small": Path("small"), "paper": Path("paper")})
 
 
 def project_root(start: Path | None = None) -> Path:
@@ -52,8 +52,9 @@ def project_root(start: Path | None = None) -> Path:
 def pipeline_folder(profile: str) -> Path:
     """Where a profile's pipeline lives, relative to the project root: its ``dvc.yaml``,
     ``params.yaml`` and ``data/`` (the DVC outputs). The mini pipeline is the project's
-    own; the paper pipeline is ``paper/`` (its stages run at the root, ``wdir: ..``, so both
-    share the code, ``gx/`` suites, ``var/`` state and MLflow store)."""
+    own; the small and paper pipelines are ``small/`` and ``paper/`` (their stages run at
+    the root, ``wdir: ..``, so all share the code, ``gx/`` suites, ``var/`` state and MLflow
+    store)."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r}: one of {', '.join(PROFILES)}")
     return PROFILES[profile]

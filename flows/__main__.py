@@ -1,4 +1,4 @@
-"""``python -m flows [FLOW] [--profile mini|paper]``: run a flow (pipeline or a stage) on
+"""``python -m flows [FLOW] [--profile mini|small|paper]``: run a flow (pipeline or a stage) on
 ephemeral Prefect.
 
 Prefect reads PREFECT_HOME when it is imported, so the project's environment (state under
@@ -15,8 +15,8 @@ from bdc.runtime import configure_environment
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m flows")
     parser.add_argument("flow", nargs="?", default="pipeline")
-    parser.add_argument("--profile", choices=["mini", "paper"], default="mini",
-                        help="mini: dvc.yaml, params.yaml; paper: paper/dvc.yaml")
+    parser.add_argument("--profile", choices=["mini", "small", "paper"], default="mini",
+                        help="mini: dvc.yaml, params.yaml; small: small/; paper: paper/")
     args = parser.parse_args()
     configure_environment()
     from flows.pipeline import pipeline

@@ -36,7 +36,7 @@ from flows import runs
 # (tests/test_flows.py checks it against dvc.yaml; paper/dvc.yaml has them but pretrain).
 Stage = Literal[artifacts.STAGES]  # Literal[("a", "b")] is Literal["a", "b"]
 STAGES: tuple[str, ...] = get_args(Stage)
-Profile = Literal["mini", "paper"]
+Profile = Literal["mini", "small", "paper"]
 
 
 class StageFailed(RuntimeError):
@@ -176,7 +176,8 @@ def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = Fa
         stage: the DVC stage to run (of the profile's dvc.yaml)
         parent_run_id: the MLflow run to nest the stage's run under (the pipeline sets it)
         single: run only this stage, not the stale stages before it
-        profile: mini (dvc.yaml, params.yaml) or paper (paper/dvc.yaml, paper/params.yaml)
+        profile: mini (dvc.yaml, params.yaml), small (small/: packaged real LLMs on CPU)
+            or paper (paper/dvc.yaml, paper/params.yaml)
     """
     root = _project()
     orchestration = _params(root, profile).orchestration
@@ -195,8 +196,9 @@ def pipeline(stages: list[Stage] | None = None, profile: Profile = "mini") -> li
     Args:
         stages: run only these stages, in the pipeline's order (empty: every stage); each
             runs only if DVC finds it stale
-        profile: mini (dvc.yaml, params.yaml) or paper (paper/dvc.yaml, paper/params.yaml:
-            real benchmarks and models, no pretrain, GPU stages on the gpu pool)
+        profile: mini (dvc.yaml, params.yaml), small (small/: packaged real LLMs on CPU)
+            or paper (paper/dvc.yaml, paper/params.yaml: real benchmarks and models, no
+            pretrain, GPU stages on the gpu pool)
     """
     root = _project()
     params = _params(root, profile)

@@ -15,7 +15,7 @@ def prepare(profile: Profile = "mini") -> dict:
     """Stage prepare: the explore and test problem pools.
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("prepare", profile=profile)
 
@@ -25,7 +25,7 @@ def pretrain(profile: Profile = "mini") -> dict:
     """Stage pretrain (mini profile): the tiny agents and base model, with competence.
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("pretrain", profile=profile)
 
@@ -35,7 +35,7 @@ def explore(profile: Profile = "mini") -> dict:
     """Stage explore (Boost): MC-Tree-of-Agents over the explore problems.
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("explore", profile=profile)
 
@@ -45,7 +45,7 @@ def validate(profile: Profile = "mini") -> dict:
     """Stage validate: Great Expectations over the explored data (stops a failing run).
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("validate", profile=profile)
 
@@ -55,7 +55,7 @@ def disentangle(profile: Profile = "mini") -> dict:
     """Stage disentangle: embed and cluster the validated SFT data.
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("disentangle", profile=profile)
 
@@ -65,7 +65,7 @@ def experts(profile: Profile = "mini") -> dict:
     """Stage experts: a LoRA per cluster and on all data, merges, Arrow (GPU in paper).
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("experts", profile=profile)
 
@@ -75,7 +75,7 @@ def customize(profile: Profile = "mini") -> dict:
     """Stage customize: the input-aware hypernetwork over the experts (GPU in paper).
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("customize", profile=profile)
 
@@ -85,6 +85,6 @@ def evaluate(profile: Profile = "mini") -> dict:
     """Stage evaluate: every solver on the hidden tests, the claims in one table.
 
     Args:
-        profile: mini (dvc.yaml) or paper (paper/dvc.yaml)
+        profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
     return stage_flow("evaluate", profile=profile)

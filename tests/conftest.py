@@ -33,9 +33,11 @@ def pytest_configure(config: pytest.Config) -> None:
 # last and leaves one worker running alone (measured: ~1 min at the end). test_flows trains
 # the session's ci models (~100 s on its one thread); the modules that need none of them run
 # next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s);
-# test_packaged first among them, as it converts the SmolLM2 that test_vllm serves.
-FIRST = ("test_flows", "test_packaged", "test_agents", "test_sandbox_hostile", "test_models",
-         "test_tracking", "test_cli", "test_explore_hardening", "test_problems",
+# test_packaged first among them, as it converts the SmolLM2 that test_vllm serves. The small
+# pipeline's end-to-end run (real models, ~8 min on one worker) starts before all of them.
+FIRST = ("test_small_pipeline", "test_flows", "test_packaged", "test_agents",
+         "test_sandbox_hostile", "test_models", "test_tracking", "test_cli",
+         "test_explore_hardening", "test_problems",
          "test_tree_of_agents", "test_paper_pipeline", "test_explore", "test_ui", "test_vllm",
          "test_customize", "test_dvc_pipeline", "test_validate", "test_mini",
          "test_disentangle")
@@ -147,11 +149,13 @@ def make_project_copy(dest: Path) -> Path:
     for rel in git("ls-files", "--cached", "--others", "--exclude-standard",
                    cwd=ROOT).splitlines():
         src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/", "paper/data/")):  # regenerated
+        if src.is_file() and not rel.startswith(("data/", "paper/data/", "small/data/")):
+            # (outputs: regenerated)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
-    (dest / "paper" / "dvc.lock").unlink(missing_ok=True)
+    for profile in ("paper", "small"):
+        (dest / profile / "dvc.lock").unlink(missing_ok=True)
     git("init", "-q", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "copy", cwd=dest)
@@ -283,10 +287,20 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 def prepare_smollm2(root: Path) -> Path:
+    return prepare_packaged(root, "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3(tmp_path_factory) -> Path:
+    """The packaged Gemma 3 270M, prepared once per run (as ``smollm2``)."""
+    return shared(tmp_path_factory, "gemma3", lambda root: prepare_packaged(
+        root, "gemma-3-270m"))
+
+
+def prepare_packaged(root: Path, name: str) -> Path:
     from bdc.config import load_params
     from bdc.llm.packaged import prepare
 
-    name = "smollm2-135m-instruct"
     prepare(name, load_params(ROOT / "params.yaml").models[name], root=root,
             cache=ROOT / "var" / "packages")
     return root

@@ -14,6 +14,7 @@ import pytest
 
 from bdc.boost.agents.llm import (
     ChatStyle,
+    CompletionStyle,
     LLMAgent,
     MiniStyle,
     Sampling,
@@ -370,3 +371,50 @@ def test_vllm_backend_when_installed(tiny):
     gens = asyncio.run(backend.generate(Request("### Problem\n", n=2, temperature=0.8,
                                                 max_tokens=8, seed=1, logprobs=True)))
     assert len(gens) == 2 and all(g.tokens >= 1 for g in gens)
+
+
+# ----------------------------------------------------------------------------- completion style
+
+def _gen(text: str, logprob: float | None = -1.0, tokens: int = 4) -> Generation:
+    return Generation(text=text, tokens=tokens, logprob=logprob)
+
+
+def test_the_completion_style_gives_a_base_model_a_docstring_a_plan_and_a_header():
+    """A base model (Gemma 3 270M) follows no instruction and writes no JSON: it continues
+    a docstring, numbered plan comments and the function's header, and the program is cut
+    where the function ends (it keeps writing more functions: measured)."""
+    style, s = CompletionStyle("step"), Sampling(thought_tokens=40, program_tokens=80)
+    proposal = style.propose(VIEW, ["Take x."], 2, s, 0)
+    assert proposal.prompt == '"""Add one.\n\n>>> f(1)\n2\n"""\n# Plan:\n# 1. Take x.\n# 2.'
+    assert proposal.stop == ("\n",) and proposal.logprobs and not proposal.chat
+    reply = style.parse_proposals([_gen(" Add one to it.", -0.4, 4), _gen("  "),
+                                   _gen(" def f(x):")], 2)
+    assert [t.text for t in reply.thoughts] == ["Add one to it."]
+    assert reply.thoughts[0].prior == pytest.approx(0.9048, abs=1e-4)
+    assert style.parse_proposals([_gen("def f(x):")], 2).done  # code, not a plan line
+    write = style.write(VIEW, ["Add one."], 1, s, 0)
+    assert write.prompt.endswith("# Plan:\n# 1. Add one.\ndef f(")
+    program, chain = style.parse_program(
+        "x):\n    return x + 1\n\n\ndef g(y):\n    return y\nprint(f(1))", False, VIEW)
+    assert program == "def f(x):\n    return x + 1\n" and chain == []
+    assert style.parse_program("x):\n", False, VIEW)[0] is None  # no body: no program
+
+
+def test_the_completion_style_continues_a_code_prompt_as_gemma_does(humaneval_data):
+    """A HumanEval prompt is already the function's head: the model writes the body; the
+    program is the prompt (its imports) and the body, without what Gemma wrote after it
+    (a real continuation, tests/fixtures/real_samples.jsonl)."""
+    from bdc.llm.prompts import parses
+
+    sample = next(json.loads(line) for line in (Path(__file__).parent / "fixtures"
+                  / "real_samples.jsonl").read_text().splitlines()
+                  if '"gemma-3-270m"' in line and '"HumanEval/0"' in line)
+    view = next(p for p in humaneval_data.problems if p.id == "HumanEval/0").public_view()
+    style = CompletionStyle("step")
+    assert style.propose(view, [], 2, Sampling(), 0).prompt.endswith('"""\n    # Plan:\n    # 1.')
+    write = style.write(view, ["Compare every pair."], 1, Sampling(), 0)
+    assert write.prompt.startswith("# Plan:\n# 1. Compare every pair.\nfrom typing import List")
+    program, _ = style.parse_program(sample["completion"], False, view)
+    assert program.startswith("from typing import List") and parses(program)
+    assert "is_close_to_threshold" not in program and "return True" in program
+    assert style.parse_program("\n\ndef other():\n    pass\n", False, view)[0] is None

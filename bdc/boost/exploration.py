@@ -38,12 +38,12 @@ from bdc.boost.records import (
 )
 from bdc.boost.training_data import preference_pairs, sft_records
 from bdc.boost.tree_of_agents import Search, Tree
-from bdc.config import AgentSettings, ExploreSettings, Params
+from bdc.config import AgentSettings, ExploreSettings, Params, VLLMSettings
 from bdc.errors import BDCError
 from bdc.jsonl import atomic_open, write_jsonl
 from bdc.llm.base import Backend
 from bdc.problems.format import Problem, PublicView
-from bdc.runtime import cpu_cores
+from bdc.runtime import cpu_cores, project_root
 from bdc.sandbox import Execution, ExecutionResult, Sandbox
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,17 @@ class PromptTooLong(BDCError):
 
 # ----------------------------------------------------------------------------- agents
 
-def make_backend(spec: AgentSettings) -> Backend:
+def make_backend(spec: AgentSettings, vllm: VLLMSettings | None = None,
+                 beside_others: bool = False) -> Backend:
+    """``spec``'s backend; ``served`` starts its vLLM server now (``vllm``'s settings;
+    ``beside_others``: other servers share the cores)."""
     from bdc.llm import backends
 
+    if spec.backend == "served":
+        from bdc.llm.vllm_server import ServedBackend
+
+        return ServedBackend(spec.model, vllm or VLLMSettings(), project_root(),
+                             beside_others)
     if spec.backend == "hf":
         return backends.HFBackend(spec.model, spec.batch_size, spec.device, spec.dtype)
     if spec.backend == "vllm":
@@ -76,17 +84,19 @@ def make_backend(spec: AgentSettings) -> Backend:
         max_n_per_request=spec.max_n_per_request, supports_seed=spec.supports_seed))
 
 
-def make_agents(agents: dict[str, AgentSettings], cpu_threads: int | None = None
-                ) -> list[Agent]:
-    """One agent per configured name, in order; agents on the same model share its backend."""
+def make_agents(agents: dict[str, AgentSettings], cpu_threads: int | None = None,
+                vllm: VLLMSettings | None = None) -> list[Agent]:
+    """One agent per configured name, in order; agents on the same model share its backend
+    (one server per model for ``served`` agents)."""
     from bdc.boost.agents.llm import STYLES, LLMAgent, Sampling
 
     shared: dict[tuple, Backend] = {}
     made = []
+    served = {s.model for s in agents.values() if s.backend == "served"}
     for name, spec in agents.items():
         key = (spec.backend, spec.model, spec.base_url, spec.device)
         if key not in shared:
-            shared[key] = make_backend(spec)
+            shared[key] = make_backend(spec, vllm, len(served) > 1)
         made.append(LLMAgent(name, shared[key], STYLES[spec.style](spec.thought),
                              Sampling(spec.temperature, spec.thought_tokens,
                                       spec.program_tokens), tuple(spec.roles)))
@@ -186,7 +196,7 @@ def search_shard(problems: list[Problem], params: Params, prints: dict[str, str]
         got[problem.id] = record
 
     with Sandbox(params.sandbox) as sandbox:
-        agents = make_agents(settings.agents, settings.cpu_threads)
+        agents = make_agents(settings.agents, settings.cpu_threads, params.vllm)
         asyncio.run(closing(agents, search_records(problems, agents, params, sandbox, prints,
                                                    collect)))
     return [got[p.id] for p in problems]
@@ -279,8 +289,8 @@ def explore(params: Params, problems: list[Problem], out_dir: Path, sandbox: San
     if todo and settings.cluster.address:
         search_on_cluster(params, todo, prints, keep)
     elif todo:
-        agents = agents if agents is not None else make_agents(settings.agents,
-                                                               settings.cpu_threads)
+        agents = agents if agents is not None else make_agents(
+            settings.agents, settings.cpu_threads, params.vllm)
         asyncio.run(closing(agents, search_records(todo, agents, params, sandbox, prints,
                                                    keep)))
     if len(failed) > settings.max_failed_share * len(problems):

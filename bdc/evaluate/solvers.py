@@ -76,7 +76,8 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
         if path and (kept := restore_json(path)) is not None:
             return kept
         if not agents:
-            made = make_agents(params.explore.agents, params.explore.cpu_threads)
+            made = make_agents(params.explore.agents, params.explore.cpu_threads,
+                               params.vllm)
             agents.update({a.name: a for a in made})
         run = await run_method(Method("system2", "tree", tuple(agents[n] for n in members)),
                                test, params.explore, sandbox, seed)

@@ -95,3 +95,15 @@ def function_body(continuation: str) -> str:
     and then keeps going with more functions."""
     match = _TOP_LEVEL.search(continuation)
     return continuation if match is None else continuation[:match.start()]
+
+
+def body_written(code: str, entry_point: str | None) -> bool:
+    """Whether ``code`` (which parses) defines ``entry_point`` with more than a docstring or
+    ``pass``: a completion model that stopped at once left only the prompt's stub."""
+    if not entry_point:
+        return True
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.FunctionDef) and node.name == entry_point:
+            return any(not (isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(
+                s.value, ast.Constant))) for s in node.body)
+    return False

@@ -17,6 +17,14 @@ waves the last slot holds one again (measured: 3-4 of 8 base rows ran an unloade
 On a server with adapters, :meth:`VLLMServer.run` therefore never sends a request without
 one: the base model is served as a *zero adapter* (B = 0, so its delta is exactly zero and
 its tokens equal the base's), and no token ever carries index -1.
+
+A second one: when the scheduler splits a prompt across steps (chunked prefill, the default
+once the prompts in flight exceed a step's token budget), the model runner rewinds each
+seeded request's random generator (``gen.set_offset(gen.get_offset() - 4)``), which a CPU
+generator refuses ("CPU Generator does not use offset"): the engine dies and every request
+after gets HTTP 500 (measured: the small profile's agents, 24 chat prompts of ~400 tokens,
+at the first step). Servers start with chunked prefill off (``vllm.chunked_prefill``) and a
+step budget of one whole sequence, so no prompt is ever split.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pathlib import Path
 from bdc.config import VLLMSettings
 from bdc.errors import BDCError
 from bdc.llm.backends import HTTPSettings, OpenAIBackend
-from bdc.llm.base import Completion, Request
+from bdc.llm.base import Backend, Completion, Request
 from bdc.processes import ServiceError, log_tail, stop_groups, wait_http
 from bdc.runtime import configure_environment, state_dir
 
@@ -93,11 +101,21 @@ class VLLMServer:
 
     Use as a context manager (or :meth:`start` / :meth:`stop`). ``lora_rank``: serve LoRA
     adapters up to this rank (vLLM's ``max_lora_rank``, which takes only its own list of
-    values: :func:`bdc.customize.config.max_lora_rank` computes it)."""
+    values: :func:`bdc.customize.config.max_lora_rank` computes it).
+
+    ``beside_others``: other vLLM servers share this machine's cores. vLLM's CPU engine
+    binds its OpenMP threads to the cores and lets them spin while they wait; two such
+    servers on 2 cores starved each other (measured, SmolLM2 and Gemma 3 answering 12 agent
+    requests each at once: 235-250 s, against 27 s for each server alone; each bound to a
+    core of its own: still 235 s). Unbound threads that sleep while they wait
+    (``OMP_WAIT_POLICY=PASSIVE``; vLLM then gives each one thread) took 73 s for both; two
+    threads each, 94 s. A server alone keeps vLLM's binding: there, one passive thread was 3x
+    slower (82 s against 27 s)."""
 
     def __init__(self, model: str | Path, settings: VLLMSettings, root: Path | None = None,
                  name: str = "model", lora_rank: int | None = None,
-                 port: int | None = None, host: str = "127.0.0.1") -> None:
+                 port: int | None = None, host: str = "127.0.0.1",
+                 beside_others: bool = False) -> None:
         from bdc.llm.loading import model_location
 
         self.model, self.settings, self.name = model_location(model), settings, name
@@ -107,6 +125,7 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
         self.log = state_dir(self.root) / "logs" / f"vllm-{name}-{self.port}.log"
         self.resident: set[str] = set()
+        self.beside_others = beside_others  # other servers share these cores
 
     @property
     def url(self) -> str:
@@ -153,6 +172,9 @@ class VLLMServer:
                "--seed", "0"]
         if s.max_model_len:
             cmd += ["--max-model-len", str(s.max_model_len)]
+        if not s.chunked_prefill:  # see the module's note on seeded requests
+            cmd += ["--no-enable-chunked-prefill", "--max-num-batched-tokens",
+                    str(s.max_model_len or self.model_config().max_position_embeddings)]
         if s.enforce_eager:
             cmd.append("--enforce-eager")
         if s.one_process:
@@ -173,6 +195,8 @@ class VLLMServer:
                "VLLM_CACHE_ROOT": str(var / "vllm"), "VLLM_LOGGING_LEVEL": "INFO"}
         if self.settings.one_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if self.beside_others:  # see the class's note
+            env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_WAIT_POLICY="PASSIVE")
         env.pop("PYTHONPATH", None)  # the server's environment is its own
         return env
 
@@ -302,3 +326,29 @@ class VLLMServer:
         finally:
             await client.aclose()
         return results
+
+
+class ServedBackend(Backend):
+    """An agent's model behind a vLLM server started for it (``backend: served``): the
+    OpenAI protocol to a local engine, as with an API agent, but the server is this stage's
+    own and stops with it (:meth:`aclose`). A server without adapters has no LoRA, so the
+    CPU LoRA bug above cannot reach it. ``beside_others``: other servers run on the same
+    cores (:func:`bdc.boost.exploration.make_agents`, agents on several models)."""
+
+    def __init__(self, model: str | Path, settings: VLLMSettings, root: Path,
+                 beside_others: bool = False) -> None:
+        super().__init__()
+        name = Path(str(model)).name or "model"
+        self.server = VLLMServer(model, settings, root, name,
+                                 beside_others=beside_others).start()
+        self.client = self.server.client()
+        self.usage = self.client.usage  # one count, the client's
+
+    async def generate(self, request: Request) -> Completion:
+        return await self.client.generate(request)
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        finally:
+            self.server.stop()

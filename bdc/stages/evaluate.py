@@ -64,8 +64,8 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         tracked.metrics({"reused_chunks": len(done.reused)})
         sampling = "greedy: the seeds draw the same programs, so std is 0 by construction" \
             if temperature is None else f"sampling at temperature {s.temperature}"
-        no_expert = sorted({str(p.meta.get("family")) for p in test
-                            if home and p.meta.get("family") not in home})
+        no_expert = sorted({str(p.meta["family"]) for p in test  # (HumanEval has none)
+                            if home and p.meta.get("family") and p.meta["family"] not in home})
         note = (f"{len(test)} test problems; hidden tests; {len(s.seeds)} seeds ({sampling}); "
                 "mean ± sample std over the seeds; tokens and seconds per seed."
                 + (" Generated on vLLM (Arrow on transformers: vLLM has no per-token "

@@ -65,7 +65,7 @@ def run(params: Params, problems_path: Path, out: Path, teams: list[str] | None 
             ensure_models(params, {n: c.models[n] for n in needed}, Path(c.models_dir),
                           problems_dir)
         flat = {name: s for team in chosen.values() for name, s in team.items()}
-        agents = {a.name: a for a in make_agents(flat, params.explore.cpu_threads)}
+        agents = {a.name: a for a in make_agents(flat, params.explore.cpu_threads, params.vllm)}
         teams_agents = {team: [agents[n] for n in members] for team, members in chosen.items()}
         temperatures = {name: s.temperature for name, s in flat.items()}
         summary = asyncio.run(closing(list(agents.values()), compare(

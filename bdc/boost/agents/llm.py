@@ -21,7 +21,16 @@ from dataclasses import dataclass
 
 from bdc.boost.agents.base import ROLES, Agent, Feedback, Reply, Thought
 from bdc.llm.base import Backend, Generation, Request, Usage
-from bdc.llm.prompts import CODE_HEADER, parse_steps, program_in, render, render_state
+from bdc.llm.prompts import (
+    CODE_HEADER,
+    body_written,
+    function_body,
+    parse_steps,
+    parseable_prefix,
+    program_in,
+    render,
+    render_state,
+)
 from bdc.problems.format import CallTest, PublicView, StdioTest
 
 
@@ -158,7 +167,8 @@ class MiniStyle:
         tokens = s.program_tokens + (s.thought_tokens * 3 if thoughts is None else 0)
         return Request(prompt, n=n, temperature=s.temperature, max_tokens=tokens, seed=seed)
 
-    def parse_program(self, text: str, free: bool) -> tuple[str | None, list[str]]:
+    def parse_program(self, text: str, free: bool, view: PublicView
+                      ) -> tuple[str | None, list[str]]:
         """The code, and (answering its own way) the thought lines written before it."""
         chain: list[str] = []
         if free:
@@ -248,9 +258,10 @@ class ChatStyle:
                    "solution in one ```python code block.")
         return self._ask(f"{self._problem(view)}\n\n{ask}", n, s.program_tokens, s, seed)
 
-    def parse_program(self, text: str, free: bool) -> tuple[str | None, list[str]]:
+    def parse_program(self, text: str, free: bool, view: PublicView
+                      ) -> tuple[str | None, list[str]]:
         """The code, and (answering its own way) the plan's steps written before it."""
-        code = program_in(text)
+        code = program_in(text, view.entry_point)
         chain = parse_steps(text.split("```", 1)[0]) if free else []
         return (code if code.strip() else None), chain
 
@@ -278,13 +289,112 @@ class ChatStyle:
             'with JSON only: {"thought": "...", "prior": 0.7}.', 1, s.thought_tokens, s, seed)
 
 
-STYLES: dict[str, Callable[[str], MiniStyle | ChatStyle]] = {"mini": MiniStyle, "chat": ChatStyle}
+class CompletionStyle:
+    """For base (not instruction-tuned) models, which continue text and follow no
+    instruction: the problem as a Python docstring, the plan as numbered comments, then the
+    function's header for the model to continue. A problem whose prompt is already code
+    (HumanEval's signature and docstring) is continued as it is, its plan commented inside
+    the body while it proposes, above the prompt when it writes. The program ends where the
+    function does (:func:`function_body`: a base model
+    keeps writing more functions). A thought is the next comment line, its prior the model's
+    per-token geometric-mean probability of it, as in the mini style; such a model reads no
+    feedback and merges nothing, so refinement resamples the thought."""
+
+    name = "completion"
+    can_merge = False
+    reads_feedback = False
+
+    def __init__(self, thought: str = "step") -> None:
+        self.plan = thought == "plan"
+
+    @staticmethod
+    def _is_code(view: PublicView) -> bool:
+        return bool(view.entry_point) and f"def {view.entry_point}(" in view.prompt
+
+    def _state(self, view: PublicView, thoughts: list[str]) -> str:
+        """The problem and the plan so far, up to where the next comment line starts."""
+        if self._is_code(view):
+            head, indent = view.prompt.rstrip() + "\n", "    "
+        else:
+            examples = "".join(
+                f">>> {view.entry_point}({', '.join(map(repr, t.input))})\n{t.output!r}\n"
+                for t in view.public_tests[:3] if isinstance(t, CallTest))
+            body = view.prompt.strip().replace('"""', "'''")
+            head = f'"""{body}\n\n{examples}"""\n' if examples else f'"""{body}\n"""\n'
+            indent = ""
+        return head + f"{indent}# Plan:\n" + "".join(
+            f"{indent}# {i}. {t}\n" for i, t in enumerate(thoughts, 1))
+
+    def _header(self, view: PublicView) -> str:
+        """Where the program starts: the model writes the rest of the function."""
+        if self._is_code(view) or view.kind != "function" or not view.entry_point:
+            return ""
+        return f"def {view.entry_point}("
+
+    def propose(self, view: PublicView, thoughts: list[str], width: int, s: Sampling,
+                seed: int) -> Request:
+        indent = "    " if self._is_code(view) else ""
+        return Request(self._state(view, thoughts) + f"{indent}# {len(thoughts) + 1}.",
+                       n=width, temperature=s.temperature, max_tokens=s.thought_tokens,
+                       stop=("\n",), seed=seed, logprobs=True)
+
+    def parse_proposals(self, gens: list[Generation], width: int) -> Reply:
+        thoughts = []
+        for g in gens:
+            text = g.text.strip()
+            if not text or text.startswith(("#", "def ", "import ", "return")):
+                continue  # the plan is over: code, not a comment
+            prior = math.exp(g.logprob / max(g.tokens, 1)) if g.logprob is not None \
+                else 1.0 / width
+            thoughts.append(Thought(text, float(f"{prior:.4g}")))
+        if not thoughts:
+            return Reply(done=True) if gens else Reply(fallback="no reply")
+        return Reply(thoughts=thoughts)
+
+    def write(self, view: PublicView, thoughts: list[str] | None, n: int, s: Sampling,
+              seed: int) -> Request:
+        if self._is_code(view):  # the plan above the prompt: after it the model writes
+            plan = "".join(f"# {i}. {t}\n" for i, t in enumerate(thoughts or [], 1))
+            prompt = ("# Plan:\n" + plan if plan else "") + view.prompt.rstrip() + "\n"
+        else:  # (inside the body it kept writing plan comments, never code: measured)
+            prompt = (self._state(view, thoughts) if thoughts else
+                      self._state(view, []).rsplit("# Plan:", 1)[0])
+        return Request(prompt + self._header(view), n=n, temperature=s.temperature,
+                       max_tokens=s.program_tokens, seed=seed)
+
+    def parse_program(self, text: str, free: bool, view: PublicView
+                      ) -> tuple[str | None, list[str]]:
+        """The function: its header and the model's continuation up to the function's end
+        (the prompt itself for a code prompt, whose imports and helpers it needs)."""
+        header = self._header(view)
+        if header:  # the signature's first line is the model's, then the body
+            first, _, rest = text.partition("\n")
+            code = header + first + "\n" + function_body(rest)
+        else:
+            code = view.prompt.rstrip() + "\n" + function_body(text)
+        code = parseable_prefix(code)
+        return (code if code.strip() and body_written(code, view.entry_point) else None), []
+
+    def refine(self, view: PublicView, thoughts: list[str], last: str,
+               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
+        return self.propose(view, thoughts, 1, s, seed)
+
+    def parse_refined(self, gens: list[Generation]) -> Reply:
+        return self.parse_proposals(gens, 1)
+
+    def merge(self, *args) -> Request:
+        raise NotImplementedError("the completion style has no merge prompt")
+
+
+Style = MiniStyle | ChatStyle | CompletionStyle
+STYLES: dict[str, Callable[[str], Style]] = {
+    "mini": MiniStyle, "chat": ChatStyle, "completion": CompletionStyle}
 
 
 # ----------------------------------------------------------------------------- the agent
 
 class LLMAgent(Agent):
-    def __init__(self, name: str, backend: Backend, style: MiniStyle | ChatStyle,
+    def __init__(self, name: str, backend: Backend, style: Style,
                  sampling: Sampling, roles: tuple[str, ...] = ROLES) -> None:
         self.name, self.backend, self.style, self.sampling = name, backend, style, sampling
         self.roles = tuple(roles)
@@ -319,7 +429,7 @@ class LLMAgent(Agent):
         done = await self.backend.generate(
             self.style.write(view, thoughts, n, self.sampling, seed))
         free = thoughts is None
-        parsed = [self.style.parse_program(g.text, free) for g in done.generations]
+        parsed = [self.style.parse_program(g.text, free, view) for g in done.generations]
         missing = sum(code is None for code, _ in parsed)
         return Reply(programs=[code or "" for code, _ in parsed],
                      chains=[chain for _, chain in parsed], tokens=done.tokens,

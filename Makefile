@@ -20,7 +20,8 @@ BIN := $(VENV)/bin
 # a pytest-xdist worker per core, a test module at a time per worker (its module fixtures
 # start once): 9.8-13.6 min on a slower 2-core Xeon (2026-12-03, 320 tests), 5.8-6.5 min on a
 # faster one, 14.5-15.3 min on a 2-core EPYC at an earlier commit (22 in one process there);
-# one process: make test PYTEST_ARGS=
+# 23.3 min in the working checkout with the small profile's end-to-end cut (2026-12-03, ~15 min
+# of one worker); one process: make test PYTEST_ARGS=
 PYTEST_ARGS ?= -n auto --dist loadscope --no-loadscope-reorder
 PROFILE ?= mini
 PIPELINE := $(if $(filter mini,$(PROFILE)),dvc.yaml,$(PROFILE)/dvc.yaml)

@@ -53,7 +53,7 @@ def test_paper_profile_holds_the_paper_settings():
     ("sandbox:\n  timeout: fast\n", "sandbox.timeout: Input should be a valid number"),
     ("problems:\n  explore:\n    - {name: apps, limt: 3}\n", "problems.explore[0].limt"),
     ("problems:\n  explore:\n    - {name: nope}\n", "problems.explore[0].name"),
-    ("profile: huge\n", "profile: Input should be 'mini' or 'paper'"),
+    ("profile: huge\n", "profile: Input should be 'mini', 'small' or 'paper'"),
     # issue 26.8: pass@5 of three samples was silently left out of the table
     ("evaluate:\n  seeds: [0, 1, 2]\n  ks: [1, 5]\n",
      "evaluate: Value error, ks [1, 5]: pass@k needs 1 <= k <= the samples per problem"),

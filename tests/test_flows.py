@@ -39,8 +39,9 @@ def test_deployment_parameters_are_choices_with_descriptions():
     stages = form["stages"]
     assert stages["anyOf"][0]["items"]["enum"] == list(STAGES) and stages["description"]
     for profile in (form["profile"], stage["profile"]):  # which pipeline: a choice too
-        assert profile["enum"] == ["mini", "paper"] and profile["description"]
-    assert set(STAGES) - set(stage_names(ROOT, "paper")) == {"pretrain"}
+        assert profile["enum"] == ["mini", "small", "paper"] and profile["description"]
+    for derived in ("small", "paper"):
+        assert set(STAGES) - set(stage_names(ROOT, derived)) == {"pretrain"}
 
 
 def test_gpu_stages_of_either_profile_go_to_the_gpu_pool(prefect_server, project,
@@ -215,8 +216,11 @@ def evaluate_resumes_after_a_kill(project):
 
     shutil.rmtree(project / "var/evaluate")  # the pipeline's run kept all of its work
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["evaluate"].update(system2=False, per_group=1)  # a family's first problem: the
-    (project / "resume.yaml").write_text(yaml.safe_dump(params, sort_keys=False))  # cost
+    # a family's first problem (the cost); a second seed, so that a whole seed's generation is
+    # left after the first chunk (with one seed, the rest took less than the poll and the run
+    # finished before the kill: seen once under load)
+    params["evaluate"].update(system2=False, per_group=1, seeds=[0, 1])
+    (project / "resume.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     command = ["bdc", "evaluate-solvers", "--params", "resume.yaml", "--out-dir",
                "var/eval-resumed", "--metrics", "var/eval-resumed.json", "--plots-dir",
                "var/plots-resumed"]
@@ -238,7 +242,7 @@ def evaluate_resumes_after_a_kill(project):
         return sorted((r["solver"], r["problem_id"], r["program"], r["pass_rate"])
                       for r in map(json.loads, (project / folder / "samples.jsonl")
                                    .read_text().splitlines())
-                      if problems is None or r["problem_id"] in problems)
+                      if r["seed"] == 0 and (problems is None or r["problem_id"] in problems))
     resumed = scored("var/eval-resumed")
     assert resumed == scored("data/eval", {problem for _, problem, _, _ in resumed})
 

@@ -30,9 +30,10 @@ def test_the_paper_pipeline_is_generated_from_dvc_yaml(tmp_path):
     # a change to dvc.yaml is a change to the paper pipeline
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace(
         "- bdc/stages/explore.py", "- bdc/stages/explore.py\n      - bdc/new_part.py"))
-    (tmp_path / PAPER).mkdir()
-    (tmp_path / PAPER / "dvc.yaml").write_text((ROOT / PAPER / "dvc.yaml").read_text())
-    assert stale(tmp_path) == [tmp_path / PAPER / "dvc.yaml"]
+    for derived in ("small", PAPER):
+        (tmp_path / derived).mkdir()
+        (tmp_path / derived / "dvc.yaml").write_text((ROOT / derived / "dvc.yaml").read_text())
+    assert stale(tmp_path) == [tmp_path / "small" / "dvc.yaml", tmp_path / PAPER / "dvc.yaml"]
     assert "bdc/new_part.py" in yaml.safe_load(render(tmp_path, "paper"))["stages"]["explore"][
         "deps"]
 

@@ -398,6 +398,8 @@ def test_the_completion_style_gives_a_base_model_a_docstring_a_plan_and_a_header
         "x):\n    return x + 1\n\n\ndef g(y):\n    return y\nprint(f(1))", False, VIEW)
     assert program == "def f(x):\n    return x + 1\n" and chain == []
     assert style.parse_program("x):\n", False, VIEW)[0] is None  # no body: no program
+    with pytest.raises(ValueError, match="thought: step"):  # not silently a step
+        CompletionStyle("plan")
 
 
 def test_the_completion_style_continues_a_code_prompt_as_gemma_does(humaneval_data):

@@ -116,7 +116,26 @@ def parse_thoughts(text: str, limit: int) -> Reply:
 
 # ----------------------------------------------------------------------------- styles
 
-class MiniStyle:
+class _Resampling:
+    """Refinement and merging for models that read neither feedback nor other agents'
+    thoughts (``reads_feedback`` and ``can_merge`` False): refining resamples the thought."""
+
+    can_merge = False
+    reads_feedback = False
+
+    def refine(self, view: PublicView, thoughts: list[str], last: str,
+               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
+        return self.propose(view, thoughts, 1, s, seed)
+
+    def parse_refined(self, gens: list[Generation]) -> Reply:
+        return self.parse_proposals(gens, 1)
+
+    def merge(self, *args) -> Request:
+        raise NotImplementedError(f"the {self.name} style has no merge prompt (can_merge is "
+                                  "False)")
+
+
+class MiniStyle(_Resampling):
     """The tiny models' training format. They were never taught to read test feedback or
     other agents' thoughts, so refinement resamples the thought and merging is not offered
     (``can_merge``); the chat style does both for models that can.
@@ -126,8 +145,6 @@ class MiniStyle:
     programs reaches complete chains."""
 
     name = "mini"
-    can_merge = False
-    reads_feedback = False
 
     def __init__(self, thought: str = "step") -> None:
         self.plan = thought == "plan"
@@ -177,16 +194,6 @@ class MiniStyle:
             plan, text = text.split(CODE_HEADER, 1)
             chain = parse_steps(plan)
         return text.split("\n###", 1)[0], chain
-
-    def refine(self, view: PublicView, thoughts: list[str], last: str,
-               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
-        return self.propose(view, thoughts, 1, s, seed)
-
-    def parse_refined(self, gens: list[Generation]) -> Reply:
-        return self.parse_proposals(gens, 1)
-
-    def merge(self, *args) -> Request:
-        raise NotImplementedError("the mini style has no merge prompt (can_merge is False)")
 
 
 def _show(value: object, limit: int = 400) -> str:
@@ -289,7 +296,7 @@ class ChatStyle:
             'with JSON only: {"thought": "...", "prior": 0.7}.', 1, s.thought_tokens, s, seed)
 
 
-class CompletionStyle:
+class CompletionStyle(_Resampling):
     """For base (not instruction-tuned) models, which continue text and follow no
     instruction: the problem as a Python docstring, the plan as numbered comments, then the
     function's header for the model to continue. A problem whose prompt is already code
@@ -301,11 +308,11 @@ class CompletionStyle:
     feedback and merges nothing, so refinement resamples the thought."""
 
     name = "completion"
-    can_merge = False
-    reads_feedback = False
 
     def __init__(self, thought: str = "step") -> None:
-        self.plan = thought == "plan"
+        if thought != "step":  # a whole plan in one continuation: not built (not silent)
+            raise ValueError("the completion style proposes one plan line at a time: "
+                             "set the agent's thought: step")
 
     @staticmethod
     def _is_code(view: PublicView) -> bool:
@@ -374,16 +381,6 @@ class CompletionStyle:
             code = view.prompt.rstrip() + "\n" + function_body(text)
         code = parseable_prefix(code)
         return (code if code.strip() and body_written(code, view.entry_point) else None), []
-
-    def refine(self, view: PublicView, thoughts: list[str], last: str,
-               feedback: list[Feedback], s: Sampling, seed: int) -> Request:
-        return self.propose(view, thoughts, 1, s, seed)
-
-    def parse_refined(self, gens: list[Generation]) -> Reply:
-        return self.parse_proposals(gens, 1)
-
-    def merge(self, *args) -> Request:
-        raise NotImplementedError("the completion style has no merge prompt")
 
 
 Style = MiniStyle | ChatStyle | CompletionStyle

@@ -20,10 +20,12 @@ from tests.conftest import ROOT, git, make_project_copy
 
 SMALL = "small"
 EXPLORE = ROOT / "tests" / "fixtures" / "small_explore.jsonl"
-CUT = {  # a few problems per family, a few training steps, a HumanEval slice
+TEST = ROOT / "tests" / "fixtures" / "small_test.jsonl"  # mini test string/1 and filter/2
+CUT = {  # a few problems, a few training steps, one merge, one HumanEval problem
     "explore": {"concurrency": 12, "search": {"rollouts": 2, "max_programs": 3}},
     "disentangle": {"k_min": 2, "k_max": 2},
-    "experts": {"epochs": 1, "max_length": 256, "check_per_cluster": 1, "max_new_tokens": 96},
+    "experts": {"epochs": 1, "max_length": 256, "check_per_cluster": 1, "max_new_tokens": 96,
+                "merges": {"uniform": {"combination": "cat"}}},  # replaces the four
     "customize": {"epochs": 1, "max_new_tokens": 96},
     "evaluate": {"per_group": 1, "seeds": [0], "ks": [1], "temperature": 0.0,
                  "max_new_tokens": 96, "system2": False},
@@ -51,13 +53,14 @@ def cut_params(root: Path) -> None:
     # (a pool it can solve, so that the stages after explore get records on any CPU; on the
     # mini explore pool it solves ~5% of its samples)
     params["problems"]["explore"] = [{"name": "jsonl", "path": str(EXPLORE)}]
-    params["problems"]["test"][0]["limit"] = 1
+    params["problems"]["test"] = [{"name": "jsonl", "path": str(TEST)},
+                                  {**params["problems"]["test"][1], "limit": 1}]
     params["vllm"]["python"] = str(ROOT / ".venv-vllm" / "bin" / "python")  # not copied
     for agent in params["explore"]["agents"].values():
         agent.update(thought_tokens=min(agent["thought_tokens"], 96), program_tokens=128)
     for stage, changes in CUT.items():
         for key, value in changes.items():
-            if isinstance(value, dict):
+            if isinstance(value, dict) and key != "merges":
                 params[stage][key].update(value)
             else:
                 params[stage][key] = value
@@ -65,6 +68,7 @@ def cut_params(root: Path) -> None:
     git("commit", "-qam", "cut", cwd=root)
 
 
+@pytest.mark.small_profile  # ~12 min of the machine: `make test-small`, not `make test`
 @pytest.mark.timeout(1500)
 def test_the_small_pipeline_runs_end_to_end_through_the_real_models(tmp_path, smollm2,
                                                                      gemma3):

@@ -62,16 +62,17 @@ class PromptTooLong(BDCError):
 # ----------------------------------------------------------------------------- agents
 
 def make_backend(spec: AgentSettings, vllm: VLLMSettings | None = None,
-                 beside_others: bool = False) -> Backend:
-    """``spec``'s backend; ``served`` starts its vLLM server now (``vllm``'s settings;
-    ``beside_others``: other servers share the cores)."""
+                 beside_others: bool = False, wait: bool = True) -> Backend:
+    """``spec``'s backend; ``served`` launches its vLLM server now (``vllm``'s settings;
+    ``beside_others``: other servers share the cores; ``wait``: until it answers, else the
+    caller waits with ``wait_for_servers``)."""
     from bdc.llm import backends
 
     if spec.backend == "served":
         from bdc.llm.vllm_server import ServedBackend
 
         return ServedBackend(spec.model, vllm or VLLMSettings(), project_root(),
-                             beside_others)
+                             beside_others, wait)
     if spec.backend == "hf":
         return backends.HFBackend(spec.model, spec.batch_size, spec.device, spec.dtype)
     if spec.backend == "vllm":
@@ -87,7 +88,7 @@ def make_backend(spec: AgentSettings, vllm: VLLMSettings | None = None,
 def make_agents(agents: dict[str, AgentSettings], cpu_threads: int | None = None,
                 vllm: VLLMSettings | None = None) -> list[Agent]:
     """One agent per configured name, in order; agents on the same model share its backend
-    (one server per model for ``served`` agents)."""
+    (one server per model for ``served`` agents, launched together)."""
     from bdc.boost.agents.llm import STYLES, LLMAgent, Sampling
 
     shared: dict[tuple, Backend] = {}
@@ -96,14 +97,30 @@ def make_agents(agents: dict[str, AgentSettings], cpu_threads: int | None = None
     for name, spec in agents.items():
         key = (spec.backend, spec.model, spec.base_url, spec.device)
         if key not in shared:
-            shared[key] = make_backend(spec, vllm, len(served) > 1)
+            shared[key] = make_backend(spec, vllm, len(served) > 1, wait=False)
         made.append(LLMAgent(name, shared[key], STYLES[spec.style](spec.thought),
                              Sampling(spec.temperature, spec.thought_tokens,
                                       spec.program_tokens), tuple(spec.roles)))
+    wait_for_servers(list(shared.values()))
     on_cpu = sum(k[0] == "hf" and k[3] == "cpu" for k in shared)
     if on_cpu:
         share_cpu(on_cpu, cpu_threads)
     return made
+
+
+def wait_for_servers(backends: list[Backend]) -> None:
+    """Wait for the served backends' servers, launched together (they load at once); if one
+    fails to start, stop them all before raising."""
+    from bdc.llm.vllm_server import ServedBackend
+
+    served = [b for b in backends if isinstance(b, ServedBackend)]
+    try:
+        for backend in served:
+            backend.wait_ready()
+    except BaseException:
+        for backend in served:
+            backend.server.stop()
+        raise
 
 
 def share_cpu(models: int, threads: int | None) -> None:

@@ -214,7 +214,9 @@ class VLLMServer:
             raise VLLMError(f"{self.model}: head size {head}; vLLM's CPU attention takes "
                             f"{CPU_HEAD_SIZES}")
 
-    def start(self) -> VLLMServer:
+    def start(self, wait: bool = True) -> VLLMServer:
+        """Launch the server; ``wait``: until it answers (else :meth:`wait_ready` later, so
+        that several servers load at once: ~60 s each here, mostly imports)."""
         self.check_model()
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as out:
@@ -224,6 +226,9 @@ class VLLMServer:
                                          preexec_fn=_die_with_parent)
         log.info("vLLM: serving %s as %s on %s (log %s)", self.model, self.name, self.url,
                  self.log)
+        return self.wait_ready() if wait else self
+
+    def wait_ready(self) -> VLLMServer:
         try:
             wait_http(f"{self.url}/models", self.settings.startup_timeout_s, self.proc,
                       self.log)
@@ -333,16 +338,21 @@ class ServedBackend(Backend):
     OpenAI protocol to a local engine, as with an API agent, but the server is this stage's
     own and stops with it (:meth:`aclose`). A server without adapters has no LoRA, so the
     CPU LoRA bug above cannot reach it. ``beside_others``: other servers run on the same
-    cores (:func:`bdc.boost.exploration.make_agents`, agents on several models)."""
+    cores (:func:`bdc.boost.exploration.make_agents`, agents on several models); ``wait``:
+    until the server answers (else :meth:`wait_ready`)."""
 
     def __init__(self, model: str | Path, settings: VLLMSettings, root: Path,
-                 beside_others: bool = False) -> None:
+                 beside_others: bool = False, wait: bool = True) -> None:
         super().__init__()
         name = Path(str(model)).name or "model"
         self.server = VLLMServer(model, settings, root, name,
-                                 beside_others=beside_others).start()
+                                 beside_others=beside_others).start(wait)
         self.client = self.server.client()
         self.usage = self.client.usage  # one count, the client's
+
+    def wait_ready(self) -> None:
+        """Until the server answers (``wait=False`` started it without waiting)."""
+        self.server.wait_ready()
 
     async def generate(self, request: Request) -> Completion:
         return await self.client.generate(request)

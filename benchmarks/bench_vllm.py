@@ -3,7 +3,7 @@ on) against serving a single adapter for every request (target: throughput ratio
 and vLLM against the HF path on the same requests, in the same run.
 
     .venv/bin/python benchmarks/bench_vllm.py [--problems 60] [--tokens 96] [--max-loras 32]
-        [--baseline-max-loras 4]
+        [--baseline-max-loras 4] [--profile small]
 
 One server (``--max-loras`` slots, default ``vllm.max_loras``) serves both paths, so the ratio
 is measured on the same engine. With an adapter per request a batch holds at most
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--max-loras", type=int, default=None)
     parser.add_argument("--baseline-max-loras", type=int, default=4)
+    parser.add_argument("--profile", choices=("mini", "small"), default="mini",
+                        help="whose params and data (small: small/params.yaml, small/data)")
     args = parser.parse_args()
 
     from bdc.config import load_params
@@ -45,8 +47,9 @@ def main() -> None:
 
     root = project_root()
     configure_environment(root)
-    params = load_params(root / "params.yaml")
-    data = root / "data"
+    folder = root if args.profile == "mini" else root / args.profile
+    params = load_params(folder / "params.yaml")
+    data = folder / "data"
     manifest = json.loads((data / "experts/manifest.json").read_text())
     test = read_problems(data / "problems/test.jsonl")[:args.problems]
     prompts = [p.prompt for p in test]
@@ -62,11 +65,13 @@ def main() -> None:
     settings = params.vllm.model_copy(update={"max_loras": slots})
     template = solver.template
 
-    with VLLMServer(root / manifest["base"], settings, root, "base",
-                    lora_rank=cache.max_lora_rank) as server:
+    base = root / manifest["base"]  # a folder of the project, or a packaged model's name
+    base = base if base.exists() else manifest["base"]
+    with VLLMServer(base, settings, root, "base", lora_rank=cache.max_lora_rank) as server:
         solve_served(server, template, prompts[:4], single[:4], 8)  # warm-up
         rows = {}
-        for name, adapters in (("single adapter (uniform merge, rank K*r) for all", single),
+        for name, adapters in (("the base, no adapter", [None] * len(test)),
+                               ("single adapter (uniform merge, rank K*r) for all", single),
                                ("customized: a folded adapter per problem", folded)):
             start = time.perf_counter()
             results, tokens = solve_served(server, template, prompts, adapters, args.tokens)
@@ -76,8 +81,7 @@ def main() -> None:
     if args.baseline_max_loras:
         name = f"{single_name}, on a server with {args.baseline_max_loras} slots"
         few = params.vllm.model_copy(update={"max_loras": args.baseline_max_loras})
-        with VLLMServer(root / manifest["base"], few, root, "base",
-                        lora_rank=cache.max_lora_rank) as server:
+        with VLLMServer(base, few, root, "base", lora_rank=cache.max_lora_rank) as server:
             solve_served(server, template, prompts[:4], single[:4], 8)  # warm-up
             start = time.perf_counter()
             results, tokens = solve_served(server, template, prompts, single, args.tokens)

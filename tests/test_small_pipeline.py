@@ -1,7 +1,8 @@
 """The small profile (``small/dvc.yaml``, ``small/params.yaml``) end to end on a cut, through
 the real packaged models: SmolLM2-135M-Instruct (chat agent and System-1 base) and Gemma 3
-270M (completion agent), each agent behind its own vLLM server, the System-1 solvers served
-by vLLM with their adapters, every program in the sandbox. Before this profile no real
+270M (completion agent), each agent behind its own vLLM server, the System-1 solvers on
+transformers with their adapters (the profile's engine: vLLM's CPU LoRA path measured 4x
+slower), every program in the sandbox. Before this profile no real
 pretrained model had gone through the stages together: real tokenizers, the chat template,
 sampling, LoRA on real attention modules and the sandbox on real output."""
 

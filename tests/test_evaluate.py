@@ -78,7 +78,7 @@ def test_programs_are_scored_while_the_next_batch_generates():
 
     with Sandbox(SandboxSettings(workers=1)) as sandbox:
         runner = Runner({p.id: p for p in problems}, sandbox)
-        runner.generate([("ref", p.id) for p in problems], 0, run, chunk="ref")
+        runner.generate([("ref", p.id, 0) for p in problems], run, chunk="ref")
         outcomes = runner.finish()
     assert [o.passed_all for o in outcomes] == [True] * len(problems)
     assert max(seen) > 1  # the scoring thread ran beside the generating one
@@ -132,7 +132,7 @@ def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
         with Sandbox(SandboxSettings(workers=1)) as sandbox:
             runner = Runner({p.id: p for p in problems}, sandbox, folder)
             for solver in ("a", "b"):
-                runner.generate([(solver, p.id) for p in problems], 0,
+                runner.generate([(solver, p.id, 0) for p in problems],
                                 run_of(solver, fail and solver == "b"), chunk=solver)
             return runner.finish(), runner.reused
 
@@ -140,7 +140,7 @@ def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
     # a model's loading is not generation time (it was split over the first chunk's rows)
     with Sandbox(SandboxSettings(workers=1)) as sandbox:
         runner = Runner({p.id: p for p in problems}, sandbox)
-        runner.generate([("a", p.id) for p in problems], 0, run_of("a"), chunk="a",
+        runner.generate([("a", p.id, 0) for p in problems], run_of("a"), chunk="a",
                         load=lambda: time.sleep(1.0))
         assert sum(o.seconds for o in runner.finish()) < 0.5
     with pytest.raises(RuntimeError):

@@ -1,17 +1,18 @@
 """Every System-1 solver on the test problems' hidden tests, the paper's metrics, one table.
 
-Generation is batched across solvers: every adapter-based solver (the base, the full-data
-LoRA, each expert, the merges, the oracle expert) is one row in PEFT's mixed-adapter batches
-(``adapter_names``); the customized solver and Arrow go through the same batched path on
-their own model. Each finished batch's programs run in the sandbox while the next batch
-generates. The metrics follow the protocol: pass rate (mean fraction of hidden tests passed,
-x100) and strict accuracy (share of problems passing all), per slice or family; pass@k with
-the unbiased estimator over the n samples (seeds) per problem; mean and sample std over the
-seeds; tokens and wall time per solver (a shared batch's time is split by tokens).
+Generation is batched by solver: a solver's replicates (one sample per seed) of every test
+problem are the rows of the same batches (one adapter per batch, PEFT's ``adapter_names``;
+the customized solver and Arrow on their own models): a CPU's decoding step costs little
+more for 96 rows than for 32. The oracle expert's rows are its home expert's. Each finished
+batch's programs run in the sandbox while the next batch generates. The metrics follow the
+protocol: pass rate (mean fraction of hidden tests passed, x100) and strict accuracy (share
+of problems passing all), per slice or family; pass@k with the unbiased estimator over the n
+samples (seeds) per problem; mean and sample std over the seeds; tokens and wall time per
+solver (a shared batch's time is split by tokens).
 
-Work is kept as it finishes: each chunk (one solver group under one seed) is written, scored,
-to the runner's folder, and a run that finds a chunk there restores it instead of generating
-it again. The folder is named by everything that made its chunks (see
+Work is kept as it finishes: each chunk (one solver's rows, or one seed's) is written,
+scored, to the runner's folder, and a run that finds a chunk there restores it instead of
+generating it again. The folder is named by everything that made its chunks (see
 ``bdc.evaluate.solvers.finished_dir``), so a killed or failed evaluate resumes where it
 stopped, and a changed expert, setting or line of code starts afresh.
 """
@@ -99,7 +100,7 @@ class Runner:
         path = self._chunk(chunk)
         return path is not None and path.exists()
 
-    def _restore(self, chunk: str, labels: list[tuple[str, str]], seed: int
+    def _restore(self, chunk: str, labels: list[tuple[str, str, int]]
                  ) -> list[Outcome] | None:
         """The chunk's rows as an earlier run kept them; None (with a warning naming the
         file) when they cannot be read or are not this chunk's rows."""
@@ -109,8 +110,7 @@ class Runner:
         except ValueError as exc:
             log.warning("evaluate: %s cannot be read (%s): generating it again", path, exc)
             return None
-        if [(o.solver, o.problem_id) for o in rows] != labels or any(o.seed != seed
-                                                                     for o in rows):
+        if [(o.solver, o.problem_id, o.seed) for o in rows] != labels:
             log.warning("evaluate: %s does not hold this chunk's rows: generating it again",
                         path)
             return None
@@ -121,15 +121,14 @@ class Runner:
             future.result()   # and a failed one keeps the chunk from looking finished
         write_jsonl(self._chunk(chunk), [asdict(r) for r in rows])
 
-    def generate(self, labels: list[tuple[str, str]], seed: int,
-                 run: Callable[[Callable], None], chunk: str,
-                 load: Callable[[], object] | None = None) -> None:
-        """``labels``: (solver, problem id) per row; ``run(on_batch)`` generates them in
+    def generate(self, labels: list[tuple[str, str, int]], run: Callable[[Callable], None],
+                 chunk: str, load: Callable[[], object] | None = None) -> None:
+        """``labels``: (solver, problem id, seed) per row; ``run(on_batch)`` generates them in
         order, calling ``on_batch(start, results, tokens)`` per batch. A ``chunk`` a run
         already finished is restored instead (neither ``load`` nor ``run`` is called).
         ``load()`` readies the model first, outside the clock: the seconds per solver are
         generation's alone, whichever chunks a resumed run restored."""
-        restored = self._restore(chunk, labels, seed) if self.finished(chunk) else None
+        restored = self._restore(chunk, labels) if self.finished(chunk) else None
         if restored is not None:
             self.outcomes += restored
             self.reused.append(chunk)
@@ -146,7 +145,7 @@ class Runner:
             elapsed, clock[0] = now - clock[0], now
             total = max(sum(tokens), 1)
             rows = [Outcome(solver, seed, pid, program, thoughts, n, elapsed * n / total)
-                    for (solver, pid), (thoughts, program), n in
+                    for (solver, pid, seed), (thoughts, program), n in
                     zip(labels[start:start + len(results)], results, tokens, strict=True)]
             mine.extend(rows)
             scored.append(self._pool.submit(self._score, rows))

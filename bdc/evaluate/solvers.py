@@ -3,15 +3,17 @@ batched paths, and the System-2 side for reference.
 
 Solvers: the base model; the full-data LoRA; each expert alone; the oracle expert (the
 expert of the cluster the problem's family's training records fell in: mini only); the
-uniform, linear, TIES and DARE merges; Arrow; the customized solver. Adapter solvers share
-PEFT's mixed-adapter batches (or, on ``evaluate.engine: vllm``, one served adapter per
-request). System-2 rows: the tree of agents and each agent's own tree, at the explore budget.
+uniform, linear, TIES and DARE merges; Arrow; the customized solver. A solver's replicates
+(one per seed) of every problem share batches (or, on ``evaluate.engine: vllm``, one served
+adapter per request). System-2 rows: the tree of agents and each agent's own tree, at the
+explore budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import statistics
@@ -25,7 +27,7 @@ from bdc.config import Params
 from bdc.disentangle.experts import BASE_ADAPTER, FULL, expert_name
 from bdc.disentangle.routing import route
 from bdc.evaluate.claims import claims, own_cluster
-from bdc.evaluate.runner import Runner, keep_json, mean_std, restore_json, table
+from bdc.evaluate.runner import Outcome, Runner, keep_json, mean_std, restore_json, table
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import Problem
 from bdc.reuse import code_version, digest, folder_digest, identity
@@ -108,28 +110,37 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
     return asyncio.run(then_close())
 
 
-def adapter_rows(test: list[Problem], manifest: dict, home: dict[str, int]
-                 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """The base, the full-data LoRA, each expert, the merges and the oracle expert as rows
-    of one batch: ``(labels, adapter names, prompts)``, ``BASE_ADAPTER`` for the base alone."""
-    rows = [(BASE, BASE_ADAPTER), (FULL, FULL), *[(e, e) for e in manifest["experts"]],
+def adapter_solver_names(manifest: dict) -> list[tuple[str, str]]:
+    """``(solver, adapter)``: the base (``BASE_ADAPTER``: none), the full-data LoRA, each
+    expert and each merge."""
+    return [(BASE, BASE_ADAPTER), (FULL, FULL), *[(e, e) for e in manifest["experts"]],
             *[(a, a) for a in manifest["adapters"] if a.startswith("merge_")]]
-    labels, names, prompts = [], [], []
-    for solver, adapter in rows:
-        labels += [(solver, p.id) for p in test]
-        names += [adapter] * len(test)
-        prompts += [p.prompt for p in test]
-    if home:
-        labels += [("oracle expert", p.id) for p in test]
-        names += [oracle_adapter(p, home) for p in test]
-        prompts += [p.prompt for p in test]
-    return labels, names, prompts
+
+
+def replicates(solver: str, test: list[Problem], seeds: list[int]
+               ) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """A solver's rows: one per seed and problem, ``(labels, prompts)``."""
+    return ([(solver, p.id, seed) for seed in seeds for p in test],
+            [p.prompt for _ in seeds for p in test])
+
+
+def oracle_rows(outcomes: list[Outcome], test: list[Problem], home: dict[str, int]
+                ) -> list[Outcome]:
+    """The oracle expert's rows: for each problem and seed, the row of the expert the oracle
+    picks (:func:`oracle_adapter`), the same model and the same sample, so the oracle and the
+    experts are compared on the same programs (and the oracle costs no generation)."""
+    by = {(o.solver, o.problem_id, o.seed): o for o in outcomes}
+    seeds = sorted({o.seed for o in outcomes if o.solver == BASE})
+    solver = {BASE_ADAPTER: BASE}  # an expert's adapter is named as its solver
+    return [dataclasses.replace(by[(solver.get(a, a), p.id, seed)], solver="oracle expert")
+            for seed in seeds for p in test for a in [oracle_adapter(p, home)]]
 
 
 def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
-                    home: dict[str, int], s, temperature: float | None) -> None:
-    """Every adapter-based solver as rows of the same PEFT mixed-adapter batches (the expert
-    set loads only when a seed is left to generate)."""
+                    s, temperature: float | None) -> None:
+    """Every adapter-based solver, one chunk each: its replicates of every problem are the
+    rows of the same batches, sampled from the first seed's generator (the expert set loads
+    only when a chunk is left to generate)."""
     from bdc.disentangle.registry import load_expert_set
     from bdc.llm.system1 import solve, template_for
 
@@ -138,16 +149,16 @@ def adapter_solvers(runner: Runner, test: list[Problem], experts_dir: Path, mani
         peft, tokenizer, _ = load_expert_set(experts_dir, manifest)
         return peft, tokenizer, template_for(tokenizer, manifest["template"])
 
-    labels, names, prompts = adapter_rows(test, manifest, home)
-    for seed in s.seeds:
-        runner.generate(labels, seed, lambda cb, seed=seed: solve(
-            *loaded(), prompts, s.max_new_tokens, s.batch, adapter_names=names,
-            temperature=temperature, seed=seed, on_batch=cb), chunk=f"adapters.seed{seed}",
-            load=loaded)
+    for solver, adapter in adapter_solver_names(manifest):
+        labels, prompts = replicates(solver, test, s.seeds)
+        runner.generate(labels, lambda cb, prompts=prompts, adapter=adapter: solve(
+            *loaded(), prompts, s.max_new_tokens, s.batch,
+            adapter_names=[adapter] * len(prompts), temperature=temperature,
+            seed=s.seeds[0], on_batch=cb), chunk=f"solver.{solver}", load=loaded)
 
 
 def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clusters_dir: Path,
-                   hypernet_dir: Path, manifest: dict, home: dict[str, int], params: Params,
+                   hypernet_dir: Path, manifest: dict, params: Params,
                    temperature: float | None) -> None:
     """``evaluate.engine: vllm``: the adapter solvers and the customized solver (one folded
     rank-K*r adapter per problem, through the fold cache) on vLLM's server, one adapter per
@@ -162,9 +173,9 @@ def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clust
     from bdc.runtime import project_root, state_dir
 
     s = params.evaluate
-    labels, names, prompts = adapter_rows(test, manifest, home)
-    labels += [("customized", p.id) for p in test]
-    prompts += [p.prompt for p in test]
+    rows = [*adapter_solver_names(manifest), ("customized", None)]
+    names = [adapter for _, adapter in rows for _ in test]
+    prompts = [p.prompt for _ in rows for p in test]
 
     @functools.cache
     def requests() -> tuple:
@@ -172,7 +183,8 @@ def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clust
         digest = folder_digest(hypernet_dir)[:16]
         cache = FoldedCache(solver.model, state_dir() / "cache" / "folded" / f"eval-{digest}",
                             manifest["base"], params.customize.fold_precision)
-        adapters = [None if n == BASE_ADAPTER else Adapter(n, experts_dir / n) for n in names]
+        adapters = [None if n == BASE_ADAPTER else Adapter(n, experts_dir / n)
+                    for n in names[:-len(test)]]
         z = torch.as_tensor(solver.z([p.prompt for p in test]))
         for i in range(len(test)):
             key = z[i:i + 1]
@@ -192,7 +204,8 @@ def served_solvers(runner: Runner, test: list[Problem], experts_dir: Path, clust
 
     with contextlib.ExitStack() as stack:
         for seed in s.seeds:
-            runner.generate(labels, seed, functools.partial(run, seed=seed),
+            labels = [(solver, p.id, seed) for solver, _ in rows for p in test]
+            runner.generate(labels, functools.partial(run, seed=seed),
                             chunk=f"served.seed{seed}", load=requests)
 
 
@@ -202,22 +215,19 @@ def customized(runner: Runner, test: list[Problem], experts_dir: Path, clusters_
     from bdc.customize.solver import load
     from bdc.llm.system1 import solve
 
-    prompts = [p.prompt for p in test]
+    labels, prompts = replicates("customized", test, s.seeds)
 
     @functools.cache
     def loaded():
         solver = load(hypernet_dir, experts_dir, clusters_dir)
         return solver, solver.z(prompts)
 
-    def run(on_batch, seed: int) -> None:
+    def run(on_batch) -> None:
         solver, z = loaded()
         solve(solver.model, solver.tokenizer, solver.template, prompts, s.max_new_tokens,
-              s.batch, temperature=temperature, seed=seed, z=z, on_batch=on_batch)
+              s.batch, temperature=temperature, seed=s.seeds[0], z=z, on_batch=on_batch)
 
-    for seed in s.seeds:
-        runner.generate([("customized", p.id) for p in test], seed,
-                        functools.partial(run, seed=seed), chunk=f"customized.seed{seed}",
-                        load=loaded)
+    runner.generate(labels, run, chunk="solver.customized", load=loaded)
 
 
 def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict,
@@ -235,11 +245,10 @@ def arrow(runner: Runner, test: list[Problem], experts_dir: Path, manifest: dict
                                        params.experts.arrow_top_k, params.seed)
         return model, tokenizer, template_for(tokenizer, manifest["template"])
 
-    prompts = [p.prompt for p in test]
-    for seed in s.seeds:
-        runner.generate([("arrow", p.id) for p in test], seed, lambda cb, seed=seed: solve(
-            *loaded(), prompts, s.max_new_tokens, s.batch, temperature=temperature,
-            seed=seed, on_batch=cb), chunk=f"arrow.seed{seed}", load=loaded)
+    labels, prompts = replicates("arrow", test, s.seeds)
+    runner.generate(labels, lambda cb: solve(
+        *loaded(), prompts, s.max_new_tokens, s.batch, temperature=temperature,
+        seed=s.seeds[0], on_batch=cb), chunk="solver.arrow", load=loaded)
 
 
 @dataclass
@@ -304,11 +313,11 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
         clock = time.perf_counter()
 
     if s.engine == "vllm":
-        served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir, manifest, home,
+        served_solvers(runner, test, experts_dir, clusters_dir, hypernet_dir, manifest,
                        params, temperature)
         phase("adapter and customized solvers generated on vLLM")
     else:
-        adapter_solvers(runner, test, experts_dir, manifest, home, s, temperature)
+        adapter_solvers(runner, test, experts_dir, manifest, s, temperature)
         phase("adapter solvers generated")
         customized(runner, test, experts_dir, clusters_dir, hypernet_dir, s, temperature)
         phase("customized solver generated")
@@ -318,6 +327,8 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     outcomes = runner.finish()
+    if home:
+        outcomes += oracle_rows(outcomes, test, home)
     phase("programs scored")
     result = table(outcomes, groups, s.seeds, s.ks)
     if s.system2:

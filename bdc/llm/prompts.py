@@ -85,6 +85,17 @@ def program_in(text: str, entry_point: str | None = None) -> str:
     return blocks[0]
 
 
+def program_closed(text: str) -> bool:
+    """Whether ``text`` holds a closed fenced block that defines a function: the block
+    :func:`program_in` (without an entry point) takes, whatever text follows it."""
+    for match in _BLOCK.finditer(text):
+        if match.group(0).endswith("```"):
+            block = parseable_prefix(match.group(1))
+            if block.strip() and _functions(block):
+                return True
+    return False
+
+
 _TOP_LEVEL = re.compile(r"^\S", re.M)
 
 

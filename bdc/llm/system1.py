@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bdc.llm.prompts import CODE_HEADER, parse_steps, program_in, render
+from bdc.llm.prompts import CODE_HEADER, parse_steps, program_closed, program_in, render
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class MiniTemplate:
         plan, code = completion.split(CODE_HEADER, 1)
         return parse_steps(plan), code.split("\n###", 1)[0]
 
+    def written(self, completion: str) -> bool:
+        """Whether the program :meth:`parse` takes is complete (more text cannot change it)."""
+        return "\n###" in completion.partition(CODE_HEADER)[2]
+
 
 class ChatTemplate:
     """An instruction-tuned base model: its own chat template around the same content."""
@@ -95,6 +99,13 @@ class ChatTemplate:
             return parse_steps(plan), rest.split("```", 1)[0]
         return parse_steps(completion.split("```", 1)[0]), program_in(completion)
 
+    def written(self, completion: str) -> bool:
+        """Whether the program :meth:`parse` takes is complete: the trained format's block
+        closed, or (a zero-shot reply) a closed block that defines a function, the block
+        :func:`program_in` takes whatever follows."""
+        plan, header, rest = completion.partition(self.code_header)
+        return "```" in rest if header else program_closed(completion)
+
 
 def template_for(tokenizer, kind: str = "auto") -> MiniTemplate | ChatTemplate:
     """``chat`` for a tokenizer with a chat template, else ``mini`` (or as asked)."""
@@ -110,41 +121,105 @@ def examples(record: dict, template: MiniTemplate | ChatTemplate) -> Example:
     return template.t2s(record["prompt"], record["thoughts"], record["program"])
 
 
+SEGMENT = 32  # new tokens per generate call: between calls, finished rows leave the batch
+
+
+class ProgramWritten:
+    """A stopping criterion (transformers' ``StoppingCriteria`` protocol): row i is done once
+    its completion holds the whole program the template's parser takes; what a model writes
+    after it (prose, example usage, a second block) is never read, so it is never generated."""
+
+    def __init__(self, tokenizer, template, prompt_length: int) -> None:
+        self.tokenizer, self.template, self.start = tokenizer, template, prompt_length
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([self.template.written(t) for t in texts], device=input_ids.device)
+
+
+def generate_rows(model, tokenizer, template, enc, per_row: dict, max_new_tokens: int,
+                  segment: int = SEGMENT, **generate_kwargs) -> list:
+    """Each row's new tokens (up to and with its end token). A static batch computes every
+    row until its longest one ends: on a CPU, with a few replies running to the token limit,
+    most of a batch's steps were spent on rows already finished. So generation runs in
+    segments of ``segment`` tokens, continuing from the KV cache (transformers' cache reuse),
+    and between segments the rows that ended (end of text, or :class:`ProgramWritten`) leave
+    the batch and the cache. ``per_row``: generate arguments with one entry per row
+    (``adapter_names``, ``z``), cut along with the rows."""
+    import torch
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    prompt_length = ids.shape[1]
+    stop = ProgramWritten(tokenizer, template, prompt_length)
+    ends = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
+    rows = torch.arange(len(ids))
+    done: dict[int, torch.Tensor] = {}
+    cache = None
+    while True:
+        written = ids.shape[1] - prompt_length
+        out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                             max_new_tokens=min(segment, max_new_tokens - written),
+                             stopping_criteria=[stop], return_dict_in_generate=True,
+                             **per_row, **generate_kwargs)
+        seq, cache = out.sequences, out.cache
+        ended = torch.isin(seq[:, ids.shape[1]:], torch.tensor(ends)).any(1) | stop(seq)
+        if seq.shape[1] - prompt_length >= max_new_tokens:
+            ended[:] = True
+        for i in ended.nonzero().flatten().tolist():
+            done[int(rows[i])] = trim(seq[i, prompt_length:], ends)
+        keep = (~ended).nonzero().flatten()
+        if not len(keep):
+            return [done[i] for i in range(len(enc["input_ids"]))]
+        cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(mask), seq.shape[1] - mask.shape[1])], 1)
+        ids, mask, rows = seq[keep], mask[keep], rows[keep]
+        per_row = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()]
+                   for k, v in per_row.items()}
+
+
+def trim(tokens, ends: list[int]):
+    """``tokens`` up to and with the first end token (what follows is padding)."""
+    import torch
+
+    at = torch.isin(tokens, torch.tensor(ends)).nonzero()
+    return tokens if not len(at) else tokens[:int(at[0]) + 1]
+
+
 def solve(model, tokenizer, template, problems: list[str], max_new_tokens: int,
           batch_size: int, adapter_names: list[str] | None = None,
           temperature: float | None = None, seed: int = 0, z=None,
-          on_batch=None) -> list[tuple[list[str], str]]:
+          on_batch=None, segment: int = SEGMENT) -> list[tuple[list[str], str]]:
     """One pass per problem (greedy, or sampled at ``temperature``): ``(thoughts,
     program)``. With ``adapter_names``, row i runs adapter ``adapter_names[i]`` (PEFT's
     mixed-adapter batches; ``__base__`` for the base model alone); with ``z`` (an array, one
     row per problem), ``model`` is a customized solver gated by row i's z. ``on_batch(start,
-    results, tokens)`` sees each batch as it is done (programs can run meanwhile)."""
+    results, tokens)`` sees each batch as it is done (programs can run meanwhile). A reply
+    stops at its end of text or once its program is written (:class:`ProgramWritten`)."""
     import torch
 
     torch.manual_seed(seed)
     model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} \
+        if temperature else {"do_sample": False}
     out = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
         enc = tokenizer([template.prompt(p) for p in chunk], return_tensors="pt",
                         padding=True).to(model.device)
-        extra = {} if adapter_names is None else \
+        per_row = {} if adapter_names is None else \
             {"adapter_names": adapter_names[start:start + batch_size]}
         if z is not None:
-            extra["z"] = torch.as_tensor(z[start:start + batch_size])
-        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} \
-            if temperature else {"do_sample": False}
+            per_row["z"] = torch.as_tensor(z[start:start + batch_size])
         with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, **sampling, **extra,
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = ids[:, enc["input_ids"].shape[1]:]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        results = [template.parse(t) for t in texts]
+            new = generate_rows(model, tokenizer, template, enc, per_row, max_new_tokens,
+                                segment, **sampling, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        results = [template.parse(t) for t in
+                   tokenizer.batch_decode([n.tolist() for n in new], skip_special_tokens=True)]
         if on_batch:
-            ends = (new == tokenizer.pad_token_id) | (new == tokenizer.eos_token_id)
-            lengths = torch.where(ends.any(1), ends.float().argmax(1) + 1, new.shape[1])
-            on_batch(start, results, lengths.tolist())
+            on_batch(start, results, [len(n) for n in new])
         out += results
     return out
 

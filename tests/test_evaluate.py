@@ -7,7 +7,8 @@ import statistics
 
 import pytest
 
-from bdc.evaluate.runner import Outcome, markdown, table
+from bdc.evaluate.runner import Outcome
+from bdc.evaluate.table import markdown, table
 
 
 def outcome(solver, seed, pid, rate, tokens=10):
@@ -32,8 +33,11 @@ def test_metrics_are_the_hand_computed_values():
     assert t["by_group"]["x"]["strict_accuracy"]["mean"] == pytest.approx(100 * 2 / 3)
     assert t["by_group"]["y"]["pass_rate"]["mean"] == pytest.approx(100 * (0.5 + 1 + .25) / 3)
     assert t["tokens"] == 20 and t["seconds"] == pytest.approx(1.0)  # per seed
+    # over problems (a: 2 of 3 seeds, b: 1 of 3), resampled: the means 33.3, 50 or 66.7
+    assert t["strict_interval"] == pytest.approx([100 / 3, 200 / 3]) and t["problems"] == 2
     md = markdown({"s": t}, ["s"], [1, 3], "note")
-    assert "| s | 62.5 ± 45.1 | 50.0 ± 50.0 | 50.0 | 100.0 |" in md and md.endswith("note\n")
+    assert "| s | 62.5 ± 45.1 | 50.0 ± 50.0 | 33.3 to 66.7 | 50.0 | 100.0 |" in md
+    assert md.endswith("note\n")
 
 
 def test_one_seed_has_no_spread_and_pass_at_k_needs_k_samples():
@@ -161,3 +165,36 @@ def test_a_failed_evaluation_resumes_from_its_finished_chunks(tmp_path, caplog):
     assert calls == ["a"] and reused == ["b"] and "a.jsonl" in caplog.text
     assert [(o.solver, o.problem_id, o.program, o.pass_rate, o.passed_all)
             for o in again] == key
+
+
+def test_a_claim_is_paired_over_problems_and_holds_only_where_its_interval_excludes_zero():
+    """The ± over seeds said nothing about the test set's size, and two solvers' intervals
+    compared side by side (unpaired) would call "undecided" what the same problems show
+    plainly. Here a solver beats its baseline by exactly 10 points on every one of 30
+    problems whose difficulty varies widely: paired, the interval is [10, 10]; a solver
+    that wins on some problems and loses on as many is undecided."""
+    from bdc.evaluate.claims import claims, lines
+    from bdc.evaluate.table import interval, paired
+
+    base = {f"p{i}": float(10 * (i % 10)) for i in range(30)}
+    better = {p: v + 10 for p, v in base.items()}
+    mixed = {p: v + (20 if i % 2 else -20) for i, (p, v) in enumerate(base.items())}
+    assert paired(better, base) == {"difference": 10, "interval": [10, 10], "problems": 30,
+                                    "verdict": "better"}
+    low, high = interval(list(better.values()))  # unpaired, each row's own interval is wide
+    assert high - low > 15
+    assert paired(mixed, base)["verdict"] == "undecided"
+    assert paired(base, better)["verdict"] == "worse"
+
+    def row(values):
+        return {"strict_accuracy": {"mean": sum(values.values()) / len(values), "std": 0.0}}
+
+    uniform = {p: v - mixed[p] + base[p] for p, v in better.items()}  # +-20 from better
+    result = {"full": row(base), "customized": row(better), "merge_uniform": row(uniform)}
+    problems = {"full": base, "customized": better, "merge_uniform": uniform}
+    c = claims(result, ["cluster_0"], {}, problems)
+    assert c["C_customized_vs_full"]["verdict"] == "better"
+    assert c["C_customized_vs_uniform"]["verdict"] == "undecided"
+    text = lines(c)
+    assert "customized vs full: +10.0 points (95% CI +10.0 to +10.0 over 30 problems: " \
+        "better)" in text and "C: not measured" in text  # no Arrow row here

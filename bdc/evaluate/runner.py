@@ -1,19 +1,16 @@
-"""Every System-1 solver on the test problems' hidden tests, the paper's metrics, one table.
+"""Every System-1 solver's programs, generated and scored on the test problems' hidden tests.
 
 Generation is batched by solver: a solver's replicates (one sample per seed) of every test
 problem are the rows of the same batches (one adapter per batch, PEFT's ``adapter_names``;
-the customized solver and Arrow on their own models): a CPU's decoding step costs little
-more for 96 rows than for 32. The oracle expert's rows are its home expert's. Each finished
-batch's programs run in the sandbox while the next batch generates. The metrics follow the
-protocol: pass rate (mean fraction of hidden tests passed, x100) and strict accuracy (share
-of problems passing all), per slice or family; pass@k with the unbiased estimator over the n
-samples (seeds) per problem; mean and sample std over the seeds; tokens and wall time per
-solver (a shared batch's time is split by tokens).
+the customized solver and Arrow on their own models): on a CPU one decoding step for 96
+rows costs far less than three for 32. The oracle expert's rows are its home expert's.
+Each finished batch's programs run in the sandbox while the next batch generates. The table
+made of them: :mod:`bdc.evaluate.table`.
 
 Work is kept as it finishes: each chunk (one solver's rows, or one seed's) is written,
 scored, to the runner's folder, and a run that finds a chunk there restores it instead of
 generating it again. The folder is named by everything that made its chunks (see
-``bdc.evaluate.solvers.finished_dir``), so a killed or failed evaluate resumes where it
+``bdc.evaluate.solvers.finished_dirs``), so a killed or failed evaluate resumes where it
 stopped, and a changed expert, setting or line of code starts afresh.
 """
 
@@ -21,9 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -33,7 +28,7 @@ from typing import Any
 from bdc.jsonl import atomic_open, read_jsonl, write_jsonl
 from bdc.problems.format import Problem, Sample
 from bdc.sandbox import Sandbox
-from bdc.sandbox.scoring import pass_at_k, score_samples
+from bdc.sandbox.scoring import score_samples
 
 log = logging.getLogger(__name__)
 
@@ -175,97 +170,3 @@ class Runner:
         finally:
             self._pool.shutdown(cancel_futures=True)
         return self.outcomes
-
-
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-
-
-def table(outcomes: list[Outcome], groups: dict[str, str], seeds: list[int],
-          ks: list[int]) -> dict:
-    """Per solver: pass rate (x100) and strict accuracy, overall and per group, mean and
-    sample std over the seeds; pass@k over the seeds' samples; tokens and seconds."""
-    by_solver: dict[str, list[Outcome]] = defaultdict(list)
-    for o in outcomes:
-        by_solver[o.solver].append(o)
-    out = {}
-    for solver, rows in by_solver.items():
-        per_seed: dict[int, list[Outcome]] = defaultdict(list)
-        per_problem: dict[str, list[Outcome]] = defaultdict(list)
-        for o in rows:
-            per_seed[o.seed].append(o)
-            per_problem[o.problem_id].append(o)
-        entry = {
-            "pass_rate": mean_std([100 * statistics.mean(o.pass_rate for o in r)
-                                   for r in per_seed.values()]),
-            "strict_accuracy": mean_std([100 * statistics.mean(o.passed_all for o in r)
-                                         for r in per_seed.values()]),
-            "tokens": sum(o.tokens for o in rows) / len(per_seed),
-            "seconds": sum(o.seconds for o in rows) / len(per_seed),
-            "seeds": len(per_seed)}
-        n = min(len(v) for v in per_problem.values())
-        for k in ks:
-            if k <= n:
-                entry[f"pass@{k}"] = 100 * statistics.mean(
-                    pass_at_k(len(v), sum(o.passed_all for o in v), k)
-                    for v in per_problem.values())
-        by_group: dict[str, dict[int, list[Outcome]]] = defaultdict(lambda: defaultdict(list))
-        for o in rows:
-            by_group[groups.get(o.problem_id, "all")][o.seed].append(o)
-        entry["by_group"] = {g: {
-            "pass_rate": mean_std([100 * statistics.mean(o.pass_rate for o in r)
-                                   for r in s.values()]),
-            "strict_accuracy": mean_std([100 * statistics.mean(o.passed_all for o in r)
-                                         for r in s.values()])}
-            for g, s in sorted(by_group.items())}
-        out[solver] = entry
-    return out
-
-
-def cell(stat: dict[str, float]) -> str:
-    return f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-
-
-def markdown(result: dict, order: list[str], ks: list[int], note: str = "") -> str:
-    groups = sorted({g for r in result.values() for g in r.get("by_group", {})})
-    head = ["solver", "pass rate", "strict acc.", *[f"pass@{k}" for k in ks], "tokens",
-            "seconds", *[f"{g} (strict)" for g in groups]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for solver in [s for s in order if s in result]:
-        r = result[solver]
-        cells = [solver, cell(r["pass_rate"]), cell(r["strict_accuracy"]),
-                 *[f"{r[f'pass@{k}']:.1f}" if f"pass@{k}" in r else "" for k in ks],
-                 f"{r['tokens']:.0f}",
-                 "" if r.get("seconds") is None else f"{r['seconds']:.1f}",
-                 *[cell(r["by_group"][g]["strict_accuracy"]) if g in r.get("by_group", {})
-                   else "" for g in groups]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + ("\n\n" + note if note else "") + "\n"
-
-
-def figures(result: dict, order: list[str], groups: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in order if n in result]
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1))
-    ax.barh(names, [result[n]["strict_accuracy"]["mean"] for n in names],
-            xerr=[result[n]["strict_accuracy"]["std"] for n in names], color="C0")
-    ax.invert_yaxis()
-    ax.set_xlabel("strict accuracy on hidden tests (%), mean ± std over seeds")
-    fig.tight_layout()
-    rows = [n for n in names if result[n].get("by_group")]
-    heat, hx = plt.subplots(figsize=(1.2 * len(groups) + 2, 0.35 * len(rows) + 1))
-    image = hx.imshow([[result[n]["by_group"].get(g, {}).get("strict_accuracy", {})
-                        .get("mean", 0) for g in groups] for n in rows], cmap="viridis",
-                      aspect="auto")
-    hx.set_xticks(range(len(groups)), groups, rotation=45)
-    hx.set_yticks(range(len(rows)), rows)
-    heat.colorbar(image, label="strict accuracy (%)")
-    heat.tight_layout()
-    return fig, heat
-
-

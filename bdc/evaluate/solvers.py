@@ -27,7 +27,8 @@ from bdc.config import Params
 from bdc.disentangle.experts import BASE_ADAPTER, FULL, expert_name
 from bdc.disentangle.routing import route
 from bdc.evaluate.claims import claims, own_cluster
-from bdc.evaluate.runner import Outcome, Runner, keep_json, mean_std, restore_json, table
+from bdc.evaluate.runner import Outcome, Runner, keep_json, restore_json
+from bdc.evaluate.table import mean_std, per_problem, table
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import Problem
 from bdc.reuse import code_version, digest, folder_digest, identity
@@ -262,9 +263,11 @@ class Evaluation:
     reused: list[str]  # the System-1 chunks restored from an earlier run's kept work
 
 
-# the code that makes evaluate's programs and scores, in the keys of its kept work
-SYSTEM1_CODE = ("evaluate", "llm", "customize", "disentangle", "sandbox", "problems/format.py")
-SYSTEM2_CODE = ("evaluate", "llm", "boost", "sandbox", "problems/format.py")
+# the code that makes evaluate's programs and scores, in the keys of its kept work (not the
+# table's statistics or the claims: a change there re-tabulates, it never regenerates)
+SYSTEM1_CODE = ("evaluate/runner.py", "evaluate/solvers.py", "llm", "customize", "disentangle",
+                "sandbox", "problems/format.py")
+SYSTEM2_CODE = ("evaluate/solvers.py", "llm", "boost", "sandbox", "problems/format.py")
 
 
 def finished_dirs(params: Params, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -336,7 +339,8 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
                               kept[1] if kept else None))
         phase("System-2 searched")
     routes = dict(zip([p.id for p in test], route(test, clusters_dir).tolist(), strict=True))
-    measured = claims(result, experts, own_cluster(outcomes, routes, experts))
+    problems = per_problem(outcomes)
+    measured = claims(result, experts, own_cluster(problems, routes, experts), problems)
     order = [BASE, FULL, *experts, "oracle expert", *merges, "arrow", "customized",
              *[n for n in result if n.startswith("System-2")]]
     return Evaluation(outcomes, result, measured, order, runner.reused)

@@ -7,8 +7,8 @@ expert of the cluster the problem's family's training records fell in: mini only
 uniform, linear, TIES and DARE merges; Arrow; the customized solver. System-2 rows: the
 tree of agents and each agent's own tree, at the explore budget.
 
-Finished work is kept in ``var/evaluate/`` as it finishes (each solver group's programs and
-scores for one seed, each System-2 method's seed), named by everything that made it: a
+Finished work is kept in ``var/evaluate/`` as it finishes (each solver's programs and
+scores, each System-2 method's seed), named by everything that made it: a
 killed or failed run resumes where it stopped; anything changed starts afresh.
 """
 
@@ -21,8 +21,9 @@ from pathlib import Path
 from bdc import artifacts
 from bdc.config import Params
 from bdc.disentangle.routing import require_same_clusters
-from bdc.evaluate.runner import figures, markdown
+from bdc.evaluate.claims import lines
 from bdc.evaluate.solvers import evaluate_all, finished_dirs, group_of, home_clusters
+from bdc.evaluate.table import figures, markdown
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
 from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
@@ -67,12 +68,14 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         no_expert = sorted({str(p.meta["family"]) for p in test  # (HumanEval has none)
                             if home and p.meta.get("family") and p.meta["family"] not in home})
         note = (f"{len(test)} test problems; hidden tests; {len(s.seeds)} seeds ({sampling}); "
-                "mean ± sample std over the seeds; tokens and seconds per seed."
+                "mean ± sample std over the seeds; the 95% CI: percentile bootstrap over "
+                "problems; tokens and seconds per seed."
                 + (" Generated on vLLM (Arrow on transformers: vLLM has no per-token "
                    "router)." if s.engine == "vllm" else "")
                 + (f" Families without training records (the oracle uses the base model): "
                    f"{', '.join(no_expert)}." if no_expert else ""))
-        md = markdown(result, order, s.ks, note)
+        md = markdown(result, order, s.ks, note) + "\nClaims (strict accuracy, paired over " \
+            "problems; a claim holds only where its interval excludes zero):\n\n" + lines(measured)
         write_jsonl(out_dir / artifacts.SAMPLES, [o.__dict__ for o in outcomes])
         with atomic_open(out_dir / artifacts.TABLE_JSON) as f:
             json.dump({"solvers": result, "claims": measured, "order": order,

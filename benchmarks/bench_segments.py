@@ -4,11 +4,12 @@ replies stopping once their program is written (``bdc.llm.system1.generate_rows`
 same rows in the same run.
 
     .venv/bin/python benchmarks/bench_segments.py [--profile small] [--problems 28]
-        [--adapters full,cluster_0] [--temperature 0.2] [--greedy]
+        [--adapters full,cluster_0] [--greedy]
 
 Uses the profile's experts and test problems (run the pipeline first) and its evaluate
 settings (``max_new_tokens``, ``temperature``, ``batch``: rows per batch). Prints tokens/s and
-wall time of both, their ratio, and how many programs are equal (under ``--greedy`` they
+wall time of both, their ratio (both changes at once: fewer tokens, and fewer rows computed
+per step), and how many programs are equal (under ``--greedy`` they
 should all be: the same tokens up to where the program ends; sampled, the random draws
 differ once rows leave the batch).
 """

@@ -33,10 +33,9 @@ def test_metrics_are_the_hand_computed_values():
     assert t["by_group"]["x"]["strict_accuracy"]["mean"] == pytest.approx(100 * 2 / 3)
     assert t["by_group"]["y"]["pass_rate"]["mean"] == pytest.approx(100 * (0.5 + 1 + .25) / 3)
     assert t["tokens"] == 20 and t["seconds"] == pytest.approx(1.0)  # per seed
-    # over problems (a: 2 of 3 seeds, b: 1 of 3), resampled: the means 33.3, 50 or 66.7
-    assert t["strict_interval"] == pytest.approx([100 / 3, 200 / 3]) and t["problems"] == 2
+    assert t["strict_interval"] is None and t["problems"] == 2  # too few for an interval
     md = markdown({"s": t}, ["s"], [1, 3], "note")
-    assert "| s | 62.5 ± 45.1 | 50.0 ± 50.0 | 33.3 to 66.7 | 50.0 | 100.0 |" in md
+    assert "| s | 62.5 ± 45.1 | 50.0 ± 50.0 |  | 50.0 | 100.0 |" in md
     assert md.endswith("note\n")
 
 
@@ -185,6 +184,9 @@ def test_a_claim_is_paired_over_problems_and_holds_only_where_its_interval_exclu
     assert high - low > 15
     assert paired(mixed, base)["verdict"] == "undecided"
     assert paired(base, better)["verdict"] == "worse"
+    few = {p: better[p] for p in list(better)[:9]}  # 9 problems: no interval, no verdict
+    assert paired(few, base) | {"difference": 0} == {"difference": 0, "interval": None,
+                                                    "problems": 9, "verdict": "undecided"}
 
     def row(values):
         return {"strict_accuracy": {"mean": sum(values.values()) / len(values), "std": 0.0}}
@@ -197,4 +199,26 @@ def test_a_claim_is_paired_over_problems_and_holds_only_where_its_interval_exclu
     assert c["C_customized_vs_uniform"]["verdict"] == "undecided"
     text = lines(c)
     assert "customized vs full: +10.0 points (95% CI +10.0 to +10.0 over 30 problems: " \
-        "better)" in text and "C: not measured" in text  # no Arrow row here
+        "better)\n" in text and "- C: not measured\n" in text  # no Arrow row here
+
+
+def test_the_oracle_takes_its_home_expert_s_rows_and_the_base_s_where_there_is_none():
+    """The oracle's rows are copies of its home expert's (the same sample, so the oracle and
+    the experts are compared on the same programs); a family with no expert takes the base's
+    rows; each seed keeps its own row."""
+    from bdc.evaluate.solvers import oracle_rows
+    from bdc.problems.format import Problem
+
+    def problem(family):
+        return Problem(id=f"t/{family}", source="mini", prompt="p", kind="stdio",
+                       tests={"hidden": [{"input": "", "output": "1"}]},
+                       meta={"family": family})
+
+    test = [problem("arith"), problem("string")]
+    rows = [Outcome(solver, seed, p.id, f"{solver}-{seed}-{p.id}", [], 5, 0.1, 1.0, True)
+            for solver in ("base", "full", "cluster_0", "cluster_1") for seed in (0, 1)
+            for p in test]
+    oracle = oracle_rows(rows, test, {"arith": 1})
+    assert [(o.solver, o.seed, o.program) for o in oracle] == [
+        ("oracle expert", 0, "cluster_1-0-t/arith"), ("oracle expert", 0, "base-0-t/string"),
+        ("oracle expert", 1, "cluster_1-1-t/arith"), ("oracle expert", 1, "base-1-t/string")]

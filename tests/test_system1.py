@@ -45,6 +45,10 @@ def test_when_a_program_is_written():
     usage = "```python\nprint(f(2))\n```\n"  # a block with no function does not end it
     assert not chat.written(usage) and not chat.written(usage + "```python\ndef f(x):\n")
     assert chat.written(usage + "```python\ndef f(x):\n    return 1\n```")
+    # a closed block, then the trained header: the reply stays zero-shot, its program f
+    first = "```python\ndef f(x):\n    return x\n```\n"
+    later = first + chat.code_header + "def g(x):\n    return 2\n```"
+    assert chat.written(first) and chat.parse(first) == chat.parse(later)
     mini = MiniTemplate("</s>")
     assert not mini.written("1. add\n" + CODE_HEADER + "def f(x):\n    return x\n")
     assert mini.written("1. add\n" + CODE_HEADER + "def f(x):\n    return x\n\n###")
@@ -93,6 +97,14 @@ def test_finished_rows_leave_the_batch_and_each_row_keeps_its_own_state(solver_m
     segmented = run(4)
     assert sizes[0] == len(prompts) and min(sizes) < len(prompts)  # rows left the batch
     assert len({len(r) for r in static}) > 1  # rows really ended at different points
+    # each row ends at its end of text, at the limit, or at the token that wrote its
+    # program: not one token later (a stopped row is padded; the padding is not counted)
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    for row in segmented:
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        assert row[-1] in ends or len(row) == 48 or (
+            template.written(text) and not template.written(
+                tokenizer.decode(row[:-1], skip_special_tokens=True)))
     same = sum(a == b for a, b in zip(static, segmented, strict=True))
     # a greedy near-tie can flip under another batch shape on some CPU: not a row set
     assert same >= len(prompts) - 1, (same, len(prompts))

@@ -65,12 +65,14 @@ def lines(measured: dict) -> str:
     """One line per claim's comparison, for the table's reader."""
     def line(label: str, g: dict | None) -> str:
         if g is None:
-            return f"- {label}: not measured"
+            return f"- {label}: not measured\n"
         text = f"- {label}: {g['solver']} vs {g['baseline']}: {g['difference']:+.1f} points"
-        if "interval" in g:
+        if g.get("interval"):
             low, high = g["interval"]
             text += (f" (95% CI {low:+.1f} to {high:+.1f} over {g['problems']} problems: "
                      f"{g['verdict']})")
+        elif "problems" in g:
+            text += f" ({g['problems']} problems: too few for an interval)"
         else:
             text += " (totals over problems: no interval)"
         return text + "\n"

@@ -26,13 +26,15 @@ from bdc.sandbox.scoring import pass_at_k
 
 DRAWS = 10_000  # bootstrap resamples (a fixed generator: the same rows, the same interval)
 LEVEL = 0.95
+MIN_PROBLEMS = 10  # below this a percentile bootstrap covers far less than it says: none
 
 
-def interval(values: list[float] | np.ndarray, seed: int = 0) -> list[float]:
-    """The 95 % percentile-bootstrap interval of the mean of ``values`` (one per problem)."""
+def interval(values: list[float] | np.ndarray, seed: int = 0) -> list[float] | None:
+    """The 95 % percentile-bootstrap interval of the mean of ``values`` (one per problem);
+    None for fewer than ``MIN_PROBLEMS`` values."""
     values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return [float(values.mean()), float(values.mean())] if len(values) else [0.0, 0.0]
+    if len(values) < MIN_PROBLEMS:
+        return None
     draws = np.random.default_rng(seed).integers(0, len(values), (DRAWS, len(values)))
     low, high = np.percentile(values[draws].mean(1), [50 * (1 - LEVEL), 50 * (1 + LEVEL)])
     return [float(low), float(high)]
@@ -49,15 +51,17 @@ def per_problem(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
 def paired(a: dict[str, float], b: dict[str, float]) -> dict | None:
     """Solver a minus solver b on the problems both ran: the mean difference and its 95 %
     interval over problems (paired: the same problems resampled for both). ``verdict``:
-    ``better`` or ``worse`` when the interval excludes zero, else ``undecided``."""
+    ``better`` or ``worse`` when the interval excludes zero, else ``undecided`` (also
+    without an interval: fewer than ``MIN_PROBLEMS`` problems)."""
     common = sorted(set(a) & set(b))
     if not common:
         return None
     diffs = [a[p] - b[p] for p in common]
-    low, high = interval(diffs)
-    return {"difference": statistics.mean(diffs), "interval": [low, high],
-            "problems": len(common),
-            "verdict": "better" if low > 0 else "worse" if high < 0 else "undecided"}
+    bounds = interval(diffs)
+    verdict = "undecided" if bounds is None or bounds[0] <= 0 <= bounds[1] else \
+        "better" if bounds[0] > 0 else "worse"
+    return {"difference": statistics.mean(diffs), "interval": bounds,
+            "problems": len(common), "verdict": verdict}
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

@@ -90,21 +90,29 @@ class ChatTemplate:
         return Example(head.input + head.output,
                        program.rstrip("\n") + "\n```" + (self.tokenizer.eos_token or ""))
 
+    def trained(self, completion: str) -> bool:
+        """Whether the reply is in the trained format: its first fence opens the code
+        header's block (a header after another block does not make it one, so neither
+        :meth:`parse` nor :meth:`written` changes its mind as the reply goes on)."""
+        at = completion.find(self.code_header)
+        return at >= 0 and completion.find("```") == at + self.code_header.index("```")
+
     def parse(self, completion: str) -> tuple[list[str], str]:
         """The plan and the program: in the trained format after the code header; in a
         zero-shot reply (prose, several blocks, a cut-off fence) as :func:`program_in`
         finds it."""
-        plan, header, rest = completion.partition(self.code_header)
-        if header:
+        if self.trained(completion):
+            plan, _, rest = completion.partition(self.code_header)
             return parse_steps(plan), rest.split("```", 1)[0]
         return parse_steps(completion.split("```", 1)[0]), program_in(completion)
 
     def written(self, completion: str) -> bool:
-        """Whether the program :meth:`parse` takes is complete: the trained format's block
-        closed, or (a zero-shot reply) a closed block that defines a function, the block
-        :func:`program_in` takes whatever follows."""
-        plan, header, rest = completion.partition(self.code_header)
-        return "```" in rest if header else program_closed(completion)
+        """Whether the program :meth:`parse` takes is complete (more text cannot change
+        it): the trained format's block closed, or (a zero-shot reply) a closed block that
+        defines a function, the block :func:`program_in` takes whatever follows."""
+        if self.trained(completion):
+            return "```" in completion.partition(self.code_header)[2]
+        return program_closed(completion)
 
 
 def template_for(tokenizer, kind: str = "auto") -> MiniTemplate | ChatTemplate:
@@ -131,17 +139,22 @@ class ProgramWritten:
 
     def __init__(self, tokenizer, template, prompt_length: int) -> None:
         self.tokenizer, self.template, self.start = tokenizer, template, prompt_length
+        self.lengths: dict[int, int] = {}  # row of this call's batch -> new tokens, when done
 
     def __call__(self, input_ids, scores=None, **kwargs):
         import torch
 
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-        return torch.tensor([self.template.written(t) for t in texts], device=input_ids.device)
+        done = [self.template.written(t) for t in texts]
+        for i in (i for i, d in enumerate(done) if d):  # the first step it held (a stopped
+            self.lengths.setdefault(i, input_ids.shape[1] - self.start)  # row is padded)
+        return torch.tensor(done, device=input_ids.device)
 
 
 def generate_rows(model, tokenizer, template, enc, per_row: dict, max_new_tokens: int,
                   segment: int = SEGMENT, **generate_kwargs) -> list:
-    """Each row's new tokens (up to and with its end token). A static batch computes every
+    """Each row's new tokens (up to and with its end of text, or up to where its program was
+    written). A static batch computes every
     row until its longest one ends: on a CPU, with a few replies running to the token limit,
     most of a batch's steps were spent on rows already finished. So generation runs in
     segments of ``segment`` tokens, continuing from the KV cache (transformers' cache reuse),
@@ -153,37 +166,43 @@ def generate_rows(model, tokenizer, template, enc, per_row: dict, max_new_tokens
     ids, mask = enc["input_ids"], enc["attention_mask"]
     prompt_length = ids.shape[1]
     stop = ProgramWritten(tokenizer, template, prompt_length)
-    ends = [t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id} if t is not None]
-    rows = torch.arange(len(ids))
+    ends = torch.tensor([t for t in {tokenizer.eos_token_id, tokenizer.pad_token_id}
+                         if t is not None], device=ids.device)
+    rows = list(range(len(ids)))  # each row of the current batch: its place in ``enc``
     done: dict[int, torch.Tensor] = {}
     cache = None
     while True:
         written = ids.shape[1] - prompt_length
+        stop.lengths = {}
         out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
                              max_new_tokens=min(segment, max_new_tokens - written),
                              stopping_criteria=[stop], return_dict_in_generate=True,
                              **per_row, **generate_kwargs)
         seq, cache = out.sequences, out.cache
-        ended = torch.isin(seq[:, ids.shape[1]:], torch.tensor(ends)).any(1) | stop(seq)
+        ended = torch.isin(seq[:, ids.shape[1]:], ends).any(1) | stop(seq)
         if seq.shape[1] - prompt_length >= max_new_tokens:
             ended[:] = True
         for i in ended.nonzero().flatten().tolist():
-            done[int(rows[i])] = trim(seq[i, prompt_length:], ends)
+            new = seq[i, prompt_length:]
+            done[rows[i]] = new[:stop.lengths[i]] if i in stop.lengths else trim(new, ends)
         keep = (~ended).nonzero().flatten()
         if not len(keep):
             return [done[i] for i in range(len(enc["input_ids"]))]
         cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(len(mask), seq.shape[1] - mask.shape[1])], 1)
-        ids, mask, rows = seq[keep], mask[keep], rows[keep]
-        per_row = {k: v[keep] if isinstance(v, torch.Tensor) else [v[i] for i in keep.tolist()]
-                   for k, v in per_row.items()}
+        ids, mask = seq[keep], mask[keep]
+        kept = keep.tolist()
+        rows = [rows[i] for i in kept]
+        per_row = {k: v[keep.to(v.device)] if isinstance(v, torch.Tensor) else
+                   [v[i] for i in kept] for k, v in per_row.items()}
 
 
-def trim(tokens, ends: list[int]):
-    """``tokens`` up to and with the first end token (what follows is padding)."""
+def trim(tokens, ends):
+    """``tokens`` up to and with the first end token (``ends``: a tensor of token ids; what
+    follows it is padding)."""
     import torch
 
-    at = torch.isin(tokens, torch.tensor(ends)).nonzero()
+    at = torch.isin(tokens, ends).nonzero()
     return tokens if not len(at) else tokens[:int(at[0]) + 1]
 
 

@@ -154,9 +154,9 @@ class ProgramWritten:
 def generate_rows(model, tokenizer, template, enc, per_row: dict, max_new_tokens: int,
                   segment: int = SEGMENT, **generate_kwargs) -> list:
     """Each row's new tokens (up to and with its end of text, or up to where its program was
-    written). A static batch computes every
-    row until its longest one ends: on a CPU, with a few replies running to the token limit,
-    most of a batch's steps were spent on rows already finished. So generation runs in
+    written). A static batch computes every row until its longest one ends: on a CPU, with a
+    few replies running to the token limit, most of a batch's steps were spent on rows
+    already finished. So generation runs in
     segments of ``segment`` tokens, continuing from the KV cache (transformers' cache reuse),
     and between segments the rows that ended (end of text, or :class:`ProgramWritten`) leave
     the batch and the cache. ``per_row``: generate arguments with one entry per row

@@ -53,13 +53,16 @@ def test_claims_compare_with_the_right_baselines():
 
     result = {"full": row(10), "customized": row(15), "merge_uniform": row(5),
               "arrow": row(1), "oracle expert": row(12), "System-2: tree(a+b)": row(50),
-              "System-2: tree(a)": row(0)}
+              "System-2: tree(a)": row(0), "System-2: best-of-N(a+b)": row(45)}
     c = claims(result, ["cluster_0"], {})
     assert c["C_customized_vs_full"]["difference"] == 5
     assert c["C_customized_vs_uniform"]["difference"] == 10
     assert c["D_oracle_vs_full"]["difference"] == 2
-    assert c["B_tree_vs_each_agent"] == [{"solver": "System-2: tree(a+b)",
-                                          "baseline": "System-2: tree(a)", "difference": 50}]
+    # B: against each agent's own tree and against best-of-N pooled over the agents
+    assert c["B_tree_vs_baselines"] == [
+        {"solver": "System-2: tree(a+b)", "baseline": "System-2: tree(a)", "difference": 50},
+        {"solver": "System-2: tree(a+b)", "baseline": "System-2: best-of-N(a+b)",
+         "difference": 5}]
 
 
 def test_programs_are_scored_while_the_next_batch_generates():

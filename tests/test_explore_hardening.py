@@ -241,6 +241,26 @@ def test_comparison_reports_the_sample_std_and_says_when_seeds_cannot_differ():
     assert "0.600 ± 0.100 (t=0)" in table and "measures nothing" in table
 
 
+def test_a_method_s_run_says_which_problems_it_solved(sandbox):
+    """B had no interval over problems: a System-2 method's run kept only totals. Its run now
+    names each problem it solved on the hidden tests (the same problems the totals count),
+    and the summary over seeds still averages only the figures."""
+    import asyncio
+
+    from bdc.boost.compare import Method, run_method, summarise
+
+    problems = PROBLEMS[:3]
+    right = {p.id: p.meta["reference"]["program"] for p in problems[:2]}  # not the third
+    agent = ScriptedAgent("a", lambda v, th, w, s: [("plan", 0.5)],
+                          lambda v, th, n, s: [right.get(v.id, "def f(*a):\n    return 0\n")] * n)
+    settings = params().explore
+    run = asyncio.run(run_method(Method("t", "best_of_n", (agent,)), problems, settings,
+                                 sandbox, 0))
+    assert run["solved"] == {problems[0].id: 1, problems[1].id: 1, problems[2].id: 0}
+    assert run["hidden_solve_rate"] == pytest.approx(2 / 3)
+    assert "solved" not in summarise([run, run]) and summarise([run])["runs"] == [run]
+
+
 def test_every_method_counts_what_it_executed_and_generated(sandbox):
     """Bug: best-of-N generated all N programs (and counted their tokens) but counted only
     those before the first public pass as its budget."""

@@ -54,10 +54,12 @@ def methods(team: str, agents: list[Agent]) -> list[Method]:
 
 async def run_method(method: Method, problems: list[Problem], settings: ExploreSettings,
                      sandbox: Sandbox, seed: int) -> dict:
-    """One method on every problem with one seed: what it solved and what it spent."""
+    """One method on every problem with one seed: what it solved and what it spent, and
+    which problems it solved (``solved``: problem id -> 1 or 0, for intervals over
+    problems; a problem that could not be searched is absent)."""
     search = settings.search
     agents = list(method.agents)
-    results: list[tuple[Tree, ExecutionResult | None]] = []
+    results: list[tuple[str, Tree, ExecutionResult | None]] = []
     failed: list[str] = []
 
     def run_one(view: PublicView, executor: ThreadPoolExecutor):
@@ -67,22 +69,24 @@ async def run_method(method: Method, problems: list[Problem], settings: ExploreS
                          search.stop_when_solved, search.feedback_tests)
 
     await search_all(problems, agents, settings, sandbox, seed,
-                     lambda p, tree, hidden: results.append((tree, hidden)),
+                     lambda p, tree, hidden: results.append((p.id, tree, hidden)),
                      lambda p, exc: failed.append(p.id), run_one)
     n = len(problems)
-    return {"hidden_solve_rate": sum(h is not None and h.status == "passed"
-                                     for _, h in results) / n,
-            "hidden_pass_rate": sum(h.pass_rate for _, h in results if h is not None) / n,
-            "programs_per_problem": sum(t.programs for t, _ in results) / n,
-            "tokens_per_problem": sum(t.tokens for t, _ in results) / n,
-            "failed_problems": len(failed)}
+    solved = {pid: int(h is not None and h.status == "passed") for pid, _, h in results}
+    return {"hidden_solve_rate": sum(solved.values()) / n,
+            "hidden_pass_rate": sum(h.pass_rate for _, _, h in results if h is not None) / n,
+            "programs_per_problem": sum(t.programs for _, t, _ in results) / n,
+            "tokens_per_problem": sum(t.tokens for _, t, _ in results) / n,
+            "failed_problems": len(failed),
+            "solved": dict(sorted(solved.items()))}
 
 
 def summarise(rows: list[dict]) -> dict:
-    """Mean and sample standard deviation (n - 1) of every figure over the seeds."""
+    """Mean and sample standard deviation (n - 1) of every figure over the seeds (the
+    per-problem ``solved`` stays in ``runs``)."""
     return {key: {"mean": statistics.mean(r[key] for r in rows),
                   "std": statistics.stdev(r[key] for r in rows) if len(rows) > 1 else 0.0}
-            for key in rows[0]} | {"runs": rows}
+            for key in rows[0] if key != "solved"} | {"runs": rows}
 
 
 async def compare(teams: dict[str, list[Agent]], problems: list[Problem],

@@ -1,22 +1,20 @@
 """Every System-1 solver the pipeline made, run on the same test problems through the same
-batched paths, and the System-2 side for reference.
+batched paths, and the System-2 side for reference (:mod:`bdc.evaluate.system2`).
 
 Solvers: the base model; the full-data LoRA; each expert alone; the oracle expert (the
 expert of the cluster the problem's family's training records fell in: mini only); the
 uniform, linear, TIES and DARE merges; Arrow; the customized solver. A solver's replicates
 (one per seed) of every problem share batches (or, on ``evaluate.engine: vllm``, one served
-adapter per request). System-2 rows: the tree of agents and each agent's own tree, at the
-explore budget.
+adapter per request). System-2 rows: the tree of agents, each agent's own tree and best-of-N
+pooled over the agents, at the explore budget.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import functools
 import logging
-import statistics
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -27,8 +25,9 @@ from bdc.config import Params
 from bdc.disentangle.experts import BASE_ADAPTER, FULL, expert_name
 from bdc.disentangle.routing import route
 from bdc.evaluate.claims import claims, own_cluster
-from bdc.evaluate.runner import Outcome, Runner, keep_json, restore_json
-from bdc.evaluate.table import mean_std, per_problem, table
+from bdc.evaluate.runner import Outcome, Runner
+from bdc.evaluate.system2 import system2
+from bdc.evaluate.table import per_problem, table
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import Problem
 from bdc.reuse import code_version, digest, folder_digest, identity
@@ -60,55 +59,6 @@ def oracle_adapter(problem: Problem, home: dict[str, int]) -> str:
     table lists those families under ``oracle_without_expert``)."""
     family = problem.meta.get("family")
     return expert_name(home[family]) if family in home else BASE_ADAPTER
-
-
-def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
-            folder: Path | None = None) -> dict:
-    """The tree of agents and each agent's own tree on the test problems (reference). Each
-    method's seed is kept in ``folder`` as it finishes and restored from there; the agents'
-    models load only when something is left to search."""
-    from bdc.boost.compare import Method, method_name, run_method
-    from bdc.boost.exploration import closing, make_agents
-
-    names = list(params.explore.agents)
-    teams = [tuple(names), *[(n,) for n in names]] if len(names) > 1 else [tuple(names)]
-    agents: dict = {}
-
-    async def one(members: tuple[str, ...], seed: int) -> dict:
-        path = folder / f"system2.{'+'.join(members)}.seed{seed}.json" if folder else None
-        if path and (kept := restore_json(path)) is not None:
-            return kept
-        if not agents:
-            made = make_agents(params.explore.agents, params.explore.cpu_threads,
-                               params.vllm)
-            agents.update({a.name: a for a in made})
-        run = await run_method(Method("system2", "tree", tuple(agents[n] for n in members)),
-                               test, params.explore, sandbox, seed)
-        if path and not run["failed_problems"]:  # a failed problem is searched again
-            keep_json(path, run)
-        return run
-
-    async def all_runs() -> dict:
-        out = {}
-        for members in teams:
-            runs = [await one(members, seed) for seed in seeds]
-            out[f"System-2: {method_name('tree', members)}"] = {
-                "pass_rate": mean_std([100 * r["hidden_pass_rate"] for r in runs]),
-                "strict_accuracy": mean_std([100 * r["hidden_solve_rate"] for r in runs]),
-                "tokens": statistics.mean(r["tokens_per_problem"] for r in runs) * len(test),
-                "programs_per_problem": statistics.mean(r["programs_per_problem"]
-                                                        for r in runs),
-                "seconds": None, "seeds": len(runs), "by_group": {}}
-        return out
-
-    async def then_close() -> dict:
-        try:
-            return await all_runs()
-        finally:
-            if agents:
-                await closing(list(agents.values()), asyncio.sleep(0))
-
-    return asyncio.run(then_close())
 
 
 def adapter_solver_names(manifest: dict) -> list[tuple[str, str]]:
@@ -267,7 +217,8 @@ class Evaluation:
 # table's statistics or the claims: a change there re-tabulates, it never regenerates)
 SYSTEM1_CODE = ("evaluate/runner.py", "evaluate/solvers.py", "llm", "customize", "disentangle",
                 "sandbox", "problems/format.py")
-SYSTEM2_CODE = ("evaluate/solvers.py", "llm", "boost", "sandbox", "problems/format.py")
+SYSTEM2_CODE = ("evaluate/system2.py", "evaluate/runner.py", "llm", "boost", "sandbox",
+                "problems/format.py")
 
 
 def finished_dirs(params: Params, test: list[Problem], experts_dir: Path, clusters_dir: Path,
@@ -334,12 +285,14 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
         outcomes += oracle_rows(outcomes, test, home)
     phase("programs scored")
     result = table(outcomes, groups, s.seeds, s.ks)
+    problems = per_problem(outcomes)
     if s.system2:
-        result.update(system2(params, test, s.system2_seeds or s.seeds, sandbox,
-                              kept[1] if kept else None))
+        rows, searched = system2(params, test, s.system2_seeds or s.seeds, sandbox,
+                                 kept[1] if kept else None)
+        result.update(rows)
+        problems.update(searched)
         phase("System-2 searched")
     routes = dict(zip([p.id for p in test], route(test, clusters_dir).tolist(), strict=True))
-    problems = per_problem(outcomes)
     measured = claims(result, experts, own_cluster(problems, routes, experts), problems)
     order = [BASE, FULL, *experts, "oracle expert", *merges, "arrow", "customized",
              *[n for n in result if n.startswith("System-2")]]

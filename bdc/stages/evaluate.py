@@ -5,7 +5,8 @@ and the answer to "did Boost, Disentangle and Customize each help?" as measured.
 Solvers: the base model; the full-data LoRA; each expert alone; the oracle expert (the
 expert of the cluster the problem's family's training records fell in: mini only); the
 uniform, linear, TIES and DARE merges; Arrow; the customized solver. System-2 rows: the
-tree of agents and each agent's own tree, at the explore budget.
+tree of agents, each agent's own tree and best-of-N pooled over the agents, at the explore
+budget.
 
 Finished work is kept in ``var/evaluate/`` as it finishes (each solver's programs and
 scores, each System-2 method's seed), named by everything that made it: a
@@ -33,7 +34,7 @@ from bdc.runtime import state_dir
 log = logging.getLogger(__name__)
 # the numbers `dvc metrics show` shows (the claims' solvers); every solver's go to
 # data/metrics/details/evaluate.json and the table
-# (and the System-2 tree of all agents, whatever their names)
+# (and the System-2 tree of all agents and their pooled best-of-N, whatever their names)
 HEADLINE = tuple(f"{solver}.strict_accuracy" for solver in (
     "base", "full", "oracle expert", "merge_uniform", "arrow", "customized"))
 
@@ -88,7 +89,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
             "strict_accuracy_std": round(r["strict_accuracy"]["std"], 2)}
             for name, r in result.items()}
         trees = tuple(f"{n}.strict_accuracy" for n in headline  # the agents' own names
-                      if n.startswith("system2.tree(") and "+" in n)
+                      if n.startswith("system2.") and "+" in n)
         write_metrics(metrics_path, headline, HEADLINE + trees)
         with atomic_open(plots_dir / "eval_solvers.csv") as f:
             f.write("solver,strict_accuracy,std,pass_rate\n" + "".join(

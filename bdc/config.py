@@ -192,18 +192,41 @@ class AgentSettings(Strict):
     price_output_per_mtok: float = Field(0.0, ge=0)
 
 
+class TLSSettings(Strict):
+    """Dask's mutual TLS for a cluster others can reach (``tls://`` addresses): PEM files of
+    the certificate authority that signed the cluster's certificates and of this client's own
+    certificate and private key. The scheduler admits only peers whose certificate its CA
+    signed, and everything between them is encrypted. Paths only: the key's contents are
+    never read into the settings, MLflow or a log."""
+
+    ca_file: str = Field(description="the cluster's certificate authority (PEM)")
+    cert_file: str = Field(description="this client's certificate, signed by that CA (PEM)")
+    key_file: str = Field(description="this client's private key (PEM)")
+
+
 class ClusterSettings(Strict):
     """Where explore's problems are searched: this process (the default) or a Dask cluster,
     in shards of problems, each on a worker with its own sandbox and agents."""
 
     address: str | None = Field(None, description="null: this process; local: start a "
-                                "local cluster of `workers`; tcp://host:8786: a running "
-                                "Dask scheduler")
+                                "local cluster of `workers` (loopback only); "
+                                "tls://host:8786: a running Dask scheduler, with `tls`; "
+                                "tcp://host:8786: one without encryption or authentication "
+                                "(a warning unless on loopback)")
+    tls: TLSSettings | None = Field(None, description="the client's TLS files for a tls:// "
+                                    "address")
     workers: int = Field(2, ge=1, description="processes of a local cluster")
     shard_size: int = Field(32, ge=1, description="problems per task, searched together on "
                             "one worker (a lost worker loses at most its shards in flight)")
     wait_for_workers_s: float = Field(120.0, gt=0, description="a running scheduler with no "
                                       "worker after this long is an error, not a wait")
+
+    @model_validator(mode="after")
+    def _tls_address_needs_tls(self) -> ClusterSettings:
+        if (self.address or "").startswith("tls://") and self.tls is None:
+            raise ValueError(f"address {self.address} is a TLS scheduler: set tls (ca_file, "
+                             "cert_file, key_file) to this client's certificate files")
+        return self
 
 
 class ExploreSettings(Strict):

@@ -42,15 +42,31 @@ def log_tail(log: Path, chars: int = 3000) -> str:
         return ""
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    """Until ``url`` answers 200; fails early, with the log's end, if the process exits."""
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach ``host``: a loopback address or ``localhost`` (any other
+    name may resolve to an interface others reach)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path,
+              headers: dict[str, str] | None = None) -> None:
+    """Until ``url`` answers 200 (sent ``headers``: a server's key); fails early, with the
+    log's end, if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ServiceError(f"{url} did not come up: its process exited "
                                f"({proc.returncode}); see {log}:\n{log_tail(log)}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
+                                        timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):

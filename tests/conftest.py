@@ -166,7 +166,8 @@ def make_project_copy(dest: Path) -> Path:
 @contextlib.contextmanager
 def bdc_serve(model: Path, name: str) -> Iterator[str]:
     """``bdc serve`` over a local model in its own process; yields its OpenAI base URL once
-    it answers, and stops it after."""
+    it answers, and stops it after. With ``BDC_SERVE_API_KEY`` set, the server requires
+    that key."""
     import subprocess
     import time
 
@@ -181,11 +182,13 @@ def bdc_serve(model: Path, name: str) -> Iterator[str]:
                             stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/v1"
+    key = os.environ.get("BDC_SERVE_API_KEY")  # set: the server takes it (and asks for it)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/models", timeout=1, headers=headers).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)

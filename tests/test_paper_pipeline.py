@@ -4,6 +4,8 @@ real protocols."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -77,7 +79,8 @@ def stand_in_params(root, urls: dict[str, str], standins) -> dict:
                   "min_tests": 1}]}
     planner = mini["explore"]["agents"]["planner"]
     agents = {name: {**planner, "backend": "http", "model": name, "base_url": url,
-                     "api_key_env": None, "max_concurrency": 32} for name, url in urls.items()}
+                     "api_key_env": "BDC_SERVE_API_KEY", "max_concurrency": 32}
+              for name, url in urls.items()}
     for agent in agents.values():
         agent.pop("batch_size")
     agents["solver"]["roles"] = ["propose", "write", "refine"]  # it writes its own way too
@@ -104,12 +107,34 @@ def stand_in_params(root, urls: dict[str, str], standins) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_model):
+def files_holding(roots: list[Path], secrets: list[str], skip: Path | None = None
+                  ) -> list[str]:
+    """Every file under ``roots`` (not under ``skip``) whose bytes hold one of ``secrets``
+    (as written, or base64 as in an HTTP basic-auth header)."""
+    import base64
+
+    needles = [n for s in secrets for n in (s.encode(), base64.b64encode(s.encode()))]
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and not (
+                    skip and path.is_relative_to(skip)):
+                data = path.read_bytes()
+                found += [str(path) for n in needles if n in data]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_model,
+                                                 monkeypatch):
     """The paper profile as a team runs it, through the Prefect pipeline flow: its own
     dvc.yaml (no pretrain), APPS / CodeContests / HumanEval / MBPP problems in their native
-    formats, agents over HTTP (`bdc serve`), the paper's LoRA and hypernetwork recipe on the
-    tiny base standing in for the 8B; outputs under paper/data, runs tagged paper, and the
-    mini pipeline's outputs untouched."""
+    formats, agents over HTTP (`bdc serve`, with its API key), the paper's LoRA and
+    hypernetwork recipe on the tiny base standing in for the 8B; outputs under paper/data,
+    runs tagged paper, and the mini pipeline's outputs untouched. The credentials a team's
+    processes hold (the model servers' key, MLflow's and Prefect's) are in no file the
+    pipeline, its servers or its tracking wrote (issue 30)."""
     import asyncio
     import json
     import subprocess
@@ -123,6 +148,13 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     from tests.conftest import bdc_serve
     from tests.test_flows import _artifacts
 
+    # (MLflow's user name is not among them: MLflow records it as each run's user, by design)
+    secrets = {"BDC_SERVE_API_KEY": "sk-bdc-canary-7a1e",
+               "MLFLOW_TRACKING_PASSWORD": "bdc-canary-mlflow-3c9b",
+               "PREFECT_API_AUTH_STRING": "bdc:bdc-canary-prefect-5d0f"}
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bdc")
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
     standins = project / "var" / "standins"
     for pool, name, first_id, difficulty in (("explore", "apps_train", 0, "interview"),
                                              ("test", "apps_test", 4000, "introductory")):
@@ -176,3 +208,12 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     status = subprocess.run(["dvc", "status", f"{PAPER}/dvc.yaml"], cwd=project,
                             capture_output=True, text=True, timeout=120)
     assert "up to date" in status.stdout, status.stdout + status.stderr
+    # the project (outputs, params, dvc.lock, MLflow's store, every log under var/; not its
+    # copy of this test's source) and the Prefect server's home (its database: flow runs,
+    # their parameters and logs)
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME
+
+    prefect_db = Path(PREFECT_API_DATABASE_CONNECTION_URL.value().split("///", 1)[-1])
+    roots = [project, Path(PREFECT_HOME.value()),
+             *([prefect_db.parent] if prefect_db.exists() else [])]
+    assert files_holding(roots, list(secrets.values()), skip=project / "tests") == []

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bdc.llm.vllm_server import free_port
+from bdc.processes import is_loopback
 from tests.conftest import processes_in
 
 pytestmark = pytest.mark.slow
@@ -228,6 +230,12 @@ def test_ui_path_end_to_end(project, tmp_path):
         assert set(state["pids"]) == {"prefect-server", "mlflow-server", "worker-cpu",
                                       "worker-gpu"}
         prefect_url = f"http://127.0.0.1:{prefect_port}"
+        # loopback only (issue 30): a team's servers, with their auth, are set up apart
+        listening = [c.laddr for c in psutil.net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN
+                     and c.laddr.port in (prefect_port, mlflow_port)]
+        assert {a.port for a in listening} == {prefect_port, mlflow_port}
+        assert all(is_loopback(a.ip) for a in listening), listening
         said = started.stderr + started.stdout
         assert "PREFECT_API_URL" in said
         runs_url = next(w for w in said.split() if "workflowType=machine_learning" in w)

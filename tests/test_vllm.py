@@ -18,12 +18,14 @@ import pytest
 import torch
 
 from bdc.config import VLLMSettings
+from bdc.llm.serve import KEY_ENV
 from bdc.llm.vllm_server import Adapter, VLLMServer, free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["cluster_0", "cluster_1", "cluster_2"]
 TOKENS = 40
+KEY = "sk-bdc-vllm-test-9d2e"  # the module's server's key, a canary for its logs
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +85,8 @@ def serving(ci_experts, vllm_python, tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump({"vllm": settings(vllm_python)
                                                       .model_dump()}))
     port, log = free_port(), root / "serve.log"
+    before = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = KEY  # as a team runs it (issue 30): every client sends the key
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "bdc"), "serve", "--engine", "vllm", "--model",
@@ -90,13 +94,18 @@ def serving(ci_experts, vllm_python, tmp_path_factory):
             env={**os.environ, "BDC_PROJECT": str(root)}, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 240, proc, log)
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 240, proc, log,
+                  {"Authorization": f"Bearer {KEY}"})
         yield VLLMServer(base, settings(vllm_python), root, "base", lora_rank=16,
-                         port=port), proc
+                         port=port, api_key_env=KEY_ENV), proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
+        if before is None:
+            os.environ.pop(KEY_ENV, None)
+        else:
+            os.environ[KEY_ENV] = before
 
 
 @pytest.fixture
@@ -145,7 +154,7 @@ def test_agents_served_by_vllm_and_in_process_explore(serving, ci_pretrained, vl
             "planner": {**agent, "backend": "vllm", "model": str(folder / "models/planner"),
                         "roles": ["propose", "refine"], "dtype": "float32"},
             "coder": {**agent, "backend": "http", "model": "base", "roles": ["write"],
-                      "base_url": server.url, "api_key_env": None}},
+                      "base_url": server.url, "api_key_env": KEY_ENV}},
         "search": {"rollouts": 2, "max_programs": 4, "width": 2, "max_depth": 2,
                    "stop_when_solved": True, "simulate_root": False},
         "concurrency": 4}
@@ -329,6 +338,35 @@ def test_a_hub_model_id_is_read_from_the_hub_cache(solver_model, ci_pretrained, 
     assert zero.path.name == local.path.name  # the same shapes as from the local folder
     with pytest.raises(VLLMError, match="acme/missing: no readable model config"):
         VLLMServer("acme/missing", VLLMSettings(), tmp_path).check_model()
+
+
+def test_a_request_without_the_key_gets_401_and_no_generation(served):
+    """`bdc serve --engine vllm` had no key: anyone who reached the port could generate, and
+    load LoRA adapters from any path on the server. Run with one (this module's server),
+    vLLM answers 401 to a request without it or with a wrong one and generates nothing
+    (its own request counters, on its unguarded /metrics, do not move); the key is in no
+    log, nor in the server's command line (vLLM logs its arguments)."""
+    import httpx
+
+    def finished() -> float:
+        text = httpx.get(f"http://127.0.0.1:{served.port}/metrics", timeout=30).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vllm:request_success_total"))
+
+    body = {"model": "base", "prompt": "### Problem", "max_tokens": 4, "temperature": 0}
+    start = finished()
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY}):
+        for path in ("/v1/completions", "/v1/load_lora_adapter"):
+            answer = httpx.post(f"http://127.0.0.1:{served.port}{path}", json=body,
+                                headers=headers, timeout=30)
+            assert answer.status_code == 401, (path, headers, answer.text)
+    assert finished() == start
+    answer = httpx.post(f"{served.url}/completions", json=body, headers=served.headers(),
+                        timeout=120)
+    assert answer.status_code == 200 and finished() == start + 1
+    logs = [*served.root.rglob("*.log")]
+    assert logs and not [p for p in logs if KEY in p.read_text(errors="replace")]
+    assert KEY not in " ".join(served.command())
 
 
 def test_stopping_bdc_serve_leaves_no_process(serving):

@@ -131,17 +131,31 @@ def serve_cmd(
     lora_rank: int | None = typer.Option(None, "--lora-rank", min=1, help="vllm: serve "
                                          "LoRA adapters up to this rank (loaded at runtime)"),
     params: Path | None = typer.Option(None, "--params", help="default: the project's"),
+    api_key_env: str = typer.Option("BDC_SERVE_API_KEY", "--api-key-env", help="environment "
+                                    "variable holding the API key requests must carry "
+                                    "(Authorization: Bearer); unset: no key, loopback only"),
+    allow_open: bool = typer.Option(False, "--allow-open", help="serve on a non-loopback "
+                                    "address without a key (anyone who reaches it can use it)"),
 ) -> None:
     """Serve a local model over the OpenAI HTTP protocol (completions and chat) until
     interrupted (Ctrl-C or SIGTERM). With ``--engine vllm`` the server is vLLM's own,
-    started and waited for; stopping this command stops it and all its processes."""
+    started and waited for; stopping this command stops it and all its processes. With the
+    key's variable set, every request must carry the key (401 otherwise); on an address
+    other than loopback the key is required (or ``--allow-open``)."""
+    from bdc.llm.serve import check_exposure, server_key
+
+    if engine not in ("hf", "vllm"):
+        raise BDCError(f"--engine: hf or vllm, not {engine!r}")
+    key = server_key(api_key_env)
+    if warning := check_exposure(host, key, allow_open, api_key_env):
+        console.say(warning)
+    guard = f"; requests must carry the key in {api_key_env}" if key else ""
     if engine == "hf":
         from bdc.llm.serve import serve
 
-        serve(str(model), host, port, batch_size, name)
+        console.say(f"serving {model} at http://{host}:{port}/v1{guard}; Ctrl-C stops it")
+        serve(str(model), host, port, batch_size, name, key)
         return
-    if engine != "vllm":
-        raise BDCError(f"--engine: hf or vllm, not {engine!r}")
     import signal
 
     from bdc.customize.config import max_lora_rank
@@ -149,9 +163,10 @@ def serve_cmd(
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so the server is stopped
     server = VLLMServer(model, _params(params).vllm, project_root(), name or str(model),
-                        max_lora_rank(lora_rank) if lora_rank else None, port, host)
+                        max_lora_rank(lora_rank) if lora_rank else None, port, host,
+                        api_key_env=api_key_env if key else None)
     with server:
-        console.say(f"vLLM serving {model} as {server.name} at {server.url} (log "
+        console.say(f"vLLM serving {model} as {server.name} at {server.url}{guard} (log "
                     f"{server.log}); Ctrl-C stops it")
         code = server.proc.wait()
     raise BDCError(f"vLLM exited by itself ({code}); see {server.log}")

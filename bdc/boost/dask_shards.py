@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from bdc.config import ClusterSettings
@@ -28,20 +29,49 @@ class ClusterError(BDCError, RuntimeError):
     """The cluster could not be reached or started."""
 
 
+def security(settings: ClusterSettings) -> Any:
+    """Dask's ``Security`` for this client: mutual TLS from ``settings.tls`` (every file
+    checked now, naming its key), else Dask's own configuration. A plain ``tcp://`` address
+    off loopback is warned about: anyone who reaches that scheduler can submit work, which
+    its workers run, and read the problems and trees in flight."""
+    from urllib.parse import urlsplit
+
+    from distributed.security import Security
+
+    from bdc.processes import is_loopback
+
+    host = urlsplit(settings.address or "").hostname or ""
+    if (settings.address or "").startswith("tcp://") and not is_loopback(host):
+        log.warning("explore.cluster.address = %s: plain tcp://, neither encrypted nor "
+                    "authenticated: anyone who can reach the scheduler can submit work, which "
+                    "its workers run (any code), and read the problems and trees in flight; "
+                    "use a tls:// address with explore.cluster.tls", settings.address)
+    if settings.tls is None:
+        return Security()
+    for key in ("ca_file", "cert_file", "key_file"):
+        if not Path(getattr(settings.tls, key)).is_file():
+            raise ClusterError(f"explore.cluster.tls.{key} = {getattr(settings.tls, key)}: "
+                               "no such file")
+    return Security(tls_ca_file=settings.tls.ca_file, tls_client_cert=settings.tls.cert_file,
+                    tls_client_key=settings.tls.key_file, require_encryption=True)
+
+
 @contextmanager
 def dask_client(settings: ClusterSettings) -> Iterator[Any]:
     """A ``distributed.Client``: ``address: local`` starts a cluster of ``workers``
-    processes (one thread each: a shard's searches share one event loop) for the block."""
+    processes (one thread each: a shard's searches share one event loop) for the block, on
+    loopback; any other address is a running scheduler, reached with :func:`security`."""
     from distributed import Client, LocalCluster
 
     if settings.address == "local":
         with LocalCluster(n_workers=settings.workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
+                          dashboard_address=None, silence_logs=logging.WARNING,
+                          host="127.0.0.1") as cluster, \
                 Client(cluster) as client:
             yield client
         return
     try:
-        client = Client(settings.address, timeout=30)
+        client = Client(settings.address, timeout=30, security=security(settings))
     except OSError as exc:
         raise ClusterError(f"explore.cluster.address = {settings.address}: no Dask scheduler "
                            f"answers there ({exc})") from exc

@@ -239,7 +239,8 @@ def finished_dirs(params: Params, test: list[Problem], experts_dir: Path, cluste
                "served": [params.vllm.model_dump(mode="json"),
                           params.customize.fold_precision] if s.engine == "vllm" else None}
     system2 = {**common, "code": code_version(SYSTEM2_CODE),
-               "explore": params.explore.model_dump(mode="json"),
+               # where problems are searched (explore.cluster) never changes what is found
+               "explore": params.explore.model_dump(mode="json", exclude={"cluster"}),
                "agents": {n: identity(a.model) for n, a in params.explore.agents.items()}}
     return root / f"system1-{digest(system1)}", root / f"system2-{digest(system2)}"
 

@@ -115,11 +115,14 @@ class VLLMServer:
     def __init__(self, model: str | Path, settings: VLLMSettings, root: Path | None = None,
                  name: str = "model", lora_rank: int | None = None,
                  port: int | None = None, host: str = "127.0.0.1",
-                 beside_others: bool = False) -> None:
+                 beside_others: bool = False, api_key_env: str | None = None) -> None:
         from bdc.llm.loading import model_location
 
         self.model, self.settings, self.name = model_location(model), settings, name
         self.host = host
+        # the server's key, read from this variable when it starts and when it is called
+        # (never held in an attribute, a command line or a log); None: no key
+        self.api_key_env = api_key_env
         self.root = root or Path.cwd()
         self.lora_rank, self.port = lora_rank, port or free_port()
         self.proc: subprocess.Popen | None = None
@@ -197,6 +200,12 @@ class VLLMServer:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if self.beside_others:  # see the class's note
             env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_WAIT_POLICY="PASSIVE")
+        # the key reaches vLLM as VLLM_API_KEY, what its --api-key falls back to (the same
+        # check on every /v1 route): vLLM logs its non-default arguments at start, and a
+        # command line is visible to every user of the machine in `ps`
+        env.pop("VLLM_API_KEY", None)  # never a key this server was not given
+        if key := self.key():
+            env["VLLM_API_KEY"] = key
         env.pop("PYTHONPATH", None)  # the server's environment is its own
         return env
 
@@ -228,10 +237,19 @@ class VLLMServer:
                  self.log)
         return self.wait_ready() if wait else self
 
+    def key(self) -> str | None:
+        from bdc.llm.serve import server_key
+
+        return server_key(self.api_key_env)
+
+    def headers(self) -> dict[str, str]:
+        """What a request to this server carries: its key, when it has one."""
+        return {"Authorization": f"Bearer {key}"} if (key := self.key()) else {}
+
     def wait_ready(self) -> VLLMServer:
         try:
             wait_http(f"{self.url}/models", self.settings.startup_timeout_s, self.proc,
-                      self.log)
+                      self.log, self.headers())
         except ServiceError as exc:
             self.stop()
             raise VLLMError(str(exc)) from exc
@@ -254,7 +272,8 @@ class VLLMServer:
     # ------------------------------------------------------------------ adapters
 
     async def _post(self, http, path: str, body: dict) -> None:
-        response = await http.post(f"http://{self.client_host}:{self.port}{path}", json=body)
+        response = await http.post(f"http://{self.client_host}:{self.port}{path}", json=body,
+                                   headers=self.headers())
         if response.status_code != 200:
             raise VLLMError(f"vLLM {path} {body}: HTTP {response.status_code}: "
                             f"{response.text[:300]}\n{log_tail(self.log, 1500)}")
@@ -273,7 +292,7 @@ class VLLMServer:
 
     def client(self) -> OpenAIBackend:
         return OpenAIBackend(HTTPSettings(base_url=self.url, model=self.name,
-                                          api_key_env=None,
+                                          api_key_env=self.api_key_env,
                                           max_concurrency=self.settings.max_concurrency,
                                           retries=2, timeout_s=600))
 

@@ -225,3 +225,24 @@ def test_the_oracle_takes_its_home_expert_s_rows_and_the_base_s_where_there_is_n
     assert [(o.solver, o.seed, o.program) for o in oracle] == [
         ("oracle expert", 0, "cluster_1-0-t/arith"), ("oracle expert", 0, "base-0-t/string"),
         ("oracle expert", 1, "cluster_1-1-t/arith"), ("oracle expert", 1, "base-1-t/string")]
+
+
+def test_system2_rows_resample_problems_in_id_order():
+    """Bug: a System-2 row's interval resampled its problems in a set's iteration order,
+    which changes with Python's hash seed: the same results could give another interval in
+    another process (the mini tree's 60 results: 35.0 to 58.3 in one set order, 33.3 to
+    60.0 in id order, as its paired B claim had). Rows are made from the runs with problems
+    in id order, whatever order the runs list them in."""
+    from bdc.evaluate.table import interval, system2_rows
+
+    ids = [f"p{i:02d}" for i in range(30)]
+    solved = {pid: int(i % 3 == 0) for i, pid in enumerate(ids)}
+    run = {"hidden_solve_rate": sum(solved.values()) / 30, "hidden_pass_rate": 0.5,
+           "tokens_per_problem": 10.0, "programs_per_problem": 4.0, "failed_problems": 0}
+    shuffled = dict(sorted(solved.items(), key=lambda kv: hash(kv[0]) % 97))
+    rows, problems = system2_rows({"System-2: tree(a+b)": [{**run, "solved": shuffled},
+                                                           {**run, "solved": solved}]}, 30)
+    assert list(problems["System-2: tree(a+b)"]) == ids
+    row = rows["System-2: tree(a+b)"]
+    assert row["strict_interval"] == interval([100.0 * solved[p] for p in ids])
+    assert row["problems"] == 30 and row["tokens"] == 300 and row["seeds"] == 2

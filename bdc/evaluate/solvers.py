@@ -27,7 +27,7 @@ from bdc.disentangle.routing import route
 from bdc.evaluate.claims import claims, own_cluster
 from bdc.evaluate.runner import Outcome, Runner
 from bdc.evaluate.system2 import system2
-from bdc.evaluate.table import per_problem, table
+from bdc.evaluate.table import per_problem, system2_rows, table
 from bdc.jsonl import read_jsonl
 from bdc.problems.format import Problem
 from bdc.reuse import code_version, digest, folder_digest, identity
@@ -288,8 +288,8 @@ def evaluate_all(params: Params, test: list[Problem], experts_dir: Path, cluster
     result = table(outcomes, groups, s.seeds, s.ks)
     problems = per_problem(outcomes)
     if s.system2:
-        rows, searched = system2(params, test, s.system2_seeds or s.seeds, sandbox,
-                                 kept[1] if kept else None)
+        rows, searched = system2_rows(system2(params, test, s.system2_seeds or s.seeds,
+                                              sandbox, kept[1] if kept else None), len(test))
         result.update(rows)
         problems.update(searched)
         phase("System-2 searched")

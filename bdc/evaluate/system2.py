@@ -8,12 +8,10 @@ to either regenerates only its own side (``bdc.evaluate.solvers.finished_dirs``)
 from __future__ import annotations
 
 import asyncio
-import statistics
 from pathlib import Path
 
 from bdc.config import Params
 from bdc.evaluate.runner import keep_json, restore_json
-from bdc.evaluate.table import interval, mean_std
 from bdc.problems.format import Problem
 
 
@@ -27,12 +25,12 @@ def system2_methods(names: list[str]) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
-            folder: Path | None = None) -> tuple[dict, dict[str, dict[str, float]]]:
+            folder: Path | None = None) -> dict[str, list[dict]]:
     """The System-2 methods of :func:`system2_methods` on the test problems at the explore
-    budget (reference, and the B claim): their table rows, and per method each problem's
-    strict accuracy (x100, mean over the seeds) for the intervals. Each method's seed is kept
-    in ``folder`` as it finishes and restored from there; the agents' models load only when
-    something is left to search."""
+    budget: each method's runs, one per seed (:func:`bdc.boost.compare.run_method`: totals
+    and which problems it solved; :func:`bdc.evaluate.table.system2_rows` makes the table's
+    rows). Each method's seed is kept in ``folder`` as it finishes and restored from there;
+    the agents' models load only when something is left to search."""
     from bdc.boost.compare import Method, method_name, run_method
     from bdc.boost.exploration import closing, make_agents
 
@@ -54,26 +52,12 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
             keep_json(path, run)
         return run
 
-    async def all_runs() -> tuple[dict, dict]:
-        rows, problems = {}, {}
-        for kind, members in system2_methods(list(params.explore.agents)):
-            runs = [await one(kind, members, seed) for seed in seeds]
-            name = f"System-2: {method_name(kind, members)}"
-            solved = {pid: 100 * statistics.mean(r["solved"][pid] for r in runs)
-                      for pid in set.intersection(*(set(r["solved"]) for r in runs))}
-            problems[name] = solved
-            rows[name] = {
-                "pass_rate": mean_std([100 * r["hidden_pass_rate"] for r in runs]),
-                "strict_accuracy": mean_std([100 * r["hidden_solve_rate"] for r in runs]),
-                "strict_interval": interval(list(solved.values())),
-                "problems": len(solved),
-                "tokens": statistics.mean(r["tokens_per_problem"] for r in runs) * len(test),
-                "programs_per_problem": statistics.mean(r["programs_per_problem"]
-                                                        for r in runs),
-                "seconds": None, "seeds": len(runs), "by_group": {}}
-        return rows, problems
+    async def all_runs() -> dict[str, list[dict]]:
+        return {f"System-2: {method_name(kind, members)}":
+                [await one(kind, members, seed) for seed in seeds]
+                for kind, members in system2_methods(list(params.explore.agents))}
 
-    async def then_close() -> tuple[dict, dict]:
+    async def then_close() -> dict[str, list[dict]]:
         try:
             return await all_runs()
         finally:

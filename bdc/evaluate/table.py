@@ -64,6 +64,30 @@ def paired(a: dict[str, float], b: dict[str, float]) -> dict | None:
             "problems": len(common), "verdict": verdict}
 
 
+def system2_rows(runs: dict[str, list[dict]], problems: int
+                 ) -> tuple[dict, dict[str, dict[str, float]]]:
+    """The System-2 methods' table rows from their runs (one per seed,
+    :func:`bdc.boost.compare.run_method`), and per method each problem's strict accuracy
+    (x100, mean over the seeds, problems in id order: the interval's resamples are then the
+    same for the same results) for the intervals and the B claim. ``problems``: how many
+    test problems, to turn tokens per problem into the table's tokens per seed."""
+    rows, by_problem = {}, {}
+    for name, seeds in runs.items():
+        searched = sorted(set.intersection(*(set(r["solved"]) for r in seeds)))
+        solved = {pid: 100 * statistics.mean(r["solved"][pid] for r in seeds)
+                  for pid in searched}
+        by_problem[name] = solved
+        rows[name] = {
+            "pass_rate": mean_std([100 * r["hidden_pass_rate"] for r in seeds]),
+            "strict_accuracy": mean_std([100 * r["hidden_solve_rate"] for r in seeds]),
+            "strict_interval": interval(list(solved.values())),
+            "problems": len(solved),
+            "tokens": statistics.mean(r["tokens_per_problem"] for r in seeds) * problems,
+            "programs_per_problem": statistics.mean(r["programs_per_problem"] for r in seeds),
+            "seconds": None, "seeds": len(seeds), "by_group": {}}
+    return rows, by_problem
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.mean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}

@@ -230,3 +230,60 @@ def test_models_prepare_refuses_a_model_params_does_not_name(tmp_path):
                check=False)
     assert proc.returncode == 2 and "models ['gpt-5']: not in params.yaml models:" in \
         proc.stderr, proc.stderr
+
+
+def test_help_is_reflowed_with_its_code_rendered():
+    """Issue 29: `bdc --help` showed RST markup literally (``--engine vllm``) and kept the
+    docstrings' hard line breaks."""
+    out = subprocess.run([BDC, "serve", "--help"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "COLUMNS": "300"}).stdout
+    assert "``" not in out
+    # one paragraph, one line at this width (the docstring has five)
+    assert "(Ctrl-C or SIGTERM). With --engine vllm the server is vLLM's own, started and " \
+        "waited for; stopping this command" in out
+
+
+def test_results_prints_the_table_and_one_line_per_claim(tmp_path):
+    """Issue 29: the results were a 2,576-column `dvc exp show` away; `bdc results` prints
+    the profile's table and claims within 120 columns, and names the command that makes
+    them when there are none."""
+    from bdc.evaluate.claims import claims
+    from bdc.evaluate.table import paired
+
+    base = {f"p{i}": float(10 * (i % 5)) for i in range(12)}
+    full = {p: v + 10 for p, v in base.items()}
+    row = {"pass_rate": {"mean": 30.0, "std": 1.0}, "strict_interval": [2.0, 20.0]}
+    solvers = {"base": {**row, "strict_accuracy": {"mean": 20.0, "std": 1.5}},
+               "full": {**row, "strict_accuracy": {"mean": 30.0, "std": 0.5}},
+               "customized": {**row, "strict_accuracy": {"mean": 25.0, "std": 2.0}}}
+    measured = claims(solvers, [], {}, {"base": base, "full": full, "customized": full})
+    assert paired(full, base)["verdict"] == "better"
+    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    (tmp_path / "data" / "eval" / "table.json").write_text(json.dumps(
+        {"solvers": solvers, "claims": measured, "order": ["base", "full", "customized"]}))
+    env = {**os.environ, "BDC_PROJECT": str(tmp_path), "COLUMNS": "120"}
+    out = subprocess.run([BDC, "results"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "full" in out.stdout and "30.0 ± 0.5" in out.stdout and "2.0 to 20.0" in out.stdout
+    assert "best System-1 solver: full (30.0 ± 0.5)" in out.stdout
+    assert "- C: customized vs full: -5.0 points" in " ".join(out.stdout.split())
+    assert max(len(line) for line in out.stdout.splitlines()) <= 120
+    missing = subprocess.run([BDC, "results", "--profile", "small"], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert missing.returncode != 0 and "make run PROFILE=small" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_an_unknown_registered_solver_is_one_line_not_a_traceback(tmp_path):
+    """Issue 29: `bdc solve --model-uri models:/bdc-solver/9` (no such version) printed a
+    72-line traceback."""
+    (tmp_path / "params.yaml").write_text("{}\n")
+    env = {**os.environ, "BDC_PROJECT": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([BDC, "solve", "--text", "x", "--model-uri",
+                          "models:/bdc-solver/999"], capture_output=True, text=True,
+                         env=env, timeout=300, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--model-uri models:/bdc-solver/999:" in out.stderr

@@ -16,7 +16,7 @@ from bdc.runtime import configure_environment, project_root
 
 app = typer.Typer(help="BDC: Boost, Disentangle, and Customize — System-2 to System-1 "
                        "for code generation.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, rich_markup_mode="markdown")
 problems_app = typer.Typer(help="Problem data in the BDC interchange format.",
                            no_args_is_help=True)
 app.add_typer(problems_app, name="problems")

@@ -94,7 +94,12 @@ def solve_cmd(
         from bdc.tracking import setup
 
         setup()
-        folder = mlflow.artifacts.download_artifacts(f"{model_uri}/artifacts")
+        try:
+            folder = mlflow.artifacts.download_artifacts(f"{model_uri}/artifacts")
+        except mlflow.exceptions.MlflowException as exc:  # no such model, version or alias
+            raise UserError(f"--model-uri {model_uri}: {exc.message.splitlines()[0]} "
+                            "(the registered versions: the Models page of the MLflow UI, "
+                            "`bdc ui`)") from None
         solver = load_registered({name: str(Path(folder) / name) for name in
                                   ("hypernet", "experts", "clusters")})
     else:
@@ -170,6 +175,54 @@ def serve_cmd(
                     f"{server.log}); Ctrl-C stops it")
         code = server.proc.wait()
     raise BDCError(f"vLLM exited by itself ({code}); see {server.log}")
+
+
+@app.command("results")
+def results(
+    profile: str = typer.Option("mini", "--profile", help="mini, small or paper: whose "
+                                "evaluate table to show"),
+) -> None:
+    """The results in a terminal: each solver's strict accuracy (mean ± std over the seeds,
+    the 95 % interval over problems, pass rate), the best System-1 solver, and one line per
+    claim (B, D, C), from the profile's last evaluate run (``data/eval/table.json``)."""
+    import shutil
+    import textwrap
+
+    from bdc import artifacts
+    from bdc.evaluate.claims import lines
+    from bdc.runtime import pipeline_folder
+
+    try:
+        folder = project_root() / pipeline_folder(profile) / "data" / "eval"
+    except ValueError as exc:
+        raise UserError(f"--profile: {exc}") from None
+    path = folder / artifacts.TABLE_JSON
+    if not path.exists():
+        run = {"mini": "make run", "small": "make run PROFILE=small"}.get(
+            profile, f"dvc repro {profile}/dvc.yaml")
+        raise UserError(f"{path}: no results yet for the {profile} profile; `{run}` makes "
+                        "them (or `dvc pull` from the team's remote)")
+    table = json.loads(path.read_text())
+    solvers = table["solvers"]
+    names = [n for n in table["order"] if n in solvers]
+
+    def ci(row: dict) -> str:
+        low_high = row.get("strict_interval")
+        return f"{low_high[0]:.1f} to {low_high[1]:.1f}" if low_high else ""
+
+    rows = [[n, f"{solvers[n]['strict_accuracy']['mean']:.1f} ± "
+                f"{solvers[n]['strict_accuracy']['std']:.1f}", ci(solvers[n]),
+             f"{solvers[n]['pass_rate']['mean']:.1f}"] for n in names]
+    console.table(f"{profile}: strict accuracy on hidden tests (%), mean ± std over seeds",
+                  ["solver", "strict acc.", "95% CI (problems)", "pass rate"], rows,
+                  right=["strict acc.", "95% CI (problems)", "pass rate"])
+    system1 = [n for n in names if not n.startswith("System-2")]
+    if system1:
+        best = max(system1, key=lambda n: solvers[n]["strict_accuracy"]["mean"])
+        print(f"\nbest System-1 solver: {best} ({rows[names.index(best)][1]})")
+    width = min(shutil.get_terminal_size().columns, 120)
+    print("\n" + "".join(textwrap.fill(line, width, subsequent_indent="    ") + "\n"
+                         for line in lines(table["claims"]).splitlines()), end="")
 
 
 @app.command("score")

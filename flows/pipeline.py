@@ -179,6 +179,14 @@ def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = Fa
         profile: mini (dvc.yaml, params.yaml), small (small/: packaged real LLMs on CPU)
             or paper (paper/dvc.yaml, paper/params.yaml)
     """
+    return one_stage(stage, parent_run_id, single, profile)
+
+
+def one_stage(stage: str, parent_run_id: str | None = None, single: bool = False,
+              profile: str = "mini") -> dict:
+    """The body of a one-stage flow, run in the calling flow (not as a subflow of it), so the
+    stage's task run, logs and artifact are on the run page of the flow a person started:
+    the stage on a GPU worker when it is a GPU stage started elsewhere, else here."""
     root = _project()
     orchestration = _params(root, profile).orchestration
     pool = _gpu_pool(stage, orchestration)  # started on a cpu worker or from a shell
@@ -190,12 +198,13 @@ def stage_flow(stage: Stage, parent_run_id: str | None = None, single: bool = Fa
 
 
 @flow(name="pipeline")
-def pipeline(stages: list[Stage] | None = None, profile: Profile = "mini") -> list[dict]:
-    """Every DVC stage of the profile's pipeline in order, under one parent MLflow run.
+def pipeline(stages: tuple[Stage, ...] = (), profile: Profile = "mini") -> list[dict]:
+    """Every DVC stage of the profile's pipeline in order, under one parent MLflow run (the
+    place to start; every other setting lives in the profile's params.yaml).
 
     Args:
-        stages: run only these stages, in the pipeline's order (empty: every stage); each
-            runs only if DVC finds it stale
+        stages: run only these stages, in the pipeline's order (none chosen: every stage);
+            each runs only if DVC finds it stale
         profile: mini (dvc.yaml, params.yaml), small (small/: packaged real LLMs on CPU)
             or paper (paper/dvc.yaml, paper/params.yaml: real benchmarks and models, no
             pretrain, GPU stages on the gpu pool)

@@ -1,13 +1,15 @@
 """A Prefect flow per DVC stage, for running (or deploying) one stage on its own.
 
-Each runs its stage with any stale upstream stages first, as ``dvc repro STAGE`` does.
+Each runs its stage with any stale upstream stages first, as ``dvc repro STAGE`` does, as
+its own task: the run a person starts from the UI shows the stage's task run, logs and
+artifact (a subflow hid them a level down).
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.pipeline import Profile, stage_flow
+from flows.pipeline import Profile, one_stage
 
 
 @flow(name="prepare")
@@ -17,7 +19,7 @@ def prepare(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("prepare", profile=profile)
+    return one_stage("prepare", profile=profile)
 
 
 @flow(name="pretrain")
@@ -27,7 +29,7 @@ def pretrain(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("pretrain", profile=profile)
+    return one_stage("pretrain", profile=profile)
 
 
 @flow(name="explore")
@@ -37,7 +39,7 @@ def explore(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("explore", profile=profile)
+    return one_stage("explore", profile=profile)
 
 
 @flow(name="validate")
@@ -47,7 +49,7 @@ def validate(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("validate", profile=profile)
+    return one_stage("validate", profile=profile)
 
 
 @flow(name="disentangle")
@@ -57,7 +59,7 @@ def disentangle(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("disentangle", profile=profile)
+    return one_stage("disentangle", profile=profile)
 
 
 @flow(name="experts")
@@ -67,7 +69,7 @@ def experts(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("experts", profile=profile)
+    return one_stage("experts", profile=profile)
 
 
 @flow(name="customize")
@@ -77,7 +79,7 @@ def customize(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("customize", profile=profile)
+    return one_stage("customize", profile=profile)
 
 
 @flow(name="evaluate")
@@ -87,4 +89,4 @@ def evaluate(profile: Profile = "mini") -> dict:
     Args:
         profile: mini (dvc.yaml), small (small/dvc.yaml) or paper (paper/dvc.yaml)
     """
-    return stage_flow("evaluate", profile=profile)
+    return one_stage("evaluate", profile=profile)

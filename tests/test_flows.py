@@ -37,7 +37,9 @@ def test_deployment_parameters_are_choices_with_descriptions():
     assert all(p.get("description") for p in stage.values())
     form = parameter_schema(pipeline.fn).model_dump()["properties"]
     stages = form["stages"]
-    assert stages["anyOf"][0]["items"]["enum"] == list(STAGES) and stages["description"]
+    # a list of choices, empty by default: `list | None` showed "Property is type None"
+    assert stages["items"]["enum"] == list(STAGES) and stages["description"]
+    assert stages["type"] == "array" and stages["default"] == [] and "anyOf" not in stages
     for profile in (form["profile"], stage["profile"]):  # which pipeline: a choice too
         assert profile["enum"] == ["mini", "small", "paper"] and profile["description"]
     for derived in ("small", "paper"):
@@ -68,6 +70,34 @@ def test_gpu_stages_of_either_profile_go_to_the_gpu_pool(prefect_server, project
     assert stage_flow("experts", profile="paper")["stage"] == "experts"
     assert sent == [("stage/stage-gpu", {"stage": "experts", "parent_run_id": None,
                                          "single": False, "profile": "paper"})]
+
+
+def test_a_one_stage_flow_shows_its_task_and_artifact_on_its_own_run(prefect_server,
+                                                                     project):
+    """Issue 29: a Quick run of a single-stage deployment showed "0 Task runs" and no
+    artifact on its run page: the stage ran in a subflow a person had to find. The stage's
+    task run and its artifact now belong to the flow run that was started."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.flows import Flow
+
+    from flows.stages import prepare
+
+    state = prepare(profile="mini", return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+
+    async def on_the_run():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_run_id])))
+            made = await _artifacts("stage-prepare")
+            return runs, tasks, made
+
+    runs, tasks, made = asyncio.run(on_the_run())
+    assert isinstance(prepare, Flow) and state.is_completed()
+    assert [t.name for t in tasks] == ["prepare"]
+    assert [r for r in runs if r.parent_task_run_id in {t.id for t in tasks}] == []
+    assert any(a.flow_run_id == flow_run_id for a in made)
 
 
 SLOW_STAGE = """

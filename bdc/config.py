@@ -465,6 +465,52 @@ class PackagedModel(Strict):
     licence: str = Field(min_length=1)
 
 
+class StudyCapacity(Strict):
+    """One adapter capacity of the study (a LoRA shape, by name)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+
+
+class StudySettings(Strict):
+    """``bdc study``: Disentangle and Customize tested with controls (docs/study.md, the
+    pre-registration). Reads the mini pipeline's outputs; trains and scores its own arms."""
+
+    worlds: list[Literal["mini"]] = Field(["mini"], description="the worlds studied")
+    records_per_cluster: list[int | Literal["explored"]] = Field(
+        ["explored"], description="N: records per cluster; explored: every explored record "
+        "as clustered; a number tops explored records up with the generator's reference "
+        "records (labelled reference)")
+    capacities: dict[str, StudyCapacity] = Field(
+        {"qv-r8": StudyCapacity()}, description="adapter shapes by name (paper: q,v r8)")
+    training_seeds: list[int] = Field([0], min_length=1, description="training seeds of "
+                                      "every cell but the primary ones")
+    primary_seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds "
+                                     "of the primary cells: the largest N of each world")
+    decode_seeds: list[int] = Field([0, 1, 2], min_length=1)
+    temperatures: list[float] = Field([0.0, 0.2, 0.8], min_length=1, description=(
+        "decoding temperatures tried on the validation split (full-data LoRA); the best is "
+        "used for every arm"))
+    validation_per_family: int = Field(20, ge=1, description="validation problems per "
+                                       "family (explore split, never the explore pool)")
+    test_per_family: int | None = Field(None, ge=1, description="test problems per family "
+                                        "(null: every one; a cut for tests)")
+    epochs: float = Field(12, gt=0, description="an expert's epochs (the pipeline's recipe)")
+    max_expert_steps: int = Field(300, ge=1, description="an expert's steps at most")
+    long_experts_up_to: int = Field(10_000, ge=0, description="the expert-equal-steps arm "
+                                    "(each expert for the full LoRA's steps: K x the cost) "
+                                    "only where the experts hold this many records at most")
+    router_epochs: float = Field(20, gt=0, description="the router's epochs; the best on the "
+                                 "validation records is kept (early stopping)")
+    centroid_temperatures: list[float] = Field([0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
+    arms: list[Literal["full", "oracle", "oracle_long", "subset", "uniform", "customized",
+                       "centroid", "shared"]] = Field(
+        ["full", "oracle", "oracle_long", "subset", "uniform", "customized", "centroid",
+         "shared"], description="the arms run (docs/study.md)")
+    out: str = Field("docs/study", description="where the table, the claims and the plot go")
+
+
 class Params(Strict):
     profile: Literal["mini", "small", "paper"] = "mini"
     seed: int = 0
@@ -481,6 +527,7 @@ class Params(Strict):
     evaluate: EvaluateSettings = EvaluateSettings()
     vllm: VLLMSettings = VLLMSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
+    study: StudySettings = StudySettings()
     models: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$")],
                  PackagedModel] = Field({}, description="packaged real models by name "
                                         "(stages name them where a model goes)")

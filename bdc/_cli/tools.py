@@ -225,6 +225,32 @@ def results(
                          for line in lines(table["claims"]).splitlines()), end="")
 
 
+@app.command("study")
+def study(
+    params: Path | None = ParamsOption,
+    explore_dir: Path = typer.Option(Path("data/explore"), "--explore-dir"),
+    clusters_dir: Path = typer.Option(Path("data/clusters"), "--clusters-dir"),
+    problems_dir: Path = typer.Option(Path("data/problems"), "--problems-dir"),
+    out: Path | None = typer.Option(None, "--out", help="where the table, claims and plot "
+                                    "go (default: study.out in params.yaml)"),
+) -> None:
+    """The study of Disentangle and Customize (docs/study.md): every cell of ``study:`` in
+    params.yaml, after `make run` (it reads the mini pipeline's outputs). A killed study
+    resumes at its cell; each cell is an MLflow child run of one ``study`` run."""
+    from bdc.runtime import state_dir
+    from bdc.study.run import run_study
+
+    settings = _params(params)
+    missing = [p for p in (explore_dir / "sft.jsonl", clusters_dir / "centroids.npy",
+                           problems_dir / "test.jsonl") if not p.exists()]
+    if missing:
+        raise UserError(f"{missing[0]}: not there; the study reads the mini pipeline's "
+                        "outputs: `make run` first")
+    done = run_study(settings, explore_dir, clusters_dir, problems_dir,
+                     out or project_root() / settings.study.out, state_dir(), console.say)
+    print(done["table"])
+
+
 @app.command("score")
 def score(
     problems: Path = typer.Option(..., "--problems", help="problems JSONL"),

@@ -1,0 +1,138 @@
+"""``bdc study``: every cell of the study in order, each as an MLflow child run under one
+parent, then the tables, verdicts and plot (docs/study.md is the pre-registration; the
+results go to ``study.out``).
+
+Reads the mini pipeline's outputs (explored records, clusters, test problems, the base):
+``make run`` first. The first cell chooses the decoding temperature on the validation
+problems; every later cell uses it. Finished cells are kept under ``var/study/`` and a run
+restores them, so a killed study resumes at the cell it was in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bdc import artifacts
+from bdc.config import Params
+from bdc.jsonl import atomic_open, read_jsonl
+from bdc.problems.format import read_problems
+from bdc.problems.mini import first_per_family
+from bdc.study.cells import Cell, run_cell
+from bdc.study.data import EXPLORED, mini_world
+from bdc.study.report import group, markdown, summarise
+
+log = logging.getLogger(__name__)
+
+
+def cells_of(params: Params) -> list[Cell]:
+    """The study's cells in the order they run: world, N, capacity, then training seed (the
+    primary cells, at the largest N, with ``primary_seeds``)."""
+    s = params.study
+    numeric = [n for n in s.records_per_cluster if n != EXPLORED]
+    primary = max(numeric) if numeric else EXPLORED
+    return [Cell(w, n, cap, seed) for w in s.worlds for n in s.records_per_cluster
+            for cap in s.capacities
+            for seed in (s.primary_seeds if n == primary else s.training_seeds)]
+
+
+def scaling_figure(summaries: dict[tuple, dict]):
+    """Per world and capacity: oracle - full, customized - full and oracle - subset against
+    N, with their intervals (only numeric N: ``explored`` is one point of its own)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {"D: oracle expert - full": "C0", "C: customized - full": "C1",
+             "D: oracle expert - size-matched subset": "C2"}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    keys = sorted({(w, cap) for w, _, cap in summaries})
+    for w, cap in keys:
+        points = sorted((n, s) for (w2, n, c2), s in summaries.items()
+                        if (w2, c2) == (w, cap) and n != EXPLORED)
+        for name, colour in lines.items():
+            xs = [n for n, s in points if name in s["comparisons"]]
+            cs = [s["comparisons"][name] for n, s in points if name in s["comparisons"]]
+            if not xs:
+                continue
+            ys = [c["difference"] for c in cs]
+            low = [c["difference"] - c["interval"][0] for c in cs]
+            high = [c["interval"][1] - c["difference"] for c in cs]
+            ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, color=colour,
+                        label=f"{name} ({w}, {cap})")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("records per cluster N")
+    ax.set_ylabel("paired difference in strict accuracy (points)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_dir: Path,
+              out_dir: Path, state: Path, say: Callable[[str], None] = log.info) -> dict:
+    """The whole study; its summary (also written to ``out_dir``)."""
+    import mlflow
+
+    from bdc.sandbox import Sandbox
+    from bdc.tracking import stage_run
+
+    s = params.study
+    numeric = [n for n in s.records_per_cluster if n != EXPLORED]
+    world = mini_world(list(read_jsonl(explore_dir / artifacts.SFT, dict)),
+                       list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
+                       first_per_family(read_problems(problems_dir / artifacts.pool("test")),
+                                        s.test_per_family), clusters_dir,
+                       params.experts.base, params.problems.explore[0].limit or 50,
+                       s.validation_per_family, max(numeric, default=0))
+    say(f"study: the mini world: {len(world.test)} test problems, {len(world.validation)} "
+        f"validation problems, {sum(map(len, world.explored.values()))} explored and "
+        f"{sum(map(len, world.reference.values()))} reference records")
+    cells = cells_of(params)
+    results, temperature = [], None
+    started = time.perf_counter()
+    with stage_run("study", {"study": s.model_dump()}, params.profile, doc=__doc__) as parent, \
+            Sandbox(params.sandbox) as sandbox:
+        for i, cell in enumerate(cells, 1):
+            say(f"study: cell {i}/{len(cells)} {cell.key}")
+            with mlflow.start_run(run_name=cell.key, nested=True,
+                                  tags={"bdc.stage": "study.cell"}):
+                mlflow.log_params({"world": cell.world, "n": cell.n,
+                                   "capacity": cell.capacity, "seed": cell.seed})
+
+                def progress(name: str, reused: bool, index: int, total: int) -> None:
+                    say(f"study:   adapter {index + 1}/{total} {name}"
+                        + (" (kept)" if reused else ""))
+
+                result = run_cell(world, cell, params, temperature, sandbox,
+                                  state / "study", progress)
+                temperature = result["temperature"]
+                mlflow.log_metrics({f"{arm}.strict_accuracy": round(
+                    sum(v.values()) / len(v), 2) for arm, v in result["arms"].items()}
+                    | {"seconds": result["seconds"]})
+            say(f"study: cell {i}/{len(cells)} done in {result['seconds']:.0f} s: " + ", ".join(
+                f"{arm} {sum(v.values()) / len(v):.1f}" for arm, v in result["arms"].items()))
+            results.append(result)
+        summaries = {key: summarise(mine) for key, mine in group(results).items()}
+        text = markdown(summaries)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_open(out_dir / "table.md") as f:
+            f.write(text)
+        with atomic_open(out_dir / "table.json") as f:
+            json.dump({"summaries": [{"world": w, "n": n, "capacity": c, **v}
+                                     for (w, n, c), v in summaries.items()],
+                       "cells": results,
+                       "seconds": round(time.perf_counter() - started, 1)}, f, indent=1)
+        parent.artifact(out_dir / "table.md")
+        parent.artifact(out_dir / "table.json")
+        if len({n for _, n, _ in summaries}) > 1:
+            fig = scaling_figure(summaries)
+            fig.savefig(out_dir / "scaling.png", dpi=110)
+            parent.artifact(out_dir / "scaling.png")
+        parent.metrics({"cells": len(cells),
+                        "minutes": round((time.perf_counter() - started) / 60, 1)})
+    return {"summaries": summaries, "table": text}

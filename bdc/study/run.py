@@ -2,9 +2,10 @@
 parent, then the tables, verdicts and plot (docs/study.md is the pre-registration; the
 results go to ``study.out``).
 
-Reads the mini pipeline's outputs (explored records, clusters, test problems, the base):
-``make run`` first. The first cell chooses the decoding temperature on the validation
-problems; every later cell uses it. Finished cells are kept under ``var/study/`` and a run
+The mini world reads the mini pipeline's outputs (explored records, clusters, test
+problems, the base): ``make run`` first. The conflict world makes its own
+(:mod:`bdc.study.conflict`). A world's first cell chooses the decoding temperature on its
+validation problems; its later cells use it. Finished cells are kept under ``var/study/`` and a run
 restores them, so a killed study resumes at the cell it was in.
 """
 
@@ -22,7 +23,8 @@ from bdc.jsonl import atomic_open, read_jsonl
 from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
 from bdc.study.cells import Cell, run_cell
-from bdc.study.data import EXPLORED, mini_world
+from bdc.study.conflict import conflict_world
+from bdc.study.data import EXPLORED, World, mini_world
 from bdc.study.report import group, markdown, summarise
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ def cells_of(params: Params) -> list[Cell]:
     numeric = [n for n in s.records_per_cluster if n != EXPLORED]
     primary = max(numeric) if numeric else EXPLORED
     return [Cell(w, n, cap, seed) for w in s.worlds for n in s.records_per_cluster
+            if not (w == "conflict" and n == EXPLORED)  # nothing was explored there
             for cap in s.capacities
             for seed in (s.primary_seeds if n == primary else s.training_seeds)]
 
@@ -83,20 +86,39 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
 
     s = params.study
     numeric = [n for n in s.records_per_cluster if n != EXPLORED]
-    world = mini_world(list(read_jsonl(explore_dir / artifacts.SFT, dict)),
-                       list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
-                       first_per_family(read_problems(problems_dir / artifacts.pool("test")),
-                                        s.test_per_family), clusters_dir,
-                       params.experts.base, params.problems.explore[0].limit or 50,
-                       s.validation_per_family, max(numeric, default=0))
-    say(f"study: the mini world: {len(world.test)} test problems, {len(world.validation)} "
-        f"validation problems, {sum(map(len, world.explored.values()))} explored and "
-        f"{sum(map(len, world.reference.values()))} reference records")
+    worlds: dict[str, World] = {}
+
+    sandbox = None  # the study's, once open
+
+    def world_of(name: str) -> World:
+        if name not in worlds:
+            worlds[name] = make_world(name)
+            w = worlds[name]
+            say(f"study: the {name} world: {len(w.test)} test problems, "
+                f"{len(w.validation)} validation problems, "
+                f"{sum(map(len, w.explored.values()))} explored and "
+                f"{sum(map(len, w.reference.values()))} reference records")
+        return worlds[name]
+
+    def make_world(name: str) -> World:
+        if name == "conflict":
+            return conflict_world(params, state / "study" / "conflict", max(numeric,
+                                  default=0), s.validation_per_family, s.test_per_family,
+                                  say, sandbox)
+        return mini_world(
+            list(read_jsonl(explore_dir / artifacts.SFT, dict)),
+            list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
+            first_per_family(read_problems(problems_dir / artifacts.pool("test")),
+                             s.test_per_family), clusters_dir, params.experts.base,
+            params.problems.explore[0].limit or 50, s.validation_per_family,
+            max(numeric, default=0))
+
     cells = cells_of(params)
-    results, temperature = [], None
+    results, temperature = [], {}
     started = time.perf_counter()
     with stage_run("study", {"study": s.model_dump()}, params.profile, doc=__doc__) as parent, \
-            Sandbox(params.sandbox) as sandbox:
+            Sandbox(params.sandbox) as opened:
+        sandbox = opened
         for i, cell in enumerate(cells, 1):
             say(f"study: cell {i}/{len(cells)} {cell.key}")
             with mlflow.start_run(run_name=cell.key, nested=True,
@@ -108,9 +130,10 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
                     say(f"study:   adapter {index + 1}/{total} {name}"
                         + (" (kept)" if reused else ""))
 
-                result = run_cell(world, cell, params, temperature, sandbox,
-                                  state / "study", progress)
-                temperature = result["temperature"]
+                result = run_cell(world_of(cell.world), cell, params,
+                                  temperature.get(cell.world), sandbox, state / "study",
+                                  progress)
+                temperature[cell.world] = result["temperature"]
                 mlflow.log_metrics({f"{arm}.strict_accuracy": round(
                     sum(v.values()) / len(v), 2) for arm, v in result["arms"].items()}
                     | {"seconds": result["seconds"]})

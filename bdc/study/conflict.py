@@ -1,0 +1,138 @@
+"""The conflict world of the study (:mod:`bdc.problems.conflict`): its base, pretrained from
+scratch on the neutral versions (both conventions, spelled out; no team named), its
+training pool clustered as the disentangle stage clusters (the bundled embedder, k by
+silhouette), and its test problems. Everything is made once under the study's state folder
+and reused while its inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bdc.config import Params, PretrainModel
+from bdc.jsonl import atomic_open, write_jsonl
+from bdc.problems import conflict
+from bdc.study.data import World, reference_records
+
+BASE = PretrainModel(role="base", steps=800)  # competence on the neutral versions
+NEUTRAL_PER_SURFACE = 600
+
+
+def pretrain_base(params: Params, folder: Path, say: Callable[[str], None]) -> str:
+    """The tiny base of this world: a tokenizer and model trained on the neutral versions
+    (the pretrain split), with the mini world's shape and recipe."""
+    from bdc.llm.mini_models import Corpus, effective, train_or_reuse
+    from bdc.llm.pretraining import encode, training_text
+    from bdc.llm.tiny import train_tokenizer
+
+    shape, _, _ = effective(params)
+    neutral = [p for s in conflict.SURFACES for p in conflict.problems(
+        s, "pretrain", NEUTRAL_PER_SURFACE, make=lambda rng, s=s: conflict.neutral(s, rng))]
+    for p in neutral:
+        p.meta["family"] = p.meta["family"] or "neutral"
+    cued = [p.prompt for f in conflict.FAMILIES for p in conflict.problems(f, "pretrain", 50)]
+    tokenizer = train_tokenizer([training_text(p)[1] for p in neutral] + cued,
+                                shape.vocab_size)
+    corpus = Corpus(neutral, tokenizer, encode(tokenizer, neutral, shape.max_positions))
+
+    def progress(name: str, step: int, steps: int, loss: float) -> None:
+        if step % 200 == 0:
+            say(f"study: conflict base {step}/{steps} loss {loss:.3f}")
+
+    _, record, reused = train_or_reuse(params, "conflict-base", BASE, BASE.steps,
+                                       params.seed, corpus, folder, progress)
+    say(f"study: conflict base {'kept' if reused else 'trained'} "
+        f"({record.get('train_seconds', 0)} s)")
+    return str(folder)
+
+
+def competence(base: str, folder: Path, sandbox, per_surface: int = 30) -> dict:
+    """The base's greedy strict accuracy on neutral test-split problems (each convention
+    spelled out) and on the cued test problems: competent when told, unsure when cued.
+    Measured once per base (kept beside it)."""
+    from bdc.llm.loading import load_causal_lm
+    from bdc.llm.system1 import solve, template_for
+    from bdc.sandbox.scoring import solved
+
+    path = folder / "competence.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    neutral = [p for s in conflict.SURFACES for p in conflict.problems(
+        s, "test", per_surface, make=lambda rng, s=s: conflict.neutral(s, rng))]
+    cued = [p for f in conflict.FAMILIES for p in conflict.problems(f, "test", 10)]
+    model, tokenizer = load_causal_lm(base)
+    template = template_for(tokenizer, "mini")
+    out = {}
+    for name, problems in (("neutral", neutral), ("cued", cued)):
+        programs = [program for _, program in solve(model, tokenizer, template,
+                                                    [p.prompt for p in problems], 128, 96)]
+        ok = solved(problems, programs, sandbox)
+        out[name] = {"strict": 100 * sum(ok) / len(ok), "problems": len(ok)}
+    with atomic_open(path) as f:
+        json.dump(out, f)
+    return out
+
+
+def cluster(problems: list, folder: Path, params: Params) -> dict:
+    """The training pool's problems embedded and clustered (k by silhouette in the
+    disentangle stage's range); the folder the hypernetwork and the routing read."""
+    from bdc.disentangle.clustering import agreement, choose_k
+    from bdc.disentangle.embedding import Embedder, EmbedderSpec
+
+    d = params.disentangle
+    spec = EmbedderSpec(d.embedder, d.trust_remote_code)
+    vectors = Embedder(spec).embed([p.prompt for p in problems])
+    best, curve = choose_k(vectors, list(range(d.k_min, d.k_max + 1)), params.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "centroids.npy", best.centroids)
+    (folder / "embedder.json").write_text(json.dumps({
+        "model": d.embedder, "identity": spec.identity(), "trust_remote_code":
+        d.trust_remote_code, "dimension": int(vectors.shape[1]), "normalised": True,
+        "embed": "problem", "k": best.k}, indent=2))
+    families = [p.meta["family"] for p in problems]
+    write_jsonl(folder / "problems.jsonl", [
+        {"problem_id": p.id, "cluster": int(c), "family": f}
+        for p, c, f in zip(problems, best.labels.tolist(), families, strict=True)])
+    quality = {"k": best.k, "silhouette": best.silhouette, "curve": curve,
+               "families": agreement(best.labels, families),
+               "teams": agreement(best.labels, [f.split("-")[1] for f in families]),
+               "surfaces": agreement(best.labels, [f.split("-")[0] for f in families])}
+    with atomic_open(folder / "quality.json") as f:
+        json.dump(quality, f, indent=1)
+    return quality
+
+
+def conflict_world(params: Params, folder: Path, max_n: int, validation_per_family: int,
+                   test_per_family: int | None, say: Callable[[str], None],
+                   sandbox) -> World:
+    from bdc.evaluate.solvers import home_clusters
+
+    base = pretrain_base(params, folder / "base", say)
+    skill = competence(base, folder / "base", sandbox)
+    say(f"study: conflict base, greedy strict accuracy: {skill['neutral']['strict']:.1f} on "
+        f"neutral test problems, {skill['cued']['strict']:.1f} on cued ones")
+    need = math.ceil(max(max_n, 50) * 0.75)
+    validation, pool = [], []
+    for family in conflict.FAMILIES:
+        stream = conflict.problems(family, "explore", validation_per_family + need)
+        validation += stream[:validation_per_family]
+        pool += stream[validation_per_family:]
+    quality = cluster(pool, folder / "clusters", params)
+    say(f"study: conflict world clustered: k {quality['k']}, ARI with the families "
+        f"{quality['families']['ari']:.2f}, with the teams {quality['teams']['ari']:.2f}, "
+        f"with the surfaces {quality['surfaces']['ari']:.2f}")
+    labels = {r["problem_id"]: r["cluster"] for r in map(json.loads, (
+        folder / "clusters" / "problems.jsonl").read_text().splitlines())}
+    reference: dict[int, list[dict]] = {}
+    for p in pool:
+        reference.setdefault(labels[p.id], []).extend(reference_records(p))
+    test = [p for f in conflict.FAMILIES
+            for p in conflict.problems(f, "test", test_per_family or 30)]
+    return World("conflict", {}, dict(sorted(reference.items())), validation,
+                 [r for p in validation for r in reference_records(p)], test,
+                 home_clusters(folder / "clusters"), folder / "clusters", base)

@@ -510,6 +510,8 @@ class StudySettings(Strict):
                        "customized", "centroid", "shared"]] = Field(
         ["base", "full", "oracle", "oracle_long", "subset", "uniform", "customized",
          "centroid", "shared"], description="the arms run (docs/study.md)")
+    conflict_base_steps: int = Field(3000, ge=1, description="the conflict world's base: "
+                                     "pretraining steps on the neutral versions")
     out: str = Field("docs/study", description="where the table, the claims and the plot go")
 
 

@@ -19,7 +19,6 @@ from bdc.jsonl import atomic_open, write_jsonl
 from bdc.problems import conflict
 from bdc.study.data import World, reference_records
 
-BASE = PretrainModel(role="base", steps=800)  # competence on the neutral versions
 NEUTRAL_PER_SURFACE = 600
 
 
@@ -41,10 +40,11 @@ def pretrain_base(params: Params, folder: Path, say: Callable[[str], None]) -> s
     corpus = Corpus(neutral, tokenizer, encode(tokenizer, neutral, shape.max_positions))
 
     def progress(name: str, step: int, steps: int, loss: float) -> None:
-        if step % 200 == 0:
+        if step % 500 == 0:
             say(f"study: conflict base {step}/{steps} loss {loss:.3f}")
 
-    _, record, reused = train_or_reuse(params, "conflict-base", BASE, BASE.steps,
+    spec = PretrainModel(role="base", steps=params.study.conflict_base_steps)
+    _, record, reused = train_or_reuse(params, "conflict-base", spec, spec.steps,
                                        params.seed, corpus, folder, progress)
     say(f"study: conflict base {'kept' if reused else 'trained'} "
         f"({record.get('train_seconds', 0)} s)")
@@ -52,8 +52,8 @@ def pretrain_base(params: Params, folder: Path, say: Callable[[str], None]) -> s
 
 
 def competence(base: str, folder: Path, sandbox, per_surface: int = 30) -> dict:
-    """The base's greedy strict accuracy on neutral test-split problems (each convention
-    spelled out) and on the cued test problems: competent when told, unsure when cued.
+    """The base's greedy strict accuracy on neutral problems (each convention spelled out)
+    and on cued ones, of the explore split: competent when told, unsure when cued.
     Measured once per base (kept beside it)."""
     from bdc.llm.loading import load_causal_lm
     from bdc.llm.system1 import solve, template_for
@@ -62,9 +62,10 @@ def competence(base: str, folder: Path, sandbox, per_surface: int = 30) -> dict:
     path = folder / "competence.json"
     if path.exists():
         return json.loads(path.read_text())
+    # explore-split problems: settings of the study are never chosen on test problems
     neutral = [p for s in conflict.SURFACES for p in conflict.problems(
-        s, "test", per_surface, make=lambda rng, s=s: conflict.neutral(s, rng))]
-    cued = [p for f in conflict.FAMILIES for p in conflict.problems(f, "test", 10)]
+        s, "explore", per_surface, make=lambda rng, s=s: conflict.neutral(s, rng))]
+    cued = [p for f in conflict.FAMILIES for p in conflict.problems(f, "explore", 10)]
     model, tokenizer = load_causal_lm(base)
     template = template_for(tokenizer, "mini")
     out = {}

@@ -473,23 +473,38 @@ class StudyCapacity(Strict):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
 
 
-class StudySettings(Strict):
-    """``bdc study``: Disentangle and Customize tested with controls (docs/study.md, the
-    pre-registration). Reads the mini pipeline's outputs; trains and scores its own arms."""
+class StudyCells(Strict):
+    """``bdc study``'s plan: which cells run (each cell's own settings: ``study``). Apart
+    from ``study`` because a finished cell is reused by any plan that holds it."""
 
     worlds: list[Literal["mini", "conflict"]] = Field(
         ["mini"], description="the worlds studied: mini (the pipeline's) and conflict "
         "(conventions keyed by a cue: bdc/problems/conflict.py)")
-    records_per_cluster: list[int | Literal["explored"]] = Field(
-        ["explored"], description="N: records per cluster; explored: every explored record "
-        "as clustered; a number tops explored records up with the generator's reference "
-        "records (labelled reference)")
-    capacities: dict[str, StudyCapacity] = Field(
-        {"qv-r8": StudyCapacity()}, description="adapter shapes by name (paper: q,v r8)")
+    records_per_cluster: dict[Literal["mini", "conflict"], list[int | Literal["explored"]]] = \
+        Field({"mini": ["explored"]}, description="N per world: records per cluster; "
+              "explored: every explored record as clustered (mini); a number tops explored "
+              "records up with the generator's reference records (labelled reference)")
+    pool_n: int = Field(100, ge=1, description="the N each world's reference pool is sized "
+                        "for (0.75 N new problems per family): changing it changes the "
+                        "worlds, so every cell")
     training_seeds: list[int] = Field([0], min_length=1, description="training seeds of "
                                       "every cell but the primary ones")
     primary_seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds "
-                                     "of the primary cells: the largest N of each world")
+                                     "of the primary cells (the first capacity at primary_n)")
+    primary_n: int | None = Field(None, ge=1, description="N of the primary cells (null: "
+                                  "the largest N)")
+    capacity_from_n: dict[str, dict[Literal["mini", "conflict"], int]] = Field(
+        {}, description="per capacity and world, the smallest numeric N it runs at (the "
+        "pre-registered trimming); not named: every N")
+
+
+class StudySettings(Strict):
+    """``bdc study``: Disentangle and Customize tested with controls (docs/study.md, the
+    pre-registration): how each cell is made. Reads the mini pipeline's outputs; trains and
+    scores its own arms."""
+
+    capacities: dict[str, StudyCapacity] = Field(
+        {"qv-r8": StudyCapacity()}, description="adapter shapes by name (paper: q,v r8)")
     decode_seeds: list[int] = Field([0, 1, 2], min_length=1)
     temperatures: list[float] = Field([0.0, 0.2, 0.8], min_length=1, description=(
         "decoding temperatures tried on the validation split (full-data LoRA); the best is "
@@ -532,6 +547,7 @@ class Params(Strict):
     vllm: VLLMSettings = VLLMSettings()
     orchestration: OrchestrationSettings = OrchestrationSettings()
     study: StudySettings = StudySettings()
+    study_cells: StudyCells = StudyCells()
     models: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]*$")],
                  PackagedModel] = Field({}, description="packaged real models by name "
                                         "(stages name them where a model goes)")

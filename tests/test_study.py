@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bdc.study.data import at_n, family_stream, halves, reference_records, subset
-from bdc.study.report import holm, verdict
+from bdc.study.report import crossover, holm, verdict
 from tests.test_experts import PROBLEMS, settings
 
 
@@ -137,6 +137,10 @@ def test_holm_against_a_hand_computed_case():
     stops there (0.04 is not rejected although 0.04 <= 0.05)."""
     assert holm([0.03, 0.01, 0.04, 0.005]) == [False, True, False, True]
     assert holm([0.001, 0.2]) == [True, False]
+    # N*: rejected at 100 and 250 (0.001 <= 0.05/3, 0.02 <= 0.05/2), not at 25 (0.3 > 0.05)
+    assert crossover([(25, 0.3), (100, 0.02), (250, 0.001)]) == 100
+    assert crossover([(25, 0.001), (100, 0.3), (250, 0.001)]) == 250  # at every larger N
+    assert crossover([(25, 0.3), (100, 0.4)]) is None
 
 
 @pytest.mark.parametrize("sign,outcome,expected", [
@@ -182,3 +186,23 @@ def test_conflict_splits_keep_a_test_problem_s_parameters_out_of_training():
         bodies = {conflict.without_cue(p.prompt) for p in theirs}
         assert all(conflict.without_cue(p.prompt) != p.prompt for p in test)
         assert not {conflict.without_cue(p.prompt) for p in test} & bodies
+
+
+def test_the_plan_gives_the_primary_cells_their_seeds_and_trims_as_pre_registered():
+    from bdc.config import Params, StudyCapacity, StudyCells, StudySettings
+    from bdc.study.run import cells_of
+
+    params = Params(study=StudySettings(capacities={"qv": StudyCapacity(), "all": StudyCapacity(
+        r=32, alpha=32, target_modules="all-linear")}), study_cells=StudyCells(
+        worlds=["conflict", "mini"], records_per_cluster={"conflict": [100, 25],
+                                                         "mini": ["explored", 100]},
+        primary_n=100, capacity_from_n={"all": {"conflict": 250}}))
+    keys = [c.key for c in cells_of(params)]
+    assert keys == ["conflict/N=100/qv/seed0", "conflict/N=100/qv/seed1",
+                    "conflict/N=100/qv/seed2", "conflict/N=25/qv/seed0",
+                    "mini/N=explored/qv/seed0", "mini/N=100/qv/seed0", "mini/N=100/qv/seed1",
+                    "mini/N=100/qv/seed2", "mini/N=explored/all/seed0", "mini/N=100/all/seed0"]
+    bad = params.model_copy(update={"study_cells": StudyCells(
+        worlds=["conflict"], records_per_cluster={"conflict": ["explored"]})})
+    with pytest.raises(ValueError, match="nothing is explored"):
+        cells_of(bad)

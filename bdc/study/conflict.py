@@ -115,8 +115,8 @@ def conflict_world(params: Params, folder: Path, max_n: int, validation_per_fami
 
     base = pretrain_base(params, folder / "base", say)
     skill = competence(base, folder / "base", sandbox)
-    say(f"study: conflict base, greedy strict accuracy: {skill['neutral']['strict']:.1f} on "
-        f"neutral test problems, {skill['cued']['strict']:.1f} on cued ones")
+    say(f"study: conflict base, greedy strict accuracy on explore-split problems: "
+        f"{skill['neutral']['strict']:.1f} neutral, {skill['cued']['strict']:.1f} cued")
     need = math.ceil(max(max_n, 50) * 0.75)
     validation, pool = [], []
     for family in conflict.FAMILIES:

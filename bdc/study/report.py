@@ -12,7 +12,9 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 
-from bdc.evaluate.table import interval, paired
+import numpy as np
+
+from bdc.evaluate.table import DRAWS, interval, paired
 
 # (name, a, b, the predicted sign, hypothesis): a claim holds where a - b lies wholly on the
 # predicted side of zero
@@ -52,6 +54,12 @@ def pooled(cells: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def family(problem_id: str) -> str:
+    """A test problem's family from its id (``mini/test/arith/3``,
+    ``conflict/test/range-falcon/3``)."""
+    return problem_id.split("/")[2]
+
+
 def verdict(comparison: dict | None, sign: str) -> str:
     if comparison is None or comparison["verdict"] == "undecided":
         return "undecided"
@@ -77,8 +85,12 @@ def summarise(cells: list[dict]) -> dict:
             p = paired(by[a], by[b])
             comparisons[name] = {**(p or {}), "hypothesis": hypothesis, "predicted": sign,
                                  "verdict_claim": verdict(p, sign)}
+    families = sorted({family(p) for v in by.values() for p in v})
+    by_family = {arm: {f: statistics.mean(v for p, v in by[arm].items() if family(p) == f)
+                       for f in families} for arm in arms}
     first = cells[0]
     return {"seeds": [c["cell"]["seed"] for c in cells], "arms": arms,
+            "by_family": by_family,
             "comparisons": comparisons, "temperature": first["temperature"],
             "records": first["records"], "experts": first["experts"],
             "seconds": sum(c["seconds"] for c in cells)}
@@ -94,6 +106,50 @@ def holm(p_values: list[float], alpha: float = 0.05) -> list[bool]:
             break
         rejected[i] = True
     return rejected
+
+
+def one_sided_p(a: dict[str, float], b: dict[str, float], seed: int = 0) -> float:
+    """The bootstrap's one-sided p-value for ``a - b > 0`` over the problems both ran (the
+    share of resampled mean differences at or below zero; the same resampling as the
+    intervals): what Holm's correction across N reads."""
+    common = sorted(set(a) & set(b))
+    diffs = np.asarray([a[p] - b[p] for p in common], dtype=float)
+    draws = np.random.default_rng(seed).integers(0, len(diffs), (DRAWS, len(diffs)))
+    return float((diffs[draws].mean(1) <= 0).mean())
+
+
+def crossover(points: list[tuple[int, float]]) -> int | None:
+    """H8's N*: the smallest N from which the Holm-corrected test rejects "a - b <= 0" at
+    every larger N too (``points``: (N, one-sided p) for each numeric N); None: no such N."""
+    points = sorted(points)
+    rejected = holm([p for _, p in points])
+    for i, (n, _) in enumerate(points):
+        if all(rejected[i:]):
+            return n
+    return None
+
+
+def scaling(results: list[dict]) -> dict:
+    """Per world and capacity, across the numeric N: each D/C difference's one-sided
+    p-value per N (seeds pooled) and, with Holm's correction, the crossover N*."""
+    out: dict[str, dict] = {}
+    groups = group(results)
+    for world, capacity in sorted({(w, c) for w, _, c in groups}):
+        ns = sorted(n for w, n, c in groups if (w, c) == (world, capacity)
+                    and isinstance(n, int))
+        if len(ns) < 2:
+            continue
+        entry = {}
+        for name, a, b, _, _ in COMPARISONS[:5]:
+            points = []
+            for n in ns:
+                by = pooled(groups[(world, n, capacity)])
+                if a in by and b in by:
+                    points.append((n, one_sided_p(by[a], by[b])))
+            if len(points) >= 2:
+                entry[name] = {"p": dict(points), "crossover": crossover(points)}
+        out[f"{world}/{capacity}"] = entry
+    return out
 
 
 def cell_text(arm: dict) -> str:
@@ -116,6 +172,11 @@ def markdown(summaries: dict[tuple, dict]) -> str:
                 "| tokens per seed |", "|---|---|---|---|"]
         out += [f"| {arm} | {cell_text(a)} | {a['seed_std']:.1f} | {a['tokens']:.0f} |"
                 for arm, a in s["arms"].items()]
+        families = list(next(iter(s["by_family"].values()), {}))
+        out += ["", "Per family (strict accuracy, problems of the family averaged):", "",
+                "| arm | " + " | ".join(families) + " |", "|---|" + "---|" * len(families)]
+        out += [f"| {arm} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |"
+                for arm, row in s["by_family"].items()]
         out += ["", "| comparison | hypothesis | difference | 95% CI | verdict |",
                 "|---|---|---|---|---|"]
         for name, c in s["comparisons"].items():
@@ -123,5 +184,22 @@ def markdown(summaries: dict[tuple, dict]) -> str:
             out.append(f"| {name} | {c['hypothesis']} | {c.get('difference', 0):+.1f} | "
                        + (f"{ci[0]:+.1f} to {ci[1]:+.1f}" if ci else "") +
                        f" | {c['verdict_claim']} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def scaling_text(scale: dict) -> str:
+    """Each difference's one-sided p per N and the crossover N* (Holm across N)."""
+    out = []
+    for key, entry in scale.items():
+        ns = sorted({n for e in entry.values() for n in e["p"]})
+        if not ns:
+            continue
+        out += [f"### Scaling: {key} (one-sided bootstrap p per N; Holm across N)", "",
+                "| comparison | " + " | ".join(f"N = {n}" for n in ns) + " | N* |",
+                "|---|" + "---|" * (len(ns) + 1)]
+        out += [f"| {name} | " + " | ".join(
+            f"{e['p'][n]:.4f}" if n in e["p"] else "" for n in ns)
+            + f" | {e['crossover'] or 'none'} |" for name, e in entry.items()]
         out.append("")
     return "\n".join(out)

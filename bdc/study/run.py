@@ -24,22 +24,40 @@ from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
 from bdc.study.cells import Cell, run_cell
 from bdc.study.conflict import conflict_world
-from bdc.study.data import EXPLORED, World, mini_world
-from bdc.study.report import group, markdown, summarise
+from bdc.study.data import EXPLORED, World, at_n, mini_world
+from bdc.study.report import (
+    COMPARISONS,
+    group,
+    markdown,
+    scaling,
+    scaling_text,
+    summarise,
+)
 
 log = logging.getLogger(__name__)
 
 
 def cells_of(params: Params) -> list[Cell]:
-    """The study's cells in the order they run: world, N, capacity, then training seed (the
-    primary cells, at the largest N, with ``primary_seeds``)."""
-    s = params.study
-    numeric = [n for n in s.records_per_cluster if n != EXPLORED]
-    primary = max(numeric) if numeric else EXPLORED
-    return [Cell(w, n, cap, seed) for w in s.worlds for n in s.records_per_cluster
-            if not (w == "conflict" and n == EXPLORED)  # nothing was explored there
-            for cap in s.capacities
-            for seed in (s.primary_seeds if n == primary else s.training_seeds)]
+    """The study's cells in the order they run: world, capacity, N as listed, then training
+    seed. The primary cells (the first capacity at ``primary_n``, or else the largest N) take
+    ``primary_seeds``. A world's first cell chooses its decoding temperature."""
+    s = params.study_cells
+    cells = []
+    for w in s.worlds:
+        grid = s.records_per_cluster.get(w, [])
+        if w == "conflict" and EXPLORED in grid:
+            raise ValueError("study.records_per_cluster.conflict: nothing is explored in "
+                             "the conflict world; give numbers")
+        numeric = [n for n in grid if n != EXPLORED]
+        primary = s.primary_n or (max(numeric) if numeric else EXPLORED)
+        for index, name in enumerate(params.study.capacities):
+            from_n = s.capacity_from_n.get(name, {})
+            for n in grid:
+                if w in from_n and (n == EXPLORED or n < from_n[w]):
+                    continue
+                seeds = s.primary_seeds if index == 0 and n == primary else s.training_seeds
+                cells += [Cell(w, n, name, seed) for seed in seeds]
+    return cells
 
 
 def scaling_figure(summaries: dict[tuple, dict]):
@@ -84,8 +102,7 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
     from bdc.sandbox import Sandbox
     from bdc.tracking import stage_run
 
-    s = params.study
-    numeric = [n for n in s.records_per_cluster if n != EXPLORED]
+    s, plan = params.study, params.study_cells
     worlds: dict[str, World] = {}
 
     sandbox = None  # the study's, once open
@@ -102,21 +119,20 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
 
     def make_world(name: str) -> World:
         if name == "conflict":
-            return conflict_world(params, state / "study" / "conflict", max(numeric,
-                                  default=0), s.validation_per_family, s.test_per_family,
-                                  say, sandbox)
+            return conflict_world(params, state / "study" / "conflict", plan.pool_n,
+                                  s.validation_per_family, s.test_per_family, say, sandbox)
         return mini_world(
             list(read_jsonl(explore_dir / artifacts.SFT, dict)),
             list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
             first_per_family(read_problems(problems_dir / artifacts.pool("test")),
                              s.test_per_family), clusters_dir, params.experts.base,
-            params.problems.explore[0].limit or 50, s.validation_per_family,
-            max(numeric, default=0))
+            params.problems.explore[0].limit or 50, s.validation_per_family, plan.pool_n)
 
     cells = cells_of(params)
     results, temperature = [], {}
     started = time.perf_counter()
-    with stage_run("study", {"study": s.model_dump()}, params.profile, doc=__doc__) as parent, \
+    with stage_run("study", {"study": s.model_dump(), "study_cells": plan.model_dump()},
+                   params.profile, doc=__doc__) as parent, \
             Sandbox(params.sandbox) as opened:
         sandbox = opened
         for i, cell in enumerate(cells, 1):
@@ -130,6 +146,14 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
                     say(f"study:   adapter {index + 1}/{total} {name}"
                         + (" (kept)" if reused else ""))
 
+                short = {c: len(v) for c, v in at_n(world_of(cell.world).explored,
+                                                     world_of(cell.world).reference,
+                                                     cell.n).items()
+                         if cell.n != EXPLORED and len(v) < int(cell.n)}
+                if short:
+                    raise ValueError(f"study: {cell.key}: clusters {short} hold fewer than "
+                                     f"N = {cell.n} records (study_cells.pool_n sizes the "
+                                     "pool)")
                 result = run_cell(world_of(cell.world), cell, params,
                                   temperature.get(cell.world), sandbox, state / "study",
                                   progress)
@@ -141,14 +165,15 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
                 f"{arm} {sum(v.values()) / len(v):.1f}" for arm, v in result["arms"].items()))
             results.append(result)
         summaries = {key: summarise(mine) for key, mine in group(results).items()}
-        text = markdown(summaries)
+        scale = scaling(results)
+        text = markdown(summaries) + scaling_text(scale)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(out_dir / "table.md") as f:
             f.write(text)
         with atomic_open(out_dir / "table.json") as f:
             json.dump({"summaries": [{"world": w, "n": n, "capacity": c, **v}
                                      for (w, n, c), v in summaries.items()],
-                       "cells": results,
+                       "scaling": scale, "cells": results,
                        "seconds": round(time.perf_counter() - started, 1)}, f, indent=1)
         parent.artifact(out_dir / "table.md")
         parent.artifact(out_dir / "table.json")
@@ -156,6 +181,10 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
             fig = scaling_figure(summaries)
             fig.savefig(out_dir / "scaling.png", dpi=110)
             parent.artifact(out_dir / "scaling.png")
+        parent.metrics({f"{w}.n{n}.{cap}.{a}_minus_{b}": round(
+            v["comparisons"][name]["difference"], 2)
+            for (w, n, cap), v in summaries.items()
+            for name, a, b, _, _ in COMPARISONS if name in v["comparisons"]})
         parent.metrics({"cells": len(cells),
                         "minutes": round((time.perf_counter() - started) / 60, 1)})
     return {"summaries": summaries, "table": text}

@@ -478,10 +478,12 @@ class StudyCells(Strict):
     from ``study`` because a finished cell is reused by any plan that holds it."""
 
     worlds: list[Literal["mini", "conflict"]] = Field(
-        ["mini"], description="the worlds studied: mini (the pipeline's) and conflict "
+        ["conflict", "mini"], description="the worlds studied: mini (the pipeline's) and conflict "
         "(conventions keyed by a cue: bdc/problems/conflict.py)")
     records_per_cluster: dict[Literal["mini", "conflict"], list[int | Literal["explored"]]] = \
-        Field({"mini": ["explored"]}, description="N per world: records per cluster; "
+        Field({"conflict": [100, 25, 50, 250], "mini": ["explored", 100, 25, 50]},
+              description="N per world: records per cluster (a world's first N chooses its "
+              "decoding temperature); "
               "explored: every explored record as clustered (mini); a number tops explored "
               "records up with the generator's reference records (labelled reference)")
     pool_n: int = Field(100, ge=1, description="the N each world's reference pool is sized "
@@ -491,11 +493,12 @@ class StudyCells(Strict):
                                       "every cell but the primary ones")
     primary_seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds "
                                      "of the primary cells (the first capacity at primary_n)")
-    primary_n: int | None = Field(None, ge=1, description="N of the primary cells (null: "
+    primary_n: int | None = Field(100, ge=1, description="N of the primary cells (null: "
                                   "the largest N)")
-    capacity_from_n: dict[str, dict[Literal["mini", "conflict"], int]] = Field(
-        {}, description="per capacity and world, the smallest numeric N it runs at (the "
-        "pre-registered trimming); not named: every N")
+    capacity_n: dict[str, dict[Literal["mini", "conflict"], list[int | Literal["explored"]]]] \
+        = Field({"all-linear-r32": {"conflict": [250], "mini": ["explored"]}},
+                description="per capacity and world, the N it runs at (the trimming); not "
+                "named: the world's whole grid")
 
 
 class StudySettings(Strict):
@@ -504,7 +507,9 @@ class StudySettings(Strict):
     scores its own arms."""
 
     capacities: dict[str, StudyCapacity] = Field(
-        {"qv-r8": StudyCapacity()}, description="adapter shapes by name (paper: q,v r8)")
+        {"qv-r8": StudyCapacity(), "all-linear-r32": StudyCapacity(
+            r=32, alpha=32, target_modules="all-linear")},
+        description="adapter shapes by name (paper: q,v r8; the mini default: all-linear r32)")
     decode_seeds: list[int] = Field([0, 1, 2], min_length=1)
     temperatures: list[float] = Field([0.0, 0.2, 0.8], min_length=1, description=(
         "decoding temperatures tried on the validation split (full-data LoRA); the best is "
@@ -515,7 +520,7 @@ class StudySettings(Strict):
                                         "(null: every one; a cut for tests)")
     epochs: float = Field(12, gt=0, description="an expert's epochs (the pipeline's recipe)")
     max_expert_steps: int = Field(300, ge=1, description="an expert's steps at most")
-    long_experts_up_to: int = Field(10_000, ge=0, description="the expert-equal-steps arm "
+    long_experts_up_to: int = Field(300, ge=0, description="the expert-equal-steps arm "
                                     "(each expert for the full LoRA's steps: K x the cost) "
                                     "only where the experts hold this many records at most")
     router_epochs: float = Field(20, gt=0, description="the router's epochs; the best on the "
@@ -523,8 +528,8 @@ class StudySettings(Strict):
     centroid_temperatures: list[float] = Field([0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
     arms: list[Literal["base", "full", "oracle", "oracle_long", "subset", "uniform",
                        "customized", "centroid", "shared"]] = Field(
-        ["base", "full", "oracle", "oracle_long", "subset", "uniform", "customized",
-         "centroid", "shared"], description="the arms run (docs/study.md)")
+        ["base", "full", "oracle", "oracle_long", "subset", "uniform", "centroid",
+         "customized", "shared"], description="the arms run (docs/study.md)")
     conflict_base_steps: int = Field(3000, ge=1, description="the conflict world's base: "
                                      "pretraining steps on the neutral versions")
     out: str = Field("docs/study", description="where the table, the claims and the plot go")

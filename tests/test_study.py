@@ -196,12 +196,12 @@ def test_the_plan_gives_the_primary_cells_their_seeds_and_trims_as_pre_registere
         r=32, alpha=32, target_modules="all-linear")}), study_cells=StudyCells(
         worlds=["conflict", "mini"], records_per_cluster={"conflict": [100, 25],
                                                          "mini": ["explored", 100]},
-        primary_n=100, capacity_from_n={"all": {"conflict": 250}}))
+        primary_n=100, capacity_n={"all": {"conflict": [250], "mini": ["explored"]}}))
     keys = [c.key for c in cells_of(params)]
     assert keys == ["conflict/N=100/qv/seed0", "conflict/N=100/qv/seed1",
                     "conflict/N=100/qv/seed2", "conflict/N=25/qv/seed0",
                     "mini/N=explored/qv/seed0", "mini/N=100/qv/seed0", "mini/N=100/qv/seed1",
-                    "mini/N=100/qv/seed2", "mini/N=explored/all/seed0", "mini/N=100/all/seed0"]
+                    "mini/N=100/qv/seed2", "mini/N=explored/all/seed0"]
     bad = params.model_copy(update={"study_cells": StudyCells(
         worlds=["conflict"], records_per_cluster={"conflict": ["explored"]})})
     with pytest.raises(ValueError, match="nothing is explored"):

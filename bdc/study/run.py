@@ -51,9 +51,9 @@ def cells_of(params: Params) -> list[Cell]:
         numeric = [n for n in grid if n != EXPLORED]
         primary = s.primary_n or (max(numeric) if numeric else EXPLORED)
         for index, name in enumerate(params.study.capacities):
-            from_n = s.capacity_from_n.get(name, {})
+            only = s.capacity_n.get(name, {})
             for n in grid:
-                if w in from_n and (n == EXPLORED or n < from_n[w]):
+                if w in only and n not in only[w]:
                     continue
                 seeds = s.primary_seeds if index == 0 and n == primary else s.training_seeds
                 cells += [Cell(w, n, name, seed) for seed in seeds]
@@ -70,9 +70,10 @@ def scaling_figure(summaries: dict[tuple, dict]):
 
     lines = {"D: oracle expert - full": "C0", "C: customized - full": "C1",
              "D: oracle expert - size-matched subset": "C2"}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     keys = sorted({(w, cap) for w, _, cap in summaries})
-    for w, cap in keys:
+    styles = ["-", "--", ":", "-."]  # one per world and capacity; colour: the comparison
+    for (w, cap), style in zip(keys, styles * len(keys), strict=False):
         points = sorted((n, s) for (w2, n, c2), s in summaries.items()
                         if (w2, c2) == (w, cap) and n != EXPLORED)
         for name, colour in lines.items():
@@ -84,7 +85,7 @@ def scaling_figure(summaries: dict[tuple, dict]):
             low = [c["difference"] - c["interval"][0] for c in cs]
             high = [c["interval"][1] - c["difference"] for c in cs]
             ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, color=colour,
-                        label=f"{name} ({w}, {cap})")
+                        linestyle=style, label=f"{name} ({w}, {cap})")
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("records per cluster N")
@@ -150,10 +151,9 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
                                                      world_of(cell.world).reference,
                                                      cell.n).items()
                          if cell.n != EXPLORED and len(v) < int(cell.n)}
-                if short:
-                    raise ValueError(f"study: {cell.key}: clusters {short} hold fewer than "
-                                     f"N = {cell.n} records (study_cells.pool_n sizes the "
-                                     "pool)")
+                if short:  # the table says how many each cluster had
+                    say(f"study: {cell.key}: clusters {short} hold fewer than N = {cell.n} "
+                        "records (study_cells.pool_n sizes the reference pool)")
                 result = run_cell(world_of(cell.world), cell, params,
                                   temperature.get(cell.world), sandbox, state / "study",
                                   progress)
@@ -164,7 +164,7 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
             say(f"study: cell {i}/{len(cells)} done in {result['seconds']:.0f} s: " + ", ".join(
                 f"{arm} {sum(v.values()) / len(v):.1f}" for arm, v in result["arms"].items()))
             results.append(result)
-        summaries = {key: summarise(mine) for key, mine in group(results).items()}
+        summaries = {key: summarise(mine, key[0]) for key, mine in group(results).items()}
         scale = scaling(results)
         text = markdown(summaries) + scaling_text(scale)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,6 @@ def pretrain_base(params: Params, folder: Path, say: Callable[[str], None]) -> s
     shape, _, _ = effective(params)
     neutral = [p for s in conflict.SURFACES for p in conflict.problems(
         s, "pretrain", NEUTRAL_PER_SURFACE, make=lambda rng, s=s: conflict.neutral(s, rng))]
-    for p in neutral:
-        p.meta["family"] = p.meta["family"] or "neutral"
     cued = [p.prompt for f in conflict.FAMILIES for p in conflict.problems(f, "pretrain", 50)]
     tokenizer = train_tokenizer([training_text(p)[1] for p in neutral] + cued,
                                 shape.vocab_size)

@@ -13,6 +13,7 @@ import functools
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -90,6 +91,10 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:  # libraries' own INFO chatter (GX logs every config load) is not ours
         for name in NOISY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # PEFT asks transformers 5 for a deprecated attribute whenever it wraps a model:
+        # a warning in every stage's log that no user of bdc can act on
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated",
+                                FutureWarning)
 
 
 @dataclass

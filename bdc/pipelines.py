@@ -8,8 +8,9 @@ root (``wdir: ..``) with the profile's ``params.yaml``, outputs under its ``data
 dependency on the tiny models. The small profile's models are packaged ones named in its
 ``models:`` section, so the stages that load them also depend on those settings (a changed
 model re-runs them).
-``bdc pipelines write`` rewrites the generated files; ``--check`` (and a test) fails when a
-committed one differs, so they cannot drift from dvc.yaml.
+Their metrics and plots are plain (git-tracked) outputs, so DVC's default views stay the
+mini pipeline's. ``bdc pipelines write`` rewrites the generated files; ``--check`` (and a
+test) fails when a committed one differs, so they cannot drift from dvc.yaml.
 """
 
 from __future__ import annotations
@@ -58,9 +59,17 @@ def derived_stages(stages: dict[str, Any], folder: str, dropped: tuple[str, ...]
                                         if not d.startswith("data/models/")],
                                "params": [{f"{folder}/params.yaml": [
                                    *stage["params"], *(extra or {}).get(name, [])]}]}
-        for key in ("outs", "metrics", "plots"):
-            if key in stage:
-                new[key] = _entries(stage[key], folder)
+        if "outs" in stage:
+            new["outs"] = _entries(stage["outs"], folder)
+        # its metrics and plots as plain git-tracked outputs: `dvc metrics show` and `dvc
+        # plots show` list every pipeline's declared ones, so a user's default view (the
+        # pipeline they run) had every other profile's rows of "-" and a load failure for
+        # the files not made here; `dvc metrics show small/data/metrics/*.json` shows them
+        shown = [e if isinstance(e, str) else next(iter(e))
+                 for key in ("metrics", "plots") for e in stage.get(key, [])]
+        if shown:
+            new.setdefault("outs", []).extend(
+                {_moved(path, folder): {"cache": False}} for path in shown)
         out[name] = new
     return out
 

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from bdc.runtime import project_root, state_dir
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "bdc"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view ("Evaluations", an
+# assistant panel) where the runs' metrics and charts are not shown
+KIND = ("mlflow.experimentKind", "custom_model_development")
 PARENT_ENV = "BDC_MLFLOW_PARENT_RUN_ID"
 
 
@@ -67,6 +71,8 @@ def setup(root: Path | None = None) -> str:
         with contextlib.suppress(mlflow.exceptions.MlflowException):  # lost a creation race
             mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_root(root))
         experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment.tags.get(KIND[0]) != KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *KIND)
     mlflow.set_experiment(experiment_id=experiment.experiment_id)
     return experiment.experiment_id
 
@@ -169,12 +175,21 @@ def params_hash(params: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# what the pipelines write into git-tracked files (DVC's metrics, plots and lock files,
+# under each pipeline's data/): a run changes them, so they do not make its code "dirty"
+PIPELINE_OUTPUTS = (":(exclude,glob)**/data/**", ":(exclude,glob)data/**",
+                    ":(exclude,glob)**/dvc.lock", ":(exclude)dvc.lock")
+
+
 def git_commit(root: Path | None = None) -> str:
+    """HEAD, with ``-dirty`` when tracked code or settings differ from it (not the
+    pipelines' own outputs: every run from a fresh clone rewrote its metrics and lock)."""
     root = root or project_root()
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *PIPELINE_OUTPUTS],
                                cwd=root, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -212,8 +227,12 @@ class StageRun:
         frame = pd.DataFrame([{k: v if isinstance(v, str | int | float | bool) or v is None
                                else json.dumps(v, sort_keys=True) for k, v in row.items()}
                               for row in rows])
-        mlflow.log_input(mlflow.data.from_pandas(frame, source=str(Path(path).resolve()),
-                                                 name=name), context=context)
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source twice (for "" and "file:" schemes), so
+            # every path "can be interpreted in multiple ways": the same class both times
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(frame, source=str(Path(path).resolve()), name=name)
+        mlflow.log_input(dataset, context=context)
 
     def figure(self, figure, name: str) -> None:
         import mlflow
@@ -236,6 +255,11 @@ class StageRun:
 
         mlflow.set_tag(key, value)
 
+    def describe(self, text: str) -> None:
+        """The run's description (markdown), replacing the stage docstring's: for a run
+        whose answer is only known at its end (evaluate's verdict)."""
+        self.tag("mlflow.note.content", text)
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, params: Mapping[str, Any], profile: str,
@@ -254,3 +278,39 @@ def stage_run(stage: str, params: Mapping[str, Any], profile: str,
                 for k, v in flatten(params).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in flat.items()})
         yield StageRun(run)
+
+
+def prompt_signature(optional: tuple[str, ...] = ()):
+    """A text-in, program-out pyfunc's declared signature: a ``prompt`` column (and any
+    ``optional`` string columns) in, one string per row out, ``max_new_tokens`` a param."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt"),
+                       *(ColSpec("string", name, required=False) for name in optional)]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 256)]))
+
+
+def log_registered(registered: str, summary: str, tags: Mapping[str, Any], **log_model) -> str:
+    """``mlflow.pyfunc.log_model`` into the active run, registered as ``registered`` with a
+    description and tags on the model and on the new version (a registry entry said nothing
+    of what it was); its version."""
+    import mlflow
+
+    with warnings.catch_warnings():  # the signature is declared; an example adds nothing
+        warnings.filterwarnings("ignore", ".*An input example was not provided")
+        info = mlflow.pyfunc.log_model(registered_model_name=registered, **log_model)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.update_registered_model(registered, description=summary)
+    run = mlflow.active_run()
+    version_tags = {"bdc.git_commit": git_commit(), **(
+        {"bdc.profile": run.data.tags.get("bdc.profile", "")} if run else {}), **tags}
+    for key, value in version_tags.items():
+        client.set_model_version_tag(registered, version, key, str(value))
+    client.set_registered_model_tag(registered, "bdc.kind", registered.removeprefix("bdc-"))
+    client.update_model_version(registered, version, description=summary + " " + ", ".join(
+        f"{k}: {v}" for k, v in tags.items()) + ".")
+    return version

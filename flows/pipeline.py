@@ -79,6 +79,16 @@ def _known(root: Path, profile: str, stages: list[str]) -> list[str]:
     return declared
 
 
+# DVC's closing advice to a person at a terminal ("To track the changes with git, run: git
+# add dvc.lock", "To enable auto staging ..."): in a flow's log it is noise (and blank lines)
+GIT_HINT = ("To track the changes with git, run:", "To enable auto staging, run:",
+            "git add ", "dvc config core.autostage")
+
+
+def git_hint(line: str) -> bool:
+    return not line.strip() or line.strip().startswith(GIT_HINT)
+
+
 @task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE,
       persist_result=False)
 def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
@@ -106,7 +116,8 @@ def run_stage(stage: str, parent_run_id: str | None = None, single: bool = True,
     def pump() -> None:
         for line in proc.stdout:
             tail.append(line.rstrip())
-            logger.info("[%s] %s", stage, line.rstrip())
+            if not git_hint(line):
+                logger.info("[%s] %s", stage, line.rstrip())
 
     reader = threading.Thread(target=pump, daemon=True)
     try:

@@ -8,17 +8,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from bdc import artifacts
+from bdc.evaluate.claims import headline_metrics, verdict
 from bdc.runtime import pipeline_folder, project_root
 from bdc.tracking import (
     end_orphans,
     flatten,
     git_commit,
-    metric_name,
     owner_tags,
     rounded,
     runs_view_url,
@@ -65,25 +66,26 @@ def pipeline_run(profile: str, tags: Mapping[str, str] | None = None,
 
 def summarize_pipeline(client, run_id: str, data: Path) -> None:
     """The final table (under the pipeline's ``data`` folder) and the stages that ran, on
-    the pipeline's parent run."""
+    the pipeline's parent run: the verdict first, the table as an artifact, the headline
+    numbers under the evaluate run's keys."""
+    from mlflow.entities import Metric
+
     ran = sorted(r.data.tags.get("bdc.stage", "?") for r in client.search_runs(
         [client.get_run(run_id).info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{run_id}'"))
     table = data / "eval" / artifacts.TABLE_MD
     note = (f"Stages that ran: {', '.join(ran)}." if ran else
-            "Every stage was up to date: DVC ran nothing; the table below is the current "
-            "one.") + " Stage runs nest under this run.\n\n"
+            "Every stage was up to date: DVC ran nothing; the results here are the "
+            "current ones.") + " Stage runs nest under this run.\n\n"
+    headline = data / "eval" / artifacts.TABLE_JSON
     if table.exists():
-        note += table.read_text()
         client.log_artifact(run_id, str(table))
-        headline = data / "eval" / artifacts.TABLE_JSON
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            rows = json.loads(headline.read_text())["solvers"]
-            for name, row in rows.items():
-                for key in ("strict_accuracy", "pass_rate"):  # {mean, std} over seeds
-                    for stat, value in (row.get(key) or {}).items():
-                        client.log_metric(run_id, metric_name(f"{name}.{key}.{stat}"),
-                                          float(value))
+        note += f"The whole table: the artifact {artifacts.TABLE_MD}.\n"
+        results = json.loads(headline.read_text())
+        note = verdict(results) + "\n\n" + note
+        # the evaluate run's keys: one scheme, charted together
+        client.log_batch(run_id, metrics=[Metric(key, value, int(time.time() * 1000), 0)
+                                          for key, value in headline_metrics(results).items()])
     client.set_tag(run_id, "mlflow.note.content", note)
     client.set_tag(run_id, "bdc.stages_ran", ",".join(ran) or "none")
 
@@ -142,16 +144,17 @@ def run_summary_markdown(stage: str, run, ui_url: str, root: Path | None = None,
         if current.exists():
             text += "\nCurrent metrics:\n\n" + metrics_table(json.loads(current.read_text()))
         return text
-    base = ui_url.rstrip("/")
     link = runs_view_url(ui_url, run.info.experiment_id, run.info.run_id)
     text = (f"### {stage}\n\nMLflow run: [{run.info.run_id}]({link}) "
             f"({run.info.status.lower()}); all runs: "
             f"[{runs_view_url(ui_url, run.info.experiment_id)}]"
             f"({runs_view_url(ui_url, run.info.experiment_id)})\n")
     report = run.data.tags.get("bdc.report")  # e.g. validate's Data Docs
-    if report:
-        text += (f"\nReport: [{report}]({base}/get-artifact?path={report}"
-                 f"&run_uuid={run.info.run_id})\n")
+    if report:  # MLflow's get-artifact route sends HTML as a download: its artifact view
+        # shows it in the page; the stage's own copy opens whole in a browser
+        local = run.data.tags.get("bdc.report_file")
+        text += (f"\nReport: [{report}]({link}/artifacts/{report}) (in MLflow)"
+                 + (f"; the whole site: open `{local}` in a browser" if local else "") + "\n")
     summary = run.data.tags.get("bdc.summary")  # a stage's own table (evaluate)
     if summary:
         import mlflow

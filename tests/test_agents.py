@@ -230,6 +230,9 @@ def test_bdc_serve_with_the_official_openai_client(served):
                                        messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="does not stream"):
         client.completions.create(model="tiny", prompt="x", max_tokens=8, stream=True)
+    # another model's name: 404, as vLLM's server answers (it answered 200 with this model)
+    with pytest.raises(openai.NotFoundError, match="The model `wrong` does not exist"):
+        client.completions.create(model="wrong", prompt="x", max_tokens=4)
     # the server is still up and answers the next request
     assert client.completions.create(model="tiny", prompt="x", max_tokens=4).choices
 

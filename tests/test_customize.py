@@ -147,6 +147,8 @@ def test_only_the_hypernetwork_trains_and_resumes(tmp_path, trained):
     before = {k: v.clone() for k, v in model.router.state_dict().items()}
     done = train(model, data, data[:2], s, tok.pad_token_id, tmp_path / "work")
     assert done["steps"] == 6 and done["best_epoch"] is not None
+    # the validation loss at the step it was measured (it was drawn at x = its epoch)
+    assert [step for step, _ in done["val_steps"]] == [3, 6]
     assert all(torch.equal(p, frozen[n]) for n, p in model.model.named_parameters())
     assert any(not torch.equal(v, before[k]) for k, v in model.router.state_dict().items())
     assert list((tmp_path / "work").glob("checkpoint-*"))

@@ -278,6 +278,12 @@ def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch):
     assert len(programs) == 2 and all(isinstance(p, str) for p in programs)
     meta = mlflow.MlflowClient().get_model_version(MODEL_NAME, version)
     assert str(meta.version) == version
+    # a registry entry that says what it is: description, tags, a declared signature
+    assert "DisenLoRA" in meta.description and meta.tags["base"] == base
+    assert "DisenLoRA" in mlflow.MlflowClient().get_registered_model(MODEL_NAME).description
+    signature = loaded.metadata.signature
+    assert signature.inputs.input_names() == ["prompt", "adapter"]
+    assert signature.params.params[0].name == "max_new_tokens"
 
 
 def test_a_missing_adapter_is_one_error_naming_its_folder(tmp_path, base):

@@ -198,7 +198,12 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     # runs that explain themselves: descriptions, datasets, the table on the parent run
     by = {r.data.tags["bdc.stage"]: r for r in runs}
     assert all(r.data.tags.get("mlflow.note.content") for r in runs)
-    assert "| customized |" in parent.data.tags["mlflow.note.content"]
+    # the verdict first, then the same headline keys on the evaluate and pipeline runs
+    assert parent.data.tags["mlflow.note.content"].startswith("**Best System-1 solver: ")
+    assert "**Customize:** customized" in by["evaluate"].data.tags["mlflow.note.content"]
+    assert "claim.C_customized_vs_full" in parent.data.metrics
+    assert {k: v for k, v in by["evaluate"].data.metrics.items() if k != "reused_chunks"} \
+        == parent.data.metrics
     assert parent.data.tags["bdc.stages_ran"].count(",") == 7
     inputs = mlflow.get_run(by["experts"].info.run_id).inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["SFT records"]
@@ -322,3 +327,15 @@ def evaluate_on_vllm_equals_transformers(project):
     assert {k: v[0] for k, v in samples["vllm"].items()} == {k: v[0] for k, v in hf.items()}
     assert all(samples["vllm"][k][1] >= tokens for k, (_, tokens) in hf.items())
     assert "Generated on vLLM" in (project / "var/eval-vllm/table.md").read_text()
+
+
+def test_dvc_s_git_advice_stays_out_of_a_flow_s_log():
+    """Every stage's Prefect log ended with DVC's terminal advice ("git add dvc.lock")."""
+    from flows.pipeline import git_hint
+
+    said = ("\nTo track the changes with git, run:\n\n\tgit add dvc.lock\n"
+            "\nTo enable auto staging, run:\n\n\tdvc config core.autostage true\n")
+    assert all(git_hint(line) for line in said.splitlines())
+    assert not any(git_hint(line) for line in (
+        "Running stage 'prepare':", "> bdc prepare --out-dir data/problems",
+        "Updating lock file 'dvc.lock'"))

@@ -29,6 +29,11 @@ def test_the_paper_pipeline_is_generated_from_dvc_yaml(tmp_path):
     assert "paper/data/problems/explore.jsonl" in explore["deps"]
     assert not any(d.startswith(("data/", "paper/data/models")) for d in explore["deps"])
     assert explore["params"] == [{"paper/params.yaml": mini["explore"]["params"]}]
+    # `dvc metrics show` / `plots show` list every pipeline's declared ones: the paper and
+    # small profiles' rows of "-" and a load failure filled the mini user's view. Theirs are
+    # plain git-tracked outputs
+    assert not any({"metrics", "plots"} & set(stage) for stage in paper.values())
+    assert {"paper/data/metrics/explore.json": {"cache": False}} in explore["outs"]
     # a change to dvc.yaml is a change to the paper pipeline
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace(
         "- bdc/stages/explore.py", "- bdc/stages/explore.py\n      - bdc/new_part.py"))
@@ -203,7 +208,7 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     assert sorted(r.data.tags["bdc.stage"] for r in stages) == sorted(
         r["stage"] for r in results)
     assert {r.data.tags["bdc.profile"] for r in stages} == {"paper"}
-    assert "| customized |" in parent.data.tags["mlflow.note.content"]
+    assert "**Customize:** customized" in parent.data.tags["mlflow.note.content"]
     assert asyncio.run(_artifacts("paper-stage-evaluate"))  # not the mini pipeline's key
     status = subprocess.run(["dvc", "status", f"{PAPER}/dvc.yaml"], cwd=project,
                             capture_output=True, text=True, timeout=120)

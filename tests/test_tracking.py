@@ -83,6 +83,40 @@ def test_flatten_and_hash():
     assert tracking.params_hash({"a": 1, "b": 2}) == tracking.params_hash({"b": 2, "a": 1})
 
 
+def test_the_verdict_and_one_key_scheme():
+    """The evaluate run's description promised the answer without holding it, and the
+    pipeline run logged the same numbers under other keys (``full.strict_accuracy.mean``)
+    with System-2 names mangled (``System-2_tree_planner_coder_``)."""
+    from bdc.evaluate.claims import headline_metrics, verdict
+
+    def row(mean):
+        return {"strict_accuracy": {"mean": mean, "std": 1.0}, "pass_rate": {"mean": mean},
+                "strict_interval": [mean - 5, mean + 5], "problems": 180, "seeds": 3}
+
+    gap = {"solver": "customized", "difference": 4.0, "interval": [1.0, 7.0],
+           "problems": 180, "verdict": "better"}
+    table = {"solvers": {"full": row(10.0), "customized": row(14.0), "merge_uniform": row(8.0),
+                         "arrow": row(9.0), "System-2: tree(planner+coder)": row(50.0),
+                         "System-2: best-of-N(planner+coder)": row(30.0)},
+             "claims": {"C_customized_vs_full": {**gap, "baseline": "full"},
+                        "C_customized_vs_uniform": None,
+                        "B_tree_vs_baselines": [{
+                            "solver": "System-2: tree(planner+coder)", "difference": 20.0,
+                            "baseline": "System-2: best-of-N(planner+coder)",
+                            "interval": [12.0, 28.0], "verdict": "better"}]}}
+    text = verdict(table)
+    first, customize, boost = text.split("\n\n")[:3]
+    assert first.startswith("**Best System-1 solver: customized**, 14.0 ± 1.0 %")
+    assert "vs full-data LoRA +4.0 (95% CI +1.0 to +7.0: better)" in customize
+    assert "vs uniform merge: not measured" in customize
+    assert "best-of-N(planner+coder) +20.0" in boost
+    metrics = headline_metrics(table)
+    assert metrics["system2.tree.planner-coder.strict_accuracy"] == 50.0
+    assert metrics["claim.C_customized_vs_full.ci_low"] == 1.0
+    assert metrics["claim.B_tree_vs_best-of-N.planner-coder"] == 20.0
+    assert all(tracking.metric_name(k) == k for k in metrics)  # keys MLflow keeps as they are
+
+
 def test_metric_names_read_well_in_mlflow_charts():
     """Names with spaces or '/' (explore's `notes.1 of 2 replies had no code`, prepare's
     `by_difficulty.n/a`) made MLflow's chart view lead with sections of one useless chart."""
@@ -126,7 +160,9 @@ def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monk
     (store / "data/eval").mkdir(parents=True)
     (store / "data/eval/table.md").write_text("| solver | strict |\n|---|---|\n| full | 9.4 |\n")
     (store / "data/eval/table.json").write_text(json.dumps(
-        {"solvers": {"full": {"strict_accuracy": {"mean": 9.4, "std": 1.0}}}}))
+        {"solvers": {"full": {"strict_accuracy": {"mean": 9.4, "std": 1.0},
+                              "pass_rate": {"mean": 12.0, "std": 0.5},
+                              "problems": 60, "seeds": 3}}, "order": ["full"]}))
     text = runs.run_summary_markdown("prepare", None, "http://ui:5000", store)
     (last,) = only_run(store, **{"bdc.stage": "prepare"})
     assert "Up to date" in text and "| explore.problems | 60 |" in text
@@ -136,9 +172,12 @@ def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monk
     (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
     assert pipe.data.tags["bdc.stages_ran"] == "none"
     assert "Every stage was up to date" in pipe.data.tags["mlflow.note.content"]
-    assert "| full | 9.4 |" in pipe.data.tags["mlflow.note.content"]
-    assert pipe.data.metrics == {"full.strict_accuracy.mean": 9.4,
-                                 "full.strict_accuracy.std": 1.0}
+    assert pipe.data.tags["mlflow.note.content"].startswith(
+        "**Best System-1 solver: full**, 9.4 ± 1.0 %")
+    assert pipe.data.metrics == {"full.strict_accuracy": 9.4, "full.strict_accuracy_std": 1.0,
+                                 "full.pass_rate": 12.0}
+    assert mlflow.get_experiment(pipe.info.experiment_id).tags[
+        "mlflow.experimentKind"] == "custom_model_development"  # not MLflow's GenAI view
     assert tracking.runs_view_url("http://ui:5000/", "7") == \
         "http://ui:5000/#/experiments/7/runs?workflowType=machine_learning"
 
@@ -199,3 +238,39 @@ def test_a_truncated_store_is_one_error_naming_the_file(store):
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"bdc.tracking.StoreUnreadable: {db}: the MLflow store cannot be "
                            "read"), done.stderr[-2000:]
+
+
+def test_a_run_is_dirty_for_changed_code_not_for_the_pipelines_own_outputs(tmp_path):
+    """Every run from a fresh clone's ``make run`` was tagged ``-dirty``: the pipeline
+    rewrites its git-tracked metrics, plots and dvc.lock. Changed code still is dirty."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
+
+    for path in ("data/metrics/evaluate.json", "small/data/plots/a.csv", "dvc.lock",
+                 "small/dvc.lock", "bdc/x.py", "params.yaml"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    for path in ("data/metrics/evaluate.json", "small/data/plots/a.csv", "dvc.lock",
+                 "small/dvc.lock"):
+        (tmp_path / path).write_text("2\n")
+    assert not tracking.git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "params.yaml").write_text("2\n")
+    assert tracking.git_commit(tmp_path).endswith("-dirty")
+
+
+def test_the_report_link_opens_in_mlflow_not_as_a_download(store):
+    """validate's artifact linked MLflow's get-artifact route, which sends the HTML as a
+    file to save: the link is the run's artifact view, and the site's own file is named."""
+    with tracking.stage_run("validate", {}, "mini", root=store) as run:
+        run.tag("bdc.report", "docs/index.html")
+        run.tag("bdc.report_file", "/p/data/validate/docs/index.html")
+    (r,) = only_run(store, **{"bdc.stage": "validate"})
+    text = runs.run_summary_markdown("validate", r, "http://ui:5000", store)
+    assert f"/runs/{r.info.run_id}/artifacts/docs/index.html) (in MLflow)" in text
+    assert "get-artifact" not in text and "`/p/data/validate/docs/index.html`" in text

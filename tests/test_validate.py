@@ -84,6 +84,15 @@ def test_good_data_passes_every_expectation_and_builds_data_docs(tmp_path, gx_ro
     metrics, failed = validate(tmp_path, gx_root, good())
     assert failed == [] and metrics["success"] and metrics["expectations"] >= 40
     assert (tmp_path / "out/docs/index.html").exists()
+    # readable offline: Bootstrap from the docs' own folder (the pages were unstyled without
+    # the CDN) and no logo fetched from S3 with the data context's id
+    docs = tmp_path / "out/docs"
+    assert (docs / "static/vendor/bootstrap.min.css").stat().st_size > 100_000
+    pages = [*docs.rglob("*.html"), *docs.rglob("*.css")]
+    fetched = ("bootstrapcdn.com/bootstrap/4.3.1/css", "great-expectations-web-assets")
+    assert len(pages) > 3 and not [p for p in pages if any(f in p.read_text() for f in fetched)]
+    page = next(docs.glob("expectations/*.html"))
+    assert 'href="../static/vendor/bootstrap.min.css"' in page.read_text()
 
 
 def sft_change(fn):

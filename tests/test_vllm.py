@@ -369,6 +369,18 @@ def test_a_request_without_the_key_gets_401_and_no_generation(served):
     assert KEY not in " ".join(served.command())
 
 
+def test_a_wrong_model_name_is_404_on_vllm_as_on_bdc_serve(served):
+    """Both engines of `bdc serve` answer a model they do not serve alike (the transformers
+    engine answered 200; tests/test_agents.py checks it against this answer)."""
+    import httpx
+
+    body = {"model": "wrong", "prompt": "### Problem", "max_tokens": 4, "temperature": 0}
+    answer = httpx.post(f"{served.url}/completions", json=body, headers=served.headers(),
+                        timeout=120)
+    assert answer.status_code == 404, answer.text
+    assert "The model `wrong` does not exist" in answer.json()["error"]["message"]
+
+
 def test_stopping_bdc_serve_leaves_no_process(serving):
     """SIGTERM to `bdc serve --engine vllm` stops vLLM's server, its engine core and its
     workers (last in the module: it stops the module's server); the log is under var/."""

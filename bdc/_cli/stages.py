@@ -172,8 +172,9 @@ def validate_cmd(
     _writable(metrics, out_dir)
 
     result = run(_params(params), explore_dir, problems_dir, out_dir, metrics)
-    console.say(f"validated: {result['expectations']} expectations hold over "
-                f"{result['rows']}; Data Docs in {out_dir / 'docs'}")
+    rows = ", ".join(f"{n} {name}" for name, n in result["rows"].items())
+    console.say(f"validated: {result['expectations']} expectations hold over {rows}; "
+                f"Data Docs in {out_dir / 'docs'}")
 
 
 @app.command("disentangle")

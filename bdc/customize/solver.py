@@ -49,8 +49,12 @@ def embedder_of(clusters_dir: Path):
 
 def build(base: str, experts_dir: Path, experts: list[str], clusters_dir: Path,
           layers, projections, hidden: int, normalisation: str, template_kind: str = "auto",
-          device: str = "cpu", dtype: str | None = None) -> Solver:
-    """An untrained solver over the experts (it equals their uniform merge)."""
+          device: str = "cpu", dtype: str | None = None, seed: int | None = None) -> Solver:
+    """An untrained solver over the experts (it equals their uniform merge). ``seed`` seeds
+    the router's initialisation (its first layer is random): a training run seeded only
+    after the build would start every seed from one router (issue 28)."""
+    import torch
+
     from bdc.llm.system1 import template_for
 
     centroids = np.load(clusters_dir / artifacts.CENTROIDS)
@@ -58,6 +62,8 @@ def build(base: str, experts_dir: Path, experts: list[str], clusters_dir: Path,
     peft, tokenizer = load_adapters(base, experts_dir, experts, device, dtype)
     z_dim = int(json.loads((clusters_dir / artifacts.EMBEDDER).read_text())["dimension"]) + \
         len(centroids)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = CustomizedModel.from_experts(peft, experts, layers, projections, z_dim, hidden,
                                          normalisation)
     return Solver(model, tokenizer, template_for(tokenizer, template_kind), embedder,

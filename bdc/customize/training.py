@@ -85,17 +85,21 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
     trainer.train(resume_from_checkpoint=True if resume else None)
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["epoch"], h["eval_loss"]) for h in history
-             if "eval_loss" in h and h.get("epoch", 0) > 0]  # not the untrained one
+    validated = [h for h in history
+                 if "eval_loss" in h and h.get("epoch", 0) > 0]  # not the untrained one
+    evals = [(h["epoch"], h["eval_loss"]) for h in validated]
+    # the validation loss on the training loss's axis, at the step it was measured (it was
+    # drawn at x = its epoch, 1..5 on a 1..130 step axis)
+    val_steps = [(h["step"], h["eval_loss"]) for h in validated]
     if on_log:
         for step, loss in losses:
             on_log("train_loss", step, loss)
-        for epoch, loss in evals:
-            on_log("val_loss", round(epoch), loss)
+        for step, loss in val_steps:
+            on_log("val_loss", step, loss)
     best = min(evals, key=lambda e: e[1]) if evals else None
     return {"train_records": len(train_rows), "val_records": len(val_rows),
             "steps": trainer.state.global_step, "resumed_from_checkpoint": resume,
-            "losses": losses, "val_losses": evals,
+            "losses": losses, "val_losses": evals, "val_steps": val_steps,
             "initial_val_loss": initial,
             "best_epoch": best[0] if best else None, "best_val_loss": best[1] if best else None,
             "train_seconds": round(time.perf_counter() - started, 1)}

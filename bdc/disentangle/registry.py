@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 from bdc import artifacts
+from bdc.tracking import log_registered, prompt_signature
 
 MODEL_NAME = "bdc-experts"
 
@@ -28,7 +30,8 @@ class ExpertSetModel(mlflow.pyfunc.PythonModel):
             Path(context.artifacts["adapters"]), json.loads(
                 Path(context.artifacts["manifest"]).read_text()))
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None
+                ) -> list[str]:
         from bdc.llm.system1 import solve, template_for
 
         template = template_for(self.tokenizer, self.manifest.get("template", "auto"))
@@ -52,14 +55,17 @@ def load_expert_set(adapters_dir: Path, manifest: dict, base: str | None = None)
 
 def register(adapters_dir: Path, manifest: dict, extra: dict[str, Path]) -> str:
     """Log the expert set to the active MLflow run and register it; the version."""
-    import mlflow
-
     manifest_path = adapters_dir / artifacts.MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    info = mlflow.pyfunc.log_model(
-        name="expert_set", python_model=ExpertSetModel(),
+    return log_registered(
+        MODEL_NAME, "DisenLoRA's expert set (BDC part D): one LoRA adapter per cluster of the "
+        "explored data, and the full-data LoRA, over a reference to the base model (not its "
+        "weights). predict: a frame with prompt (and adapter: a name, or __base__) in, one "
+        "program per row out.",
+        {"base": manifest["base"], "adapters": " ".join(manifest["adapters"])},
+        name="expert_set", python_model=ExpertSetModel(), signature=prompt_signature(
+            ("adapter",)),
         artifacts={"adapters": str(adapters_dir), "manifest": str(manifest_path),
                    **{k: str(v) for k, v in extra.items()}},
-        registered_model_name=MODEL_NAME, metadata=manifest,
+        metadata=manifest,
         pip_requirements=["torch", "transformers", "peft"])  # no slow requirement inference
-    return str(info.registered_model_version)

@@ -83,3 +83,83 @@ def lines(measured: dict) -> str:
     out += [line("C", measured[k]) for k in ("C_customized_vs_full", "C_customized_vs_uniform",
                                              "C_customized_vs_arrow", "C_customized_vs_oracle")]
     return "".join(out)
+
+
+def metric_key(solver: str) -> str:
+    """A solver's name as an MLflow metric key that reads as the name:
+    ``System-2: tree(planner+coder)`` -> ``system2.tree.planner-coder``, ``oracle expert``
+    -> ``oracle_expert``."""
+    name = solver.replace("System-2: ", "system2.").replace("(", ".").replace(")", "")
+    return name.replace("+", "-").replace(" ", "_")
+
+
+def headline_metrics(table: dict) -> dict[str, float]:
+    """The table's numbers under one key scheme, for every run that logs them (evaluate's and
+    the pipeline's, so the two chart together): per solver its strict accuracy (mean over
+    seeds), its std and 95 % interval, its pass rate; per claim its difference and interval
+    (``claim.C_customized_vs_full``, ``...ci_low``, ``...ci_high``). Percent, 2 decimals."""
+    out: dict[str, float] = {}
+    for name, row in table["solvers"].items():
+        key = metric_key(name)
+        out[f"{key}.strict_accuracy"] = row["strict_accuracy"]["mean"]
+        out[f"{key}.strict_accuracy_std"] = row["strict_accuracy"].get("std", 0.0)
+        out[f"{key}.pass_rate"] = row["pass_rate"]["mean"]
+        if row.get("strict_interval"):
+            out[f"{key}.strict_accuracy_ci_low"], out[f"{key}.strict_accuracy_ci_high"] = \
+                row["strict_interval"]
+    claimed = {k: g for k, g in table.get("claims", {}).items()
+               if k.startswith(("C_", "D_oracle")) and g}
+    claimed |= {f"B_tree_vs_{metric_key(g['baseline']).removeprefix('system2.')}": g
+                for g in table.get("claims", {}).get("B_tree_vs_baselines", []) if g}
+    for key, g in claimed.items():
+        out[f"claim.{key}"] = g["difference"]
+        if g.get("interval"):
+            out[f"claim.{key}.ci_low"], out[f"claim.{key}.ci_high"] = g["interval"]
+    return {k: round(float(v), 2) for k, v in out.items()}
+
+
+def verdict(table: dict) -> str:
+    """Three lines that answer "did Boost, Disentangle and Customize each help?" with the
+    strongest baseline and its interval: what a run's description opens with (the whole
+    table is an artifact)."""
+    solvers, measured = table["solvers"], table.get("claims", {})
+
+    def acc(name: str) -> str:
+        row = solvers[name]["strict_accuracy"]
+        return f"{row['mean']:.1f} ± {row.get('std', 0.0):.1f}"
+
+    def gap(g: dict | None, baseline: str | None = None) -> str:
+        if not g:
+            return f"vs {baseline}: not measured"
+        text = f"vs {baseline or g['baseline']} {g['difference']:+.1f}"
+        if g.get("interval"):
+            low, high = g["interval"]
+            text += f" (95% CI {low:+.1f} to {high:+.1f}: {g['verdict']})"
+        return text
+
+    system1 = [n for n in table.get("order", solvers) if n in solvers
+               and not n.startswith("System-2: ")]
+    best = max(system1, key=lambda n: solvers[n]["strict_accuracy"]["mean"])
+    problems = solvers[best].get("problems", "?")
+    seeds = solvers[best].get("seeds", "?")
+    out = [f"**Best System-1 solver: {best}**, {acc(best)} % strict accuracy (hidden tests, "
+           f"{problems} problems, mean ± std over {seeds} seeds)."]
+    if "customized" in solvers:
+        out.append(f"**Customize:** customized {acc('customized')} %; " + "; ".join(
+            gap(measured.get(k), label) for k, label in (
+                ("C_customized_vs_full", "full-data LoRA"),
+                ("C_customized_vs_uniform", "uniform merge"),
+                ("C_customized_vs_arrow", "Arrow"))) + ".")
+    parts = []
+    if measured.get("D_oracle_vs_full"):
+        parts.append("**Disentangle:** oracle expert " + gap(measured["D_oracle_vs_full"],
+                                                             "full-data LoRA"))
+    trees = [g for g in measured.get("B_tree_vs_baselines", []) if g]
+    if trees:  # the strongest baseline: the one that solves most
+        g = max(reversed(trees), key=lambda g: solvers[g["baseline"]]["strict_accuracy"]["mean"])
+        parts.append(f"**Boost:** tree of agents {gap(g)}, its strongest baseline")
+    if parts:
+        out.append("; ".join(parts) + ".")
+    return "\n\n".join(out) + ("\n\nDifferences in points of strict accuracy, paired over "
+                               "problems; a claim holds only where its interval excludes "
+                               "zero.")

@@ -105,6 +105,9 @@ def create_app(backend: HFBackend, model_name: str, key: str | None = None):
             request = _request(body, chat)
         except (ValueError, KeyError, TypeError) as exc:
             return _error(f"bad request: {exc}", 400)
+        if body.get("model") and body["model"] != model_name:  # as vLLM's server answers
+            return _error(f"The model `{body['model']}` does not exist.", 404, "model",
+                          "model_not_found")
         if body.get("stream"):
             return _error("bdc serve does not stream: send the request with stream false "
                           "(vLLM's server streams: bdc serve --engine vllm)", 400, "stream")

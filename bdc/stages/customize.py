@@ -56,7 +56,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         tracked.dataset(explore_dir / artifacts.SFT, "SFT records", "training")
         solver = build(params.experts.base, experts_dir, experts, clusters_dir, s.layers,
                        s.projections, s.hidden, s.normalisation, params.experts.template,
-                       device, dtype)
+                       device, dtype, seed=s.seed)
         problems = sorted({r["problem_id"] for r in records})
         prompts = {r["problem_id"]: r["prompt"] for r in records}
         z = dict(zip(problems, solver.z([prompts[p] for p in problems]), strict=True))
@@ -88,12 +88,11 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         with atomic_open(plots_dir / "customize_loss.csv") as f:
             f.write("series,step,loss\n" + "".join(
                 f"train,{step},{loss:.4f}\n" for step, loss in record.get("losses", []))
-                + "".join(f"val,{epoch},{loss:.4f}\n"
-                          for epoch, loss in record.get("val_losses", [])))
+                + "".join(f"val,{step},{loss:.4f}\n" for step, loss in record["val_steps"]))
         curves = [{"series": "train (per step)", "step": step, "loss": loss}
                   for step, loss in record.get("losses", [])] + \
-                 [{"series": "validation (per epoch)", "step": epoch, "loss": loss}
-                  for epoch, loss in record.get("val_losses", [])]
+                 [{"series": "validation (each epoch's end)", "step": step, "loss": loss}
+                  for step, loss in record["val_steps"]]
         tracked.artifact(save_png(line_figure(curves, "series", title="hypernetwork loss"),
                                   plots_dir / "customize_loss.png"))
         tracked.metrics({key: v for key, v in metrics.items()

@@ -22,7 +22,7 @@ from pathlib import Path
 from bdc import artifacts
 from bdc.config import Params
 from bdc.disentangle.routing import require_same_clusters
-from bdc.evaluate.claims import lines
+from bdc.evaluate.claims import headline_metrics, lines, verdict
 from bdc.evaluate.solvers import evaluate_all, finished_dirs, group_of, home_clusters
 from bdc.evaluate.table import figures, markdown
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
@@ -78,9 +78,10 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         md = markdown(result, order, s.ks, note) + "\nClaims (strict accuracy, paired over " \
             "problems; a claim holds only where its interval excludes zero):\n\n" + lines(measured)
         write_jsonl(out_dir / artifacts.SAMPLES, [o.__dict__ for o in outcomes])
+        table = {"solvers": result, "claims": measured, "order": order,
+                 "oracle_without_expert": no_expert}
         with atomic_open(out_dir / artifacts.TABLE_JSON) as f:
-            json.dump({"solvers": result, "claims": measured, "order": order,
-                       "oracle_without_expert": no_expert}, f, indent=2)
+            json.dump(table, f, indent=2)
         with atomic_open(out_dir / artifacts.TABLE_MD) as f:
             f.write(md)
         headline = {name.replace("System-2: ", "system2."): {
@@ -100,9 +101,7 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         bars, heat = figures(result, order, group_names)
         bars.savefig(plots_dir / "eval_solvers.png", dpi=110)
         heat.savefig(plots_dir / "eval_families.png", dpi=110)
-        tracked.metrics({n: {"pass_rate": r["pass_rate"]["mean"],
-                             "strict_accuracy": r["strict_accuracy"]["mean"]}
-                         for n, r in result.items()})
+        tracked.metrics(headline_metrics(table))  # the pipeline run logs the same keys
         tracked.table([{"solver": n, **{k: v for k, v in headline[
             n.replace("System-2: ", "system2.")].items()}} for n in order if n in result],
             artifacts.TABLE_JSON)
@@ -110,6 +109,8 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         tracked.artifact(plots_dir / "eval_solvers.png")
         tracked.artifact(plots_dir / "eval_families.png")
         tracked.tag("bdc.summary", artifacts.TABLE_MD)
+        tracked.describe(verdict(table) + f"\n\nThe whole table: the artifact "
+                         f"{artifacts.TABLE_MD} ({len(result)} solvers; {note})")
         for key, value in {"experts": len(experts), "temperature": s.temperature,
                            "seeds": len(s.seeds), "base": params.experts.base}.items():
             tracked.tag(f"bdc.eval.{key}", str(value))

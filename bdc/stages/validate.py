@@ -49,6 +49,7 @@ def run(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
         tracked.metrics(metrics)
         tracked.artifacts(out_dir / "docs", "docs")
         tracked.tag("bdc.report", "docs/index.html")
+        tracked.tag("bdc.report_file", str((out_dir / "docs" / "index.html").resolve()))
         if failed:
             tracked.table(failed, "failures.json")
             raise ValidationFailed("validation failed, the data is not fit to train on:\n"

@@ -5,6 +5,7 @@ Docs, and say what failed in words a person can act on."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,29 @@ def check(ctx, frames: dict, values: dict) -> tuple[int, list[dict]]:
     return evaluated, failed
 
 
+# what Great Expectations' Data Docs fetch from the internet that the docs can carry: its
+# Bootstrap 4 stylesheet (without it the pages are unstyled offline) and its logo, fetched
+# (two, light and dark) from S3, the data context's id in the query
+CDN_BOOTSTRAP = "https://maxcdn.bootstrapcdn.com/bootstrap/4.3.1/css/bootstrap.min.css"
+REMOTE_LOGO = re.compile(r"https://great-expectations-web-assets\.s3[^\"']*?\.png[^\"']*")
+
+
+def offline(docs: Path) -> None:
+    """Data Docs that read offline: Bootstrap's stylesheet (the ``xstatic-bootstrap``
+    package's 4.5, for GX's 4.3) and the logo from the docs' own ``static/`` folder. The
+    charts (Vega) and table filters still come from CDNs and show only online."""
+    import xstatic.pkg.bootstrap as bootstrap
+
+    vendor = docs / "static" / "vendor"
+    vendor.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(bootstrap.BASE_DIR) / "css" / "bootstrap.min.css", vendor)
+    for page in [*docs.rglob("*.html"), *docs.rglob("*.css")]:
+        up = "../" * (len(page.relative_to(docs).parts) - 1)
+        text = page.read_text()
+        text = text.replace(CDN_BOOTSTRAP, f"{up}static/vendor/bootstrap.min.css")
+        page.write_text(REMOTE_LOGO.sub(f"{up}static/images/logo-long.png", text))
+
+
 def validate(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Path,
              root: Path | None = None) -> tuple[dict, list[dict]]:
     """Validate; the metrics and the failures (empty: fit to train on). Data Docs go to
@@ -124,6 +148,7 @@ def validate(params: Params, explore_dir: Path, problems_dir: Path, out_dir: Pat
     if (out_dir / "docs").exists():
         shutil.rmtree(out_dir / "docs")
     shutil.copytree(docs, out_dir / "docs")
+    offline(out_dir / "docs")
     metrics = {"success": not failed, "expectations": evaluated, "failed": len(failed),
                "rows": {name: len(frame) for name, frame in frames.items()}}
     return metrics, failed

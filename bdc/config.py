@@ -526,13 +526,21 @@ class StudySettings(Strict):
     router_epochs: float = Field(20, gt=0, description="the router's epochs; the best on the "
                                  "validation records is kept (early stopping)")
     centroid_temperatures: list[float] = Field([0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
-    arms: list[Literal["base", "full", "oracle", "oracle_long", "subset", "uniform",
-                       "customized", "centroid", "shared"]] = Field(
-        ["base", "full", "oracle", "oracle_long", "subset", "uniform", "centroid",
-         "customized", "shared"], description="the arms run (docs/study.md)")
+    arms: list[Literal["base", "full", "oracle", "oracle_long", "oracle_warm", "subset",
+                       "uniform", "customized", "centroid", "shared"]] = Field(
+        ["base", "full", "oracle", "oracle_long", "oracle_warm", "subset", "uniform",
+         "centroid", "customized", "shared"], description="the arms run (docs/study.md); "
+        "oracle_warm needs full")
     conflict_base_steps: int = Field(3000, ge=1, description="the conflict world's base: "
                                      "pretraining steps on the neutral versions")
     out: str = Field("docs/study", description="where the table, the claims and the plot go")
+
+    @model_validator(mode="after")
+    def _warm_needs_full(self) -> StudySettings:
+        if "oracle_warm" in self.arms and "full" not in self.arms:
+            raise ValueError("arms: oracle_warm starts each expert from the full-data LoRA, "
+                             "so it needs full among the arms")
+        return self
 
 
 class Params(Strict):

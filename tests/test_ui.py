@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -73,7 +74,19 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project:
             expect(page.get_by_text("prepare", exact=True).first).to_be_visible(
                 timeout=30000)
             page.screenshot(path=str(shots / "mlflow-runs.png"))
-            return page.inner_text("body")
+            listed = page.inner_text("body")
+            # the pipeline run's own page: the machine-learning view (MLflow classed the
+            # experiment as GenAI: "Evaluations" and an assistant panel), the verdict
+            # first in its description, the claims among its metrics
+            page.get_by_role("link", name="pipeline", exact=True).first.click()
+            expect(page.get_by_text("Best System-1 solver", exact=False).first).to_be_visible(
+                timeout=60000)
+            expect(page.get_by_text("claim.C_customized_vs_full", exact=True).first
+                   ).to_be_visible(timeout=30000)
+            page.screenshot(path=str(shots / "mlflow-pipeline-run.png"))
+            shown = page.inner_text("body")
+            assert "Evaluation runs" not in shown, shown[:2000]
+            return listed + shown
         finally:
             browser.close()
 
@@ -218,6 +231,10 @@ def test_ui_path_end_to_end(project, tmp_path):
     (pipeline,) = [d for d in deployments["deployments"] if d["name"] == "pipeline"]
     pipeline["parameters"] = {"stages": ["prepare"]}
     (project / "prefect.yaml").write_text(yaml.safe_dump(deployments, sort_keys=False))
+    # an earlier run's table (the mini pipeline's, tests/fixtures/eval): the pipeline run
+    # ends holding its verdict and headline metrics, which the browser checks
+    shutil.copytree(Path(__file__).parent / "fixtures" / "eval", project / "data" / "eval",
+                    dirs_exist_ok=True)
     prefect_port, mlflow_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_WORKER_QUERY_SECONDS"] = "2"  # workers poll every 10 s by default

@@ -53,11 +53,24 @@ def settings_for(experts: ExpertsSettings, capacity: StudyCapacity) -> ExpertsSe
 
 @dataclass
 class AdapterPlan:
-    """One adapter to train: its records and its step budget."""
+    """One adapter to train: its records and its step budget; ``init_from``: an adapter
+    planned before it whose weights it starts from (a warm-started expert), else PEFT's
+    initialisation (B = 0: the base)."""
 
     name: str
     records: list[dict]
     steps: int
+    init_from: str | None = None
+
+
+def warm_start(experts: ExpertSet, name: str, source: str) -> None:
+    """Adapter ``name`` starts as a copy of adapter ``source`` (both in ``experts``): PEFT's
+    own state-dict functions, which drop and add the adapter's name in the keys."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    weights = get_peft_model_state_dict(experts.peft, adapter_name=source)
+    set_peft_model_state_dict(experts.peft, {k: v.clone() for k, v in weights.items()},
+                              adapter_name=name)
 
 
 def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan], seed: int,
@@ -77,7 +90,10 @@ def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan
                          "code": code_version(STUDY_CODE), "lora": s.lora.model_dump(),
                          "train": s.model_dump(include={"lr", "micro_batch", "accumulation",
                                                         "warmup_ratio", "max_length"}),
-                         "data": records_digest(rows)})
+                         "data": records_digest(rows),
+                         # what it starts from: the source adapter's own fingerprint
+                         **({"init": records[plan.init_from]["fingerprint"]}
+                            if plan.init_from else {})})
         done = finished(folder / plan.name, print_)
         if on_progress:
             on_progress(plan.name, done is not None, index, len(plans))
@@ -86,6 +102,8 @@ def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan
             records[plan.name] = {**done, "reused": True}
             continue
         experts.add(plan.name, seed + index)
+        if plan.init_from:
+            warm_start(experts, plan.name, plan.init_from)
         work = folder / ".work" / plan.name
         record = {"fingerprint": print_, **train_adapter(experts, plan.name, rows, work)}
         if record["steps"] != plan.steps:

@@ -4,12 +4,14 @@ scored on its hidden tests, and each arm's per-problem strict accuracy kept.
 
 Arms (docs/study.md): ``full`` (all records, the experts' summed steps); ``oracle`` (each
 problem's family's home expert); ``oracle_long`` (the same experts, each trained for the
-full LoRA's steps); ``subset`` (the home cluster's size-matched random subset, its expert's
-steps); and over the cross-fitted experts (half of each cluster's problems): ``uniform``
-(the untrained hypernetwork), ``centroid`` (training-free, temperature chosen on the
-validation records), ``customized`` (the hypernetwork trained on the other half, the best
-epoch on the validation records kept) and ``shared`` (the same with the half-data full LoRA
-as one more expert). Work is kept in the cell's folder as it finishes; a cell resumes there.
+full LoRA's steps); ``oracle_warm`` (each expert started from the full-data LoRA's weights
+and trained on its cluster for its expert's steps: ELREA's warm start); ``subset`` (the home
+cluster's size-matched random subset, its expert's steps); and over the cross-fitted
+experts (half of each cluster's problems): ``uniform`` (the untrained hypernetwork),
+``centroid`` (training-free, temperature chosen on the validation records), ``customized``
+(the hypernetwork trained on the other half, the best epoch on the validation records kept)
+and ``shared`` (the same with the half-data full LoRA as one more expert). Work is kept in
+the cell's folder as it finishes; a cell resumes there.
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ def plans(records: dict[int, list[dict]], cell: Cell, params: Params, arms: list
     out = [AdapterPlan("full", every, full)] if "full" in arms else []
     if "oracle" in arms:
         out += [AdapterPlan(f"expert_{c}", records[c], steps(len(records[c])))
+                for c in records]
+    if "oracle_warm" in arms:  # each expert starts from the full-data LoRA (ELREA's design)
+        out += [AdapterPlan(f"warm_{c}", records[c], steps(len(records[c])), init_from="full")
                 for c in records]
     if "oracle_long" in arms and len(every) <= s.long_experts_up_to:
         out += [AdapterPlan(f"long_{c}", records[c], full) for c in records]
@@ -171,7 +176,8 @@ def run_cell(world: World, cell: Cell, params: Params, temperature: float | None
                   "seed": seeds[0]}
     adapter_arms = {"base": lambda p: BASE_ADAPTER, "full": lambda p: "full",
                     "oracle": lambda p: home_adapter(p, world.home, "expert"),
-                    "subset": lambda p: home_adapter(p, world.home, "subset")}
+                    "subset": lambda p: home_adapter(p, world.home, "subset"),
+                    "oracle_warm": lambda p: home_adapter(p, world.home, "warm")}
     if "long_0" in trained:
         adapter_arms["oracle_long"] = lambda p: home_adapter(p, world.home, "long")
     for arm, adapter_of in adapter_arms.items():

@@ -17,11 +17,14 @@ import numpy as np
 from bdc.evaluate.table import DRAWS, interval, paired
 
 # (name, a, b, the predicted sign, hypothesis): a claim holds where a - b lies wholly on the
-# predicted side of zero (in the mini world the first is H5, predicted <= 0: PREDICTED_IN)
+# predicted side of zero (in the mini world the first is H5, predicted <= 0: PREDICTED_IN);
+# "±": no direction was predicted, the side is reported
 COMPARISONS = (
     ("D: oracle expert - full", "oracle", "full", "+", "H1"),
     ("D: oracle expert - size-matched subset", "oracle", "subset", "+", "H2"),
     ("D: expert, equal steps - full", "oracle_long", "full", "+", "step-count control"),
+    ("D: warm-started expert - full", "oracle_warm", "full", "+", "H9"),
+    ("warm-started expert - oracle expert", "oracle_warm", "oracle", "±", "reported"),
     ("C: customized - full", "customized", "full", "+", "H3"),
     ("C: customized - uniform merge", "customized", "uniform", "+", "H4"),
     ("C: customized - centroid router", "customized", "centroid", "+", "H6"),
@@ -29,8 +32,8 @@ COMPARISONS = (
     ("shared expert - customized", "shared", "customized", "+", "H7"),
 )
 PREDICTED_IN = {("mini", "D: oracle expert - full"): ("-", "H5")}
-ARMS = ("base", "full", "oracle", "oracle_long", "subset", "uniform", "centroid", "customized",
-        "shared")
+ARMS = ("base", "full", "oracle", "oracle_long", "oracle_warm", "subset", "uniform",
+        "centroid", "customized", "shared")
 
 
 def group(results: list[dict]) -> dict[tuple, list[dict]]:
@@ -64,6 +67,8 @@ def family(problem_id: str) -> str:
 def verdict(comparison: dict | None, sign: str) -> str:
     if comparison is None or comparison["verdict"] == "undecided":
         return "undecided"
+    if sign == "±":
+        return comparison["verdict"]  # better or worse
     holds = comparison["verdict"] == ("better" if sign == "+" else "worse")
     return "holds" if holds else "fails"
 

@@ -119,15 +119,20 @@ def test_the_router_s_initialisation_follows_the_seed(tmp_path, ci_experts, buil
     assert not torch.equal(first_layer(0), first_layer(1))
 
 
-def test_a_warm_started_expert_starts_from_the_full_data_lora(tmp_path, ci_experts):
+def test_a_warm_started_expert_starts_from_the_full_data_lora(tmp_path, ci_experts,
+                                                              monkeypatch):
     """Amendment 13's arm: each oracle_warm expert starts as a copy of the full-data LoRA
     (ELREA's warm start), not from PEFT's B = 0, and is retrained when the full-data LoRA it
     starts from changes (its fingerprint names the source's)."""
     from peft import get_peft_model_state_dict
 
     from bdc.disentangle.experts import ExpertSet
+    from bdc.study import arms
     from bdc.study.arms import AdapterPlan, train_adapters, warm_start
     from tests.test_experts import records, settings
+
+    def weights_of(experts, name):
+        return get_peft_model_state_dict(experts.peft, adapter_name=name)
 
     base, _ = ci_experts
     s = settings(base=base)
@@ -141,10 +146,7 @@ def test_a_warm_started_expert_starts_from_the_full_data_lora(tmp_path, ci_exper
     experts.add("cold", 2)
     warm_start(experts, "warm", "full")
 
-    def weights(name):
-        return get_peft_model_state_dict(experts.peft, adapter_name=name)
-
-    full, warm, cold = weights("full"), weights("warm"), weights("cold")
+    full, warm, cold = (weights_of(experts, n) for n in ("full", "warm", "cold"))
     assert full.keys() == warm.keys() and all(torch.equal(full[k], warm[k]) for k in full)
     assert all(not v.any() for k, v in cold.items() if "lora_B" in k)  # PEFT's own start
 
@@ -153,7 +155,11 @@ def test_a_warm_started_expert_starts_from_the_full_data_lora(tmp_path, ci_exper
                  AdapterPlan("warm_0", records()[:4], 1, init_from="full")]
         return train_adapters(base, s, plans, 0, tmp_path / "adapters")[1]
 
+    started = []
+    monkeypatch.setattr(arms, "warm_start", lambda e, name, source: started.append(
+        (name, source)) or warm_start(e, name, source))
     first = trained(2)
+    assert started == [("warm_0", "full")]  # the copy (checked above) before it trains
     assert not first["warm_0"]["reused"]
     assert trained(2)["warm_0"]["reused"]
     assert not trained(3)["warm_0"]["reused"]  # its source changed

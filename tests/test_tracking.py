@@ -274,3 +274,16 @@ def test_the_report_link_opens_in_mlflow_not_as_a_download(store):
     text = runs.run_summary_markdown("validate", r, "http://ui:5000", store)
     assert f"/runs/{r.info.run_id}/artifacts/docs/index.html) (in MLflow)" in text
     assert "get-artifact" not in text and "`/p/data/validate/docs/index.html`" in text
+
+
+def test_a_table_without_a_verdict_still_ends_the_pipeline_run_described(store):
+    """A table.json the verdict cannot read (another version's) left the pipeline run
+    without a description or ``bdc.stages_ran``: the table's text stands in."""
+    (store / "data/eval").mkdir(parents=True)
+    (store / "data/eval/table.md").write_text("| solver | strict |\n|---|---|\n| full | 9.4 |\n")
+    (store / "data/eval/table.json").write_text('{"rows": []}')
+    with runs.pipeline_run("mini", root=store):
+        pass
+    (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
+    assert "| full | 9.4 |" in pipe.data.tags["mlflow.note.content"]
+    assert pipe.data.tags["bdc.stages_ran"] == "none"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 
 from bdc.evaluate.table import paired
+from bdc.tracking import metric_name
 
 
 def claims(result: dict, experts: list[str], own: dict[str, dict],
@@ -115,7 +116,7 @@ def headline_metrics(table: dict) -> dict[str, float]:
         out[f"claim.{key}"] = g["difference"]
         if g.get("interval"):
             out[f"claim.{key}.ci_low"], out[f"claim.{key}.ci_high"] = g["interval"]
-    return {k: round(float(v), 2) for k, v in out.items()}
+    return {metric_name(k): round(float(v), 2) for k, v in out.items()}
 
 
 def verdict(table: dict) -> str:
@@ -139,11 +140,13 @@ def verdict(table: dict) -> str:
 
     system1 = [n for n in table.get("order", solvers) if n in solvers
                and not n.startswith("System-2: ")]
-    best = max(system1, key=lambda n: solvers[n]["strict_accuracy"]["mean"])
-    problems = solvers[best].get("problems", "?")
-    seeds = solvers[best].get("seeds", "?")
-    out = [f"**Best System-1 solver: {best}**, {acc(best)} % strict accuracy (hidden tests, "
-           f"{problems} problems, mean ± std over {seeds} seeds)."]
+    out = []
+    if system1:
+        best = max(system1, key=lambda n: solvers[n]["strict_accuracy"]["mean"])
+        problems = solvers[best].get("problems", "?")
+        seeds = solvers[best].get("seeds", "?")
+        out.append(f"**Best System-1 solver: {best}**, {acc(best)} % strict accuracy (hidden "
+                   f"tests, {problems} problems, mean ± std over {seeds} seeds).")
     if "customized" in solvers:
         out.append(f"**Customize:** customized {acc('customized')} %; " + "; ".join(
             gap(measured.get(k), label) for k, label in (

@@ -69,8 +69,11 @@ def warm_start(experts: ExpertSet, name: str, source: str) -> None:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     weights = get_peft_model_state_dict(experts.peft, adapter_name=source)
-    set_peft_model_state_dict(experts.peft, {k: v.clone() for k, v in weights.items()},
-                              adapter_name=name)
+    loaded = set_peft_model_state_dict(experts.peft, {k: v.clone() for k, v in weights.items()},
+                                       adapter_name=name)
+    if loaded.unexpected_keys:  # PEFT loads non-strictly: a key mismatch would load nothing
+        raise RuntimeError(f"warm start of {name} from {source}: weights not loaded: "
+                           f"{loaded.unexpected_keys[:3]}")
 
 
 def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan], seed: int,

@@ -75,9 +75,6 @@ def plans(records: dict[int, list[dict]], cell: Cell, params: Params, arms: list
     if "oracle" in arms:
         out += [AdapterPlan(f"expert_{c}", records[c], steps(len(records[c])))
                 for c in records]
-    if "oracle_warm" in arms:  # each expert starts from the full-data LoRA (ELREA's design)
-        out += [AdapterPlan(f"warm_{c}", records[c], steps(len(records[c])), init_from="full")
-                for c in records]
     if "oracle_long" in arms and len(every) <= s.long_experts_up_to:
         out += [AdapterPlan(f"long_{c}", records[c], full) for c in records]
     if "subset" in arms:
@@ -89,6 +86,10 @@ def plans(records: dict[int, list[dict]], cell: Cell, params: Params, arms: list
         if "shared" in arms:
             out.append(AdapterPlan("half_full", [r for c in sorted(half) for r in half[c]],
                                    sum(steps(len(half[c])) for c in half)))
+    if "oracle_warm" in arms:  # each expert starts from the full-data LoRA (ELREA's design);
+        # last, so the other adapters keep their place (their initialisation seed)
+        out += [AdapterPlan(f"warm_{c}", records[c], steps(len(records[c])), init_from="full")
+                for c in records]
     return out
 
 

@@ -32,6 +32,10 @@ COMPARISONS = (
     ("shared expert - customized", "shared", "customized", "+", "H7"),
 )
 PREDICTED_IN = {("mini", "D: oracle expert - full"): ("-", "H5")}
+# the D and C differences traced across N (one-sided: each has a predicted direction)
+SCALED = ("D: oracle expert - full", "D: oracle expert - size-matched subset",
+          "D: expert, equal steps - full", "D: warm-started expert - full",
+          "C: customized - full", "C: customized - uniform merge")
 ARMS = ("base", "full", "oracle", "oracle_long", "oracle_warm", "subset", "uniform",
         "centroid", "customized", "shared")
 
@@ -147,7 +151,7 @@ def scaling(results: list[dict]) -> dict:
         if len(ns) < 2:
             continue
         entry = {}
-        for name, a, b, _, _ in COMPARISONS[:5]:
+        for name, a, b, _, _ in [c for c in COMPARISONS if c[0] in SCALED]:
             points = []
             for n in ns:
                 by = pooled(groups[(world, n, capacity)])

@@ -156,13 +156,16 @@ def rounded(value: Any, digits: int = 4) -> Any:
     return round(value, digits) if isinstance(value, float) else value
 
 
-def runs_view_url(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+def runs_view_url(ui_url: str, experiment_id: str, run_id: str | None = None,
+                  page: str | None = None) -> str:
     """The MLflow UI's page for the experiment's runs (or one run), in its machine-learning
-    view: MLflow 3 opens an experiment on its GenAI traces view, where runs do not show."""
-    base = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}"
+    view: MLflow 3's default workflow is GenAI (a per-browser switch), which opens an
+    experiment on its traces and a run as an "Evaluation run" beside an assistant panel.
+    ``page``: a page of the run's (``artifacts/docs/index.html``)."""
+    base = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
     if run_id:
-        return f"{base}/runs/{run_id}"
-    return f"{base}/runs?workflowType=machine_learning"
+        base += f"/{run_id}" + (f"/{page}" if page else "")
+    return f"{base}?workflowType=machine_learning"
 
 
 def describe(doc: str | None) -> str:

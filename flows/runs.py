@@ -159,7 +159,9 @@ def run_summary_markdown(stage: str, run, ui_url: str, root: Path | None = None,
     if report:  # MLflow's get-artifact route sends HTML as a download: its artifact view
         # shows it in the page; the stage's own copy opens whole in a browser
         local = run.data.tags.get("bdc.report_file")
-        text += (f"\nReport: [{report}]({link}/artifacts/{report}) (in MLflow)"
+        shown = runs_view_url(ui_url, run.info.experiment_id, run.info.run_id,
+                              f"artifacts/{report}")
+        text += (f"\nReport: [{report}]({shown}) (in MLflow)"
                  + (f"; the whole site: open `{local}` in a browser" if local else "") + "\n")
     summary = run.data.tags.get("bdc.summary")  # a stage's own table (evaluate)
     if summary:

@@ -166,7 +166,8 @@ def test_up_to_date_stage_and_empty_pipeline_run_still_say_something(store, monk
     text = runs.run_summary_markdown("prepare", None, "http://ui:5000", store)
     (last,) = only_run(store, **{"bdc.stage": "prepare"})
     assert "Up to date" in text and "| explore.problems | 60 |" in text
-    assert f"#/experiments/{last.info.experiment_id}/runs/{last.info.run_id}" in text
+    assert (f"#/experiments/{last.info.experiment_id}/runs/{last.info.run_id}"
+            "?workflowType=machine_learning") in text  # MLflow's GenAI view is its default
     with runs.pipeline_run("mini", root=store):
         pass
     (pipe,) = only_run(store, **{"bdc.stage": "pipeline"})
@@ -272,7 +273,8 @@ def test_the_report_link_opens_in_mlflow_not_as_a_download(store):
         run.tag("bdc.report_file", "/p/data/validate/docs/index.html")
     (r,) = only_run(store, **{"bdc.stage": "validate"})
     text = runs.run_summary_markdown("validate", r, "http://ui:5000", store)
-    assert f"/runs/{r.info.run_id}/artifacts/docs/index.html) (in MLflow)" in text
+    assert (f"/runs/{r.info.run_id}/artifacts/docs/index.html?workflowType=machine_learning) "
+            "(in MLflow)") in text
     assert "get-artifact" not in text and "`/p/data/validate/docs/index.html`" in text
 
 

@@ -32,7 +32,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project: Path,
-                                shots: Path) -> str:
+                                shots: Path, pipeline_run_url=None) -> str:
     """Deployments -> pipeline -> Run -> Quick run, wait for 'Completed' on the deployment's
     runs; then the MLflow runs view with the pipeline run expanded. The MLflow page text."""
     from playwright.sync_api import expect, sync_playwright
@@ -75,10 +75,10 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project:
                 timeout=30000)
             page.screenshot(path=str(shots / "mlflow-runs.png"))
             listed = page.inner_text("body")
-            # the pipeline run's own page: the machine-learning view (MLflow classed the
-            # experiment as GenAI: "Evaluations" and an assistant panel), the verdict
-            # first in its description, the claims among its metrics
-            page.get_by_role("link", name="pipeline", exact=True).first.click()
+            # the pipeline run's own page as the Prefect artifacts link it: the machine-
+            # learning view (MLflow 3's default GenAI workflow showed it as an "Evaluation
+            # run"), the verdict first in its description, the claims among its metrics
+            page.goto(pipeline_run_url())
             expect(page.get_by_text("Best System-1 solver", exact=False).first).to_be_visible(
                 timeout=60000)
             expect(page.get_by_text("claim.C_customized_vs_full", exact=True).first
@@ -256,7 +256,21 @@ def test_ui_path_end_to_end(project, tmp_path):
         said = started.stderr + started.stdout
         assert "PREFECT_API_URL" in said
         runs_url = next(w for w in said.split() if "workflowType=machine_learning" in w)
-        text = run_pipeline_in_the_browser(prefect_url, runs_url, project, tmp_path)
+        from mlflow.tracking import MlflowClient
+
+        from bdc.tracking import runs_view_url
+
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
+
+        def pipeline_run_url() -> str:  # the link run_summary_markdown gives
+            (run,) = [r for r in client.search_runs(
+                [client.get_experiment_by_name("bdc").experiment_id])
+                if r.data.tags.get("bdc.stage") == "pipeline"]
+            return runs_view_url(f"http://127.0.0.1:{mlflow_port}", run.info.experiment_id,
+                                 run.info.run_id)
+
+        text = run_pipeline_in_the_browser(prefect_url, runs_url, project, tmp_path,
+                                           pipeline_run_url)
         assert "pipeline" in text and "prepare" in text
         pools = subprocess.run([sys.executable, "-c", (
             "import asyncio\n"
@@ -272,9 +286,6 @@ def test_ui_path_end_to_end(project, tmp_path):
             pools.stdout, pools.stdout + pools.stderr
         assert (project / "data/problems/test.jsonl").exists()
 
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{mlflow_port}")
         experiment = client.get_experiment_by_name("bdc")
         runs = client.search_runs([experiment.experiment_id])
         by_stage = {r.data.tags["bdc.stage"]: r for r in runs}

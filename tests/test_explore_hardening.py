@@ -261,6 +261,42 @@ def test_a_method_s_run_says_which_problems_it_solved(sandbox):
     assert "solved" not in summarise([run, run]) and summarise([run])["runs"] == [run]
 
 
+def test_methods_are_searched_at_once_under_one_limit_and_score_as_alone(sandbox):
+    """Bug: the System-2 methods were searched one after another, and the agents idled while
+    each method's last searches finished (the small profile's evaluate: 25.5 of its 67 min).
+    They now run at once, never more than ``concurrency`` searches open in all, and each
+    method's run is what it is alone."""
+    import asyncio
+    from dataclasses import dataclass
+
+    from bdc.boost.compare import Method, run_method, run_methods
+
+    in_flight: list[str] = []
+    seen: list[tuple[str, ...]] = []
+
+    @dataclass
+    class Slow(ScriptedAgent):
+        async def write(self, view, thoughts, n, seed):
+            in_flight.append(self.name)
+            seen.append(tuple(in_flight))
+            await asyncio.sleep(0.1 if view.id == problems[0].id else 0.01)  # a long tail
+            in_flight.remove(self.name)
+            return await super().write(view, thoughts, n, seed)
+
+    def slow(name: str) -> Slow:
+        return Slow(name, lambda v, th, w, s: [("plan", 0.5)],
+                    lambda v, th, n, s: ["def f(*a):\n    return 0\n"] * n)
+
+    problems, settings = PROBLEMS[:4], params().explore.model_copy(update={"concurrency": 2})
+    runs = [(Method("t", "best_of_n", (slow("a"),)), 0),
+            (Method("t", "best_of_n", (slow("b"),)), 1)]
+    together = asyncio.run(run_methods(runs, problems, settings, sandbox))
+    assert max(map(len, seen)) == 2  # the limit holds over both methods
+    assert any(set(s) == {"a", "b"} for s in seen)  # the two methods overlapped
+    alone = [asyncio.run(run_method(m, problems, settings, sandbox, seed)) for m, seed in runs]
+    assert together == alone and together[0]["programs_per_problem"] == 3
+
+
 def test_every_method_counts_what_it_executed_and_generated(sandbox):
     """Bug: best-of-N generated all N programs (and counted their tokens) but counted only
     those before the first public pass as its budget."""

@@ -163,11 +163,13 @@ Fail = Callable[[Problem, BaseException], None]
 
 async def search_all(problems: list[Problem], agents: list[Agent], settings: ExploreSettings,
                      sandbox: Sandbox, seed: int, finish: Finish, fail: Fail,
-                     method: Method | None = None) -> None:
+                     method: Method | None = None,
+                     gate: asyncio.Semaphore | None = None) -> None:
     """Search ``problems`` with at most ``settings.concurrency`` trees open at once
-    (``method``: another search over the same agents, e.g. a baseline). Each problem ends in
-    ``finish`` (its tree and hidden score) or ``fail`` (what went wrong)."""
-    gate = asyncio.Semaphore(settings.concurrency)
+    (``method``: another search over the same agents, e.g. a baseline; ``gate``: a limit
+    shared with other searches running at the same time). Each problem ends in ``finish``
+    (its tree and hidden score) or ``fail`` (what went wrong)."""
+    gate = gate or asyncio.Semaphore(settings.concurrency)
     with ThreadPoolExecutor(max(2, sandbox.settings.workers * 2)) as executor:
 
         def tree_search(view: PublicView, pool: ThreadPoolExecutor) -> Awaitable[Tree]:

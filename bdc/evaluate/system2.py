@@ -29,39 +29,39 @@ def system2(params: Params, test: list[Problem], seeds: list[int], sandbox,
     """The System-2 methods of :func:`system2_methods` on the test problems at the explore
     budget: each method's runs, one per seed (:func:`bdc.boost.compare.run_method`: totals
     and which problems it solved; :func:`bdc.evaluate.table.system2_rows` makes the table's
-    rows). Each method's seed is kept in ``folder`` as it finishes and restored from there;
-    the agents' models load only when something is left to search."""
-    from bdc.boost.compare import Method, method_name, run_method
+    rows). What is left is searched at once (:func:`bdc.boost.compare.run_methods`); each
+    method's seed is kept in ``folder`` as it finishes and restored from there; the agents'
+    models load only when something is left to search."""
+    from bdc.boost.compare import Method, method_name, run_methods
     from bdc.boost.exploration import closing, make_agents
 
-    agents: dict = {}
+    plan = [(kind, members, seed) for kind, members in system2_methods(list(params.explore.agents))
+            for seed in seeds]
 
-    async def one(kind: str, members: tuple[str, ...], seed: int) -> dict:
+    def path(kind: str, members: tuple[str, ...], seed: int) -> Path | None:
         stem = f"system2.{'+'.join(members)}" if kind == "tree" else \
             f"system2.{kind}.{'+'.join(members)}"
-        path = folder / f"{stem}.seed{seed}.json" if folder else None
-        if path and (kept := restore_json(path)) is not None:
-            return kept
-        if not agents:
-            made = make_agents(params.explore.agents, params.explore.cpu_threads,
-                               params.vllm)
-            agents.update({a.name: a for a in made})
-        run = await run_method(Method("system2", kind, tuple(agents[n] for n in members)),
-                               test, params.explore, sandbox, seed)
-        if path and not run["failed_problems"]:  # a failed problem is searched again
-            keep_json(path, run)
-        return run
+        return folder / f"{stem}.seed{seed}.json" if folder else None
 
-    async def all_runs() -> dict[str, list[dict]]:
-        return {f"System-2: {method_name(kind, members)}":
-                [await one(kind, members, seed) for seed in seeds]
-                for kind, members in system2_methods(list(params.explore.agents))}
+    done = {key: kept for key in plan
+            if (where := path(*key)) and (kept := restore_json(where)) is not None}
+    left = [key for key in plan if key not in done]
+    if left:
+        agents = {a.name: a for a in make_agents(params.explore.agents,
+                                                 params.explore.cpu_threads, params.vllm)}
+        methods = {key: Method("system2", key[0], tuple(agents[n] for n in key[1]))
+                   for key in left}
 
-    async def then_close() -> dict[str, list[dict]]:
-        try:
-            return await all_runs()
-        finally:
-            if agents:
-                await closing(list(agents.values()), asyncio.sleep(0))
+        def keep(method: Method, seed: int, run: dict) -> None:
+            where = path(method.kind, tuple(a.name for a in method.agents), seed)
+            if where and not run["failed_problems"]:  # a failed problem is searched again
+                keep_json(where, run)
 
-    return asyncio.run(then_close())
+        runs = asyncio.run(closing(list(agents.values()), run_methods(
+            [(methods[key], key[2]) for key in left], test, params.explore, sandbox, keep)))
+        done |= dict(zip(left, runs, strict=True))
+    out: dict[str, list[dict]] = {}
+    for kind, members, seed in plan:
+        out.setdefault(f"System-2: {method_name(kind, members)}", []).append(
+            done[kind, members, seed])
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -204,6 +205,13 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     assert "claim.C_customized_vs_full" in parent.data.metrics
     assert {k: v for k, v in by["evaluate"].data.metrics.items() if k != "reused_chunks"} \
         == parent.data.metrics
+    # and `dvc metrics show` uses them too (it showed `oracle expert.strict_accuracy` and
+    # `system2.tree(planner+coder)...` where MLflow had `oracle_expert.strict_accuracy`
+    # and `system2.tree.planner-coder...`)
+    shown = flat(json.loads((project / "data/metrics/evaluate.json").read_text()))
+    assert "oracle_expert.strict_accuracy" in shown and "system2.tree.planner-coder." \
+        "strict_accuracy" in shown
+    assert {k: parent.data.metrics[k] for k in shown} == shown
     assert parent.data.tags["bdc.stages_ran"].count(",") == 7
     inputs = mlflow.get_run(by["experts"].info.run_id).inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["SFT records"]
@@ -220,6 +228,15 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     a_rerun_that_reuses_everything_leaves_later_stages_up_to_date(project)
     evaluate_resumes_after_a_kill(project)
     evaluate_on_vllm_equals_transformers(project)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A metrics file's numbers under dotted keys, as `dvc metrics show` names them."""
+    out = {}
+    for key, value in tree.items():
+        out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else \
+            {f"{prefix}{key}": value}
+    return out
 
 
 def a_rerun_that_reuses_everything_leaves_later_stages_up_to_date(project):

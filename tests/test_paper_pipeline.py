@@ -192,8 +192,8 @@ def test_paper_pipeline_end_to_end_on_stand_ins(prefect_server, project, solver_
     assert {r["problem_id"].split("/")[0].lower() for r in samples} == {
         "apps", "humaneval", "mbpp"}
     headline = json.loads((data / "metrics/evaluate.json").read_text())
-    assert {"customized", "system2.tree(planner+solver)",
-            "system2.best-of-N(planner+solver)"} <= set(headline)
+    assert {"customized", "system2.tree.planner-solver",
+            "system2.best-of-N.planner-solver"} <= set(headline)
     # B against each agent's tree and the pooled best-of-N, problem by problem (6: no interval)
     table = json.loads((data / "eval/table.json").read_text())
     assert [(g["baseline"], g["problems"]) for g in table["claims"]["B_tree_vs_baselines"]] == [

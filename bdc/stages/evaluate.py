@@ -22,7 +22,7 @@ from pathlib import Path
 from bdc import artifacts
 from bdc.config import Params
 from bdc.disentangle.routing import require_same_clusters
-from bdc.evaluate.claims import headline_metrics, lines, verdict
+from bdc.evaluate.claims import headline_metrics, lines, metric_key, verdict
 from bdc.evaluate.solvers import evaluate_all, finished_dirs, group_of, home_clusters
 from bdc.evaluate.table import figures, markdown
 from bdc.jsonl import atomic_open, write_jsonl, write_metrics
@@ -32,10 +32,10 @@ from bdc.problems.mini import first_per_family
 from bdc.runtime import state_dir
 
 log = logging.getLogger(__name__)
-# the numbers `dvc metrics show` shows (the claims' solvers); every solver's go to
-# data/metrics/details/evaluate.json and the table
+# the numbers `dvc metrics show` shows (the claims' solvers), under the MLflow runs' keys;
+# every solver's go to data/metrics/details/evaluate.json and the table
 # (and the System-2 tree of all agents and their pooled best-of-N, whatever their names)
-HEADLINE = tuple(f"{solver}.strict_accuracy" for solver in (
+HEADLINE = tuple(f"{metric_key(solver)}.strict_accuracy" for solver in (
     "base", "full", "oracle expert", "merge_uniform", "arrow", "customized"))
 
 
@@ -84,13 +84,13 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
             json.dump(table, f, indent=2)
         with atomic_open(out_dir / artifacts.TABLE_MD) as f:
             f.write(md)
-        headline = {name.replace("System-2: ", "system2."): {
+        headline = {metric_key(name): {
             "pass_rate": round(r["pass_rate"]["mean"], 2),
             "strict_accuracy": round(r["strict_accuracy"]["mean"], 2),
             "strict_accuracy_std": round(r["strict_accuracy"]["std"], 2)}
             for name, r in result.items()}
-        trees = tuple(f"{n}.strict_accuracy" for n in headline  # the agents' own names
-                      if n.startswith("system2.") and "+" in n)
+        trees = tuple(f"{metric_key(n)}.strict_accuracy" for n in result  # agents' names
+                      if n.startswith("System-2: ") and "+" in n)
         write_metrics(metrics_path, headline, HEADLINE + trees)
         with atomic_open(plots_dir / "eval_solvers.csv") as f:
             f.write("solver,strict_accuracy,std,pass_rate\n" + "".join(
@@ -102,9 +102,8 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         bars.savefig(plots_dir / "eval_solvers.png", dpi=110)
         heat.savefig(plots_dir / "eval_families.png", dpi=110)
         tracked.metrics(headline_metrics(table))  # the pipeline run logs the same keys
-        tracked.table([{"solver": n, **{k: v for k, v in headline[
-            n.replace("System-2: ", "system2.")].items()}} for n in order if n in result],
-            artifacts.TABLE_JSON)
+        tracked.table([{"solver": n, **headline[metric_key(n)]} for n in order if n in result],
+                      artifacts.TABLE_JSON)
         tracked.artifact(out_dir / artifacts.TABLE_MD)
         tracked.artifact(plots_dir / "eval_solvers.png")
         tracked.artifact(plots_dir / "eval_families.png")

@@ -213,6 +213,7 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
         "strict_accuracy" in shown
     assert {k: parent.data.metrics[k] for k in shown} == shown
     assert parent.data.tags["bdc.stages_ran"].count(",") == 7
+    the_evaluate_run_in_the_browser(project, by["evaluate"])
     inputs = mlflow.get_run(by["experts"].info.run_id).inputs.dataset_inputs
     assert [i.dataset.name for i in inputs] == ["SFT records"]
     # task runs are named after their stage, not `dvc-stage-6bc`
@@ -228,6 +229,48 @@ def test_pipeline_flow_runs_stages_with_artifacts_and_nested_runs(prefect_server
     a_rerun_that_reuses_everything_leaves_later_stages_up_to_date(project)
     evaluate_resumes_after_a_kill(project)
     evaluate_on_vllm_equals_transformers(project)
+
+
+def the_evaluate_run_in_the_browser(project: Path, run) -> None:
+    """Issue 29: the evaluate run's own page in MLflow's UI (a real server on the pipeline's
+    store, Debian's Chromium), opened by the link the project gives: the machine-learning
+    view (MLflow 3's default GenAI view showed it as an "Evaluation run"), the verdict
+    first, and the metrics under the one key scheme, the claims among them."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from bdc.llm.vllm_server import free_port
+    from bdc.processes import wait_http
+    from tests.test_ui import CHROMIUM, CHROMIUM_ARGS
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
+    url, log = f"http://127.0.0.1:{free_port()}", project / "var" / "mlflow-ui.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+             "--port", url.rsplit(":", 1)[1], "--backend-store-uri",
+             tracking.tracking_uri(project), "--default-artifact-root",
+             tracking.artifact_root(project), "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"{url}/health", 120, server, log)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM),
+                                                 args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(tracking.runs_view_url(url, run.info.experiment_id, run.info.run_id))
+                expect(page.get_by_text("Best System-1 solver", exact=False).first
+                       ).to_be_visible(timeout=60000)
+                for key in ("claim.C_customized_vs_full", "customized.strict_accuracy"):
+                    expect(page.get_by_text(key, exact=True).first).to_be_visible(
+                        timeout=30000)
+                page.screenshot(path=str(project / "var" / "mlflow-evaluate-run.png"))
+                assert "Evaluation runs" not in page.inner_text("body")
+            finally:
+                browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

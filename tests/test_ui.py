@@ -66,6 +66,8 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project:
                 f"the pipeline run did not complete in the UI: {pipeline_runs(prefect_url)}; "
                 f"worker logs:\n{worker_logs(project)}")
 
+            one_stage_run_in_the_browser(page, prefect_url, project, said, shots)
+
             page.goto(mlflow_runs_url)  # the runs view `bdc ui` links (not GenAI traces)
             expect(page.get_by_text("pipeline", exact=True).first).to_be_visible(
                 timeout=60000)
@@ -89,6 +91,39 @@ def run_pipeline_in_the_browser(prefect_url: str, mlflow_runs_url: str, project:
             return listed + shown
         finally:
             browser.close()
+
+
+def one_stage_run_in_the_browser(page, prefect_url: str, project: Path, said: list[str],
+                                 shots: Path) -> None:
+    """Issue 29: a Quick run of a one-stage deployment showed "0 Task runs" and "did not
+    produce any artifacts" on the run page a person lands on (the stage ran in a subflow).
+    The prepare deployment's Quick run, then that run's page: its task run and its artifact
+    are there. prepare is a CPU stage again first (the pipeline's run dispatched it to the
+    gpu pool, whose stage run is by design a run of its own on the other worker)."""
+    import yaml
+    from playwright.sync_api import expect
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["orchestration"].update(gpu_stages=[], gpu_pool=None)  # not a DVC dependency
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    page.goto(f"{prefect_url}/deployments")
+    page.get_by_role("link", name="prepare", exact=True).first.click()
+    quick_run(page, said)
+    deadline = time.time() + 180
+    while not [r for r in flow_runs(prefect_url, "prepare") if r[1] == "COMPLETED"]:
+        assert time.time() < deadline, f"prepare's run: {flow_runs(prefect_url, 'prepare')}"
+        time.sleep(2)
+    ((run_id, _),) = flow_runs(prefect_url, "prepare")
+    page.goto(f"{prefect_url}/runs/flow-run/{run_id}")
+    try:
+        expect(page.get_by_text("1 Task run", exact=False).first).to_be_visible(timeout=30000)
+        page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+        expect(page.get_by_text("stage-prepare", exact=False).first).to_be_visible(
+            timeout=30000)
+    finally:
+        page.screenshot(path=str(shots / "prefect-one-stage-run.png"))
+    assert "did not produce any artifacts" not in page.inner_text("body")
 
 
 def quick_run(page, said: list[str], presses: int = 3) -> None:
@@ -118,18 +153,28 @@ def quick_run(page, said: list[str], presses: int = 3) -> None:
 
 
 def pipeline_runs(prefect_url: str) -> list[tuple[str, str]]:
-    """(name, state) of the pipeline deployment's flow runs, read as Prefect's client reads
-    them: a 503 is asked again."""
+    """(name, state) of the pipeline deployment's flow runs."""
+    return [(r["name"], r["state_type"]) for r in flow_run_rows(prefect_url, "pipeline")]
+
+
+def flow_runs(prefect_url: str, deployment: str) -> list[tuple[str, str]]:
+    """(id, state) of a deployment's flow runs."""
+    return [(r["id"], r["state_type"]) for r in flow_run_rows(prefect_url, deployment)]
+
+
+def flow_run_rows(prefect_url: str, deployment: str) -> list[dict]:
+    """A deployment's flow runs, read as Prefect's client reads them: a 503 is asked
+    again."""
     import httpx
 
     for _ in range(10):
         answer = httpx.post(f"{prefect_url}/api/flow_runs/filter", timeout=30, json={
-            "deployments": {"name": {"any_": ["pipeline"]}}})
+            "deployments": {"name": {"any_": [deployment]}}})
         if answer.status_code != 503:
             break
         time.sleep(1)
     answer.raise_for_status()
-    return [(r["name"], r["state_type"]) for r in answer.json()]
+    return answer.json()
 
 
 def worker_logs(project: Path) -> str:

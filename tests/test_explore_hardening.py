@@ -262,10 +262,9 @@ def test_a_method_s_run_says_which_problems_it_solved(sandbox):
 
 
 def test_methods_are_searched_at_once_under_one_limit_and_score_as_alone(sandbox):
-    """Bug: the System-2 methods were searched one after another, and the agents idled while
-    each method's last searches finished (the small profile's evaluate: 25.5 of its 67 min).
-    They now run at once, never more than ``concurrency`` searches open in all, and each
-    method's run is what it is alone."""
+    """The System-2 methods were searched one after another, each waiting for the last
+    searches of the one before. They now run at once, never more than ``concurrency``
+    searches open in all, and each method's run is what it is alone."""
     import asyncio
     from dataclasses import dataclass
 

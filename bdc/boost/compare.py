@@ -98,10 +98,10 @@ async def run_methods(runs: Sequence[tuple[Method, int]], problems: list[Problem
                       on_result: Callable[[Method, int, dict], None] | None = None
                       ) -> list[dict]:
     """Every ``(method, seed)`` at once, sharing one limit of ``settings.concurrency`` open
-    searches, their runs in ``runs`` order. One after another, the agents idled while each
-    method's last few searches finished (the small profile's System-2 side: four such tails
-    in 25.5 of its 67 minutes). A run is the same either way: every sampled token depends
-    on its own request's seed only."""
+    searches, their runs in ``runs`` order: no agent waits for another method's last few
+    searches to finish. A run is the same either way (every sampled token depends on its own
+    request's seed only). On 2 cores it gained no measurable time: the two served agents
+    already share the CPU (the small profile's System-2 side, docs/profiles.md)."""
     gate = asyncio.Semaphore(settings.concurrency)
 
     async def one(method: Method, seed: int) -> dict:

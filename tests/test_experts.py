@@ -255,7 +255,9 @@ def test_paper_settings_validate_and_dry_run_on_a_tiny_model(tmp_path, base):
         (tmp_path / "out/full/adapter_config.json").read_text())["r"] == 8
 
 
-def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch):
+def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch, capfd):
+    """Also: the version is logged from code, not as a pickled object (MLflow warned on every
+    run: a pickle runs whatever its bytes say when a version is loaded)."""
     import mlflow
     import pandas as pd
 
@@ -268,10 +270,13 @@ def test_the_expert_set_loads_from_the_registry(tmp_path, base, monkeypatch):
     out = tmp_path / "experts"
     train_all(ExpertSet(base, s, "mini"), {"full": records(), "cluster_0": records()[:2]},
               out, tmp_path / "work")
+    capfd.readouterr()
     with mlflow.start_run():
         version = register(out, {"base": base, "template": "mini",
                                  "adapters": ["full", "cluster_0"], "experts": ["cluster_0"]},
                            {})
+    said = capfd.readouterr()
+    assert "CloudPickle" not in said.err + said.out  # MLflow's own log handler: stderr
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}/{version}")
     programs = loaded.predict(pd.DataFrame({"prompt": [PROBLEMS[0].prompt] * 2,
                                             "adapter": ["full", "__base__"]}))

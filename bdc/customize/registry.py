@@ -53,7 +53,8 @@ def register_solver(hypernet_dir: Path, experts_dir: Path, clusters_dir: Path) -
             "model (not its weights). predict: a frame with prompt in, one program per row "
             "out; bdc solve --model-uri models:/bdc-solver/N runs it.",
             {"base": saved["base"], "template": saved.get("template", "")},
-            name="solver", python_model=SolverModel(), signature=prompt_signature(),
+            name="solver", python_model=Path(__file__).with_name("solver_model.py"),  # not pickled
+            signature=prompt_signature(),
             artifacts={"hypernet": str(hypernet_dir), "experts": str(experts_dir),
                        "clusters": str(clusters)},
             metadata=saved,

@@ -63,8 +63,9 @@ def register(adapters_dir: Path, manifest: dict, extra: dict[str, Path]) -> str:
         "weights). predict: a frame with prompt (and adapter: a name, or __base__) in, one "
         "program per row out.",
         {"base": manifest["base"], "adapters": " ".join(manifest["adapters"])},
-        name="expert_set", python_model=ExpertSetModel(), signature=prompt_signature(
-            ("adapter",)),
+        name="expert_set",  # logged from code, not pickled
+        python_model=Path(__file__).with_name("expert_set_model.py"),
+        signature=prompt_signature(("adapter",)),
         artifacts={"adapters": str(adapters_dir), "manifest": str(manifest_path),
                    **{k: str(v) for k, v in extra.items()}},
         metadata=manifest,

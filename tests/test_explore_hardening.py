@@ -266,19 +266,30 @@ def test_methods_are_searched_at_once_under_one_limit_and_score_as_alone(sandbox
     searches of the one before. They now run at once, never more than ``concurrency``
     searches open in all, and each method's run is what it is alone."""
     import asyncio
+    import contextlib
     from dataclasses import dataclass
 
     from bdc.boost.compare import Method, run_method, run_methods
 
     in_flight: list[str] = []
     seen: list[tuple[str, ...]] = []
+    together = {"now": True, "b_started": None}
 
     @dataclass
     class Slow(ScriptedAgent):
         async def write(self, view, thoughts, n, seed):
             in_flight.append(self.name)
             seen.append(tuple(in_flight))
-            await asyncio.sleep(0.1 if view.id == problems[0].id else 0.01)  # a long tail
+            if together["now"] and together["b_started"] is None:
+                together["b_started"] = asyncio.Event()
+            if together["now"] and self.name == "b":
+                together["b_started"].set()
+            if together["now"] and self.name == "a" and view.id == problems[0].id:
+                # a's first search is its long tail: it ends once b has begun (at once, b
+                # waits for it; one after another, it times out and the problem fails)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(together["b_started"].wait(), 10)
+            await asyncio.sleep(0.01)
             in_flight.remove(self.name)
             return await super().write(view, thoughts, n, seed)
 
@@ -289,11 +300,12 @@ def test_methods_are_searched_at_once_under_one_limit_and_score_as_alone(sandbox
     problems, settings = PROBLEMS[:4], params().explore.model_copy(update={"concurrency": 2})
     runs = [(Method("t", "best_of_n", (slow("a"),)), 0),
             (Method("t", "best_of_n", (slow("b"),)), 1)]
-    together = asyncio.run(run_methods(runs, problems, settings, sandbox))
+    both = asyncio.run(run_methods(runs, problems, settings, sandbox))
     assert max(map(len, seen)) == 2  # the limit holds over both methods
     assert any(set(s) == {"a", "b"} for s in seen)  # the two methods overlapped
+    together["now"] = False
     alone = [asyncio.run(run_method(m, problems, settings, sandbox, seed)) for m, seed in runs]
-    assert together == alone and together[0]["programs_per_problem"] == 3
+    assert both == alone and both[0]["programs_per_problem"] == 3
 
 
 def test_every_method_counts_what_it_executed_and_generated(sandbox):

@@ -270,7 +270,11 @@ def the_evaluate_run_in_the_browser(project: Path, run) -> None:
                 browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def flat(tree: dict, prefix: str = "") -> dict:

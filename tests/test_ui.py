@@ -112,7 +112,10 @@ def one_stage_run_in_the_browser(page, prefect_url: str, project: Path, said: li
     quick_run(page, said)
     deadline = time.time() + 180
     while not [r for r in flow_runs(prefect_url, "prepare") if r[1] == "COMPLETED"]:
-        assert time.time() < deadline, f"prepare's run: {flow_runs(prefect_url, 'prepare')}"
+        runs = flow_runs(prefect_url, "prepare")
+        assert time.time() < deadline and not any(
+            state in ("FAILED", "CRASHED") for _, state in runs), \
+            f"prepare's run: {runs}; worker logs:\n{worker_logs(project)}"
         time.sleep(2)
     ((run_id, _),) = flow_runs(prefect_url, "prepare")
     page.goto(f"{prefect_url}/runs/flow-run/{run_id}")

@@ -473,6 +473,14 @@ class StudyCapacity(Strict):
     target_modules: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
 
 
+class PoolSizes(Strict):
+    """Per world, the N its reference pool is sized for (amendment 14 of docs/study.md:
+    the conflict world's for N = 1,000; the mini world's kept at 100, so its cells stand)."""
+
+    conflict: int = Field(1000, ge=1)
+    mini: int = Field(100, ge=1)
+
+
 class StudyCells(Strict):
     """``bdc study``'s plan: which cells run (each cell's own settings: ``study``). Apart
     from ``study`` because a finished cell is reused by any plan that holds it."""
@@ -481,14 +489,14 @@ class StudyCells(Strict):
         ["conflict", "mini"], description="the worlds studied: mini (the pipeline's) and conflict "
         "(conventions keyed by a cue: bdc/problems/conflict.py)")
     records_per_cluster: dict[Literal["mini", "conflict"], list[int | Literal["explored"]]] = \
-        Field({"conflict": [100, 25, 50, 250], "mini": ["explored", 100, 25, 50]},
+        Field({"conflict": [100, 25, 50, 250, 500, 1000], "mini": ["explored", 100, 25, 50]},
               description="N per world: records per cluster (a world's first N chooses its "
               "decoding temperature); "
               "explored: every explored record as clustered (mini); a number tops explored "
               "records up with the generator's reference records (labelled reference)")
-    pool_n: int = Field(100, ge=1, description="the N each world's reference pool is sized "
-                        "for (0.75 N new problems per family): changing it changes the "
-                        "worlds, so every cell")
+    pool_n: PoolSizes = Field(PoolSizes(), description="per world, the N its reference pool "
+                              "is sized for (0.75 N new problems per family): changing it "
+                              "changes that world, so every cell of it")
     training_seeds: list[int] = Field([0], min_length=1, description="training seeds of "
                                       "every cell but the primary ones")
     primary_seeds: list[int] = Field([0, 1, 2], min_length=1, description="training seeds "

@@ -238,6 +238,26 @@ def test_conflict_splits_keep_a_test_problem_s_parameters_out_of_training():
         assert not {conflict.without_cue(p.prompt) for p in test} & bodies
 
 
+def test_the_conflict_pool_for_n_1000_is_balanced_and_never_holds_a_test_problem():
+    """Amendment 14: the explore split holds ~150 position problems a family, so a pool for
+    N = 1,000 drawn from it alone held 5x more replace than position problems (clusters that
+    were no longer the same world at every N); the pretrain split tops each family up."""
+    from collections import Counter
+
+    from bdc.problems import conflict
+    from bdc.study.conflict import problem_pool
+
+    validation, pool = problem_pool(1000, 20)
+    families = Counter(p.id.split("/")[2] for p in pool)
+    assert set(families.values()) == {750} and len(families) == 6
+    assert Counter(p.id.split("/")[1] for p in pool)["pretrain"] > 0
+    assert len({p.prompt for p in pool}) == len(pool)
+    assert not {p.prompt for p in validation} & {p.prompt for p in pool}
+    test = {conflict.without_cue(p.prompt) for f in conflict.FAMILIES
+            for p in conflict.problems(f, "test", 30)}
+    assert not test & {conflict.without_cue(p.prompt) for p in pool}
+
+
 def test_the_plan_gives_the_primary_cells_their_seeds_and_trims_as_pre_registered():
     from bdc.config import Params, StudyCapacity, StudyCells, StudySettings
     from bdc.study.run import cells_of

@@ -106,6 +106,22 @@ def cluster(problems: list, folder: Path, params: Params) -> dict:
     return quality
 
 
+def problem_pool(max_n: int, validation_per_family: int) -> tuple[list, list]:
+    """The validation problems and the training pool, sized for ``max_n`` records per
+    cluster: 0.75 ``max_n`` problems a family (two records each), the same for every family.
+    The explore split holds only ~150 position problems a family, so the pretrain split's
+    (cued; the base saw their parameters in neutral form only) top a family's pool up, as
+    the mini world's pool does; the test split's never enter."""
+    need = math.ceil(max(max_n, 50) * 0.75)
+    validation, pool = [], []
+    for family in conflict.FAMILIES:
+        stream = conflict.problems(family, "explore", validation_per_family + need)
+        validation += stream[:validation_per_family]
+        mine = stream[validation_per_family:]
+        pool += mine + conflict.problems(family, "pretrain", need - len(mine))
+    return validation, pool
+
+
 def conflict_world(params: Params, folder: Path, max_n: int, validation_per_family: int,
                    test_per_family: int | None, say: Callable[[str], None],
                    sandbox) -> World:
@@ -115,12 +131,7 @@ def conflict_world(params: Params, folder: Path, max_n: int, validation_per_fami
     skill = competence(base, folder / "base", sandbox)
     say(f"study: conflict base, greedy strict accuracy on explore-split problems: "
         f"{skill['neutral']['strict']:.1f} neutral, {skill['cued']['strict']:.1f} cued")
-    need = math.ceil(max(max_n, 50) * 0.75)
-    validation, pool = [], []
-    for family in conflict.FAMILIES:
-        stream = conflict.problems(family, "explore", validation_per_family + need)
-        validation += stream[:validation_per_family]
-        pool += stream[validation_per_family:]
+    validation, pool = problem_pool(max_n, validation_per_family)
     quality = cluster(pool, folder / "clusters", params)
     say(f"study: conflict world clustered: k {quality['k']}, ARI with the families "
         f"{quality['families']['ari']:.2f}, with the teams {quality['teams']['ari']:.2f}, "

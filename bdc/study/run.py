@@ -120,14 +120,14 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
 
     def make_world(name: str) -> World:
         if name == "conflict":
-            return conflict_world(params, state / "study" / "conflict", plan.pool_n,
+            return conflict_world(params, state / "study" / "conflict", plan.pool_n.conflict,
                                   s.validation_per_family, s.test_per_family, say, sandbox)
         return mini_world(
             list(read_jsonl(explore_dir / artifacts.SFT, dict)),
             list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
             first_per_family(read_problems(problems_dir / artifacts.pool("test")),
                              s.test_per_family), clusters_dir, params.experts.base,
-            params.problems.explore[0].limit or 50, s.validation_per_family, plan.pool_n)
+            params.problems.explore[0].limit or 50, s.validation_per_family, plan.pool_n.mini)
 
     cells = cells_of(params)
     results, temperature = [], {}

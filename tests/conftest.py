@@ -34,8 +34,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # the session's ci models (~100 s on its one thread); the modules that need none of them run
 # next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s);
 # test_packaged first among them, as it converts the SmolLM2 that test_vllm serves. The small
-# pipeline's end-to-end run (real models, ~12 min; selected by `make test-small` only) would
-# start before all of them.
+# pipeline's end-to-end run (real models, ~4 min on one worker) starts before all of them.
 FIRST = ("test_small_pipeline", "test_flows", "test_packaged", "test_agents",
          "test_sandbox_hostile", "test_models", "test_tracking", "test_cli",
          "test_explore_hardening", "test_problems",

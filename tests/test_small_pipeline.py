@@ -30,6 +30,10 @@ CUT = {  # a few problems, a few training steps, one merge, one HumanEval proble
     "customize": {"epochs": 1, "max_new_tokens": 96},
     "evaluate": {"per_group": 1, "seeds": [0], "ks": [1], "temperature": 0.0,
                  "max_new_tokens": 96, "system2": False},
+    # SmolLM2 answers the filter problem with max(... range(1000000000) ...) from every
+    # solver: 8 hidden tests x 3 s each, 8 times, was most of evaluate's 125 s (its
+    # generation waited on the sandbox); the mini programs that pass take milliseconds
+    "sandbox": {"timeout": 1.0},
 }
 
 
@@ -69,7 +73,7 @@ def cut_params(root: Path) -> None:
     git("commit", "-qam", "cut", cwd=root)
 
 
-@pytest.mark.small_profile  # ~12 min of the machine: `make test-small`, not `make test`
+@pytest.mark.small_profile  # ~4 min of the machine; in `make test`, alone: `make test-small`
 @pytest.mark.timeout(1500)
 def test_the_small_pipeline_runs_end_to_end_through_the_real_models(tmp_path, smollm2,
                                                                      gemma3):
@@ -98,4 +102,4 @@ def test_the_small_pipeline_runs_end_to_end_through_the_real_models(tmp_path, sm
     for solver in ("base", "full", "customized"):
         assert solver in text
     assert "humaneval" in text  # the transfer test is scored
-    print(agents)
+    print(agents, run.stdout[-6000:], run.stderr[-6000:], sep="\n")  # stage times: pytest -s

@@ -258,6 +258,17 @@ def test_the_conflict_pool_for_n_1000_is_balanced_and_never_holds_a_test_problem
     assert not test & {conflict.without_cue(p.prompt) for p in pool}
 
 
+def test_a_conflict_family_that_cannot_fill_its_pool_is_an_error(monkeypatch):
+    """Both splits short: the pool would silently lose balance again (the bug above)."""
+    from bdc.problems import conflict
+    from bdc.study import conflict as world
+
+    monkeypatch.setattr(conflict, "problems", lambda family, split, count, **_: [
+        f"{family}/{split}/{i}" for i in range(min(count, 30))])
+    with pytest.raises(ValueError, match="pool_n.conflict: range-falcon has 40 problems"):
+        world.problem_pool(100, 20)
+
+
 def test_the_plan_gives_the_primary_cells_their_seeds_and_trims_as_pre_registered():
     from bdc.config import Params, StudyCapacity, StudyCells, StudySettings
     from bdc.study.run import cells_of

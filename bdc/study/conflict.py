@@ -109,16 +109,22 @@ def cluster(problems: list, folder: Path, params: Params) -> dict:
 def problem_pool(max_n: int, validation_per_family: int) -> tuple[list, list]:
     """The validation problems and the training pool, sized for ``max_n`` records per
     cluster: 0.75 ``max_n`` problems a family (two records each), the same for every family.
-    The explore split holds only ~150 position problems a family, so the pretrain split's
-    (cued; the base saw their parameters in neutral form only) top a family's pool up, as
-    the mini world's pool does; the test split's never enter."""
+    The explore split holds only 168 position and 402 range problems a family, so the
+    pretrain split's (cued; the base's weights saw their parameters in neutral form only,
+    its tokenizer the first 50 cued prompts) top a family's pool up, as the mini world's
+    pool does; the test split's never enter. A family that cannot fill its share is an
+    error: an unbalanced pool is another world at every N."""
     need = math.ceil(max(max_n, 50) * 0.75)
     validation, pool = [], []
     for family in conflict.FAMILIES:
         stream = conflict.problems(family, "explore", validation_per_family + need)
         validation += stream[:validation_per_family]
         mine = stream[validation_per_family:]
-        pool += mine + conflict.problems(family, "pretrain", need - len(mine))
+        mine += conflict.problems(family, "pretrain", need - len(mine))
+        if len(mine) < need:
+            raise ValueError(f"study_cells.pool_n.conflict: {family} has {len(mine)} problems "
+                             f"outside the test split and validation, {need} needed; lower it")
+        pool += mine
     return validation, pool
 
 

@@ -10,7 +10,7 @@ real model's program that loops to the time limit (SmolLM2 writes
 OpenMP threads wait actively for each other. The sandbox here runs that program on a mini
 problem's hidden tests, over and over, on its workers (``sandbox.workers`` of params.yaml);
 generation runs on the packaged model (``bdc models prepare NAME`` first) with all cores'
-threads and with the cores the workers leave (what evaluate does, at least one). Prints
+threads and with the cores the workers leave (at least one). Prints
 tokens/s for each, beside the busy sandbox and with it idle, and the ratios: what leaving
 the cores gains beside the sandbox, and what it costs when the sandbox is idle.
 """

@@ -29,7 +29,7 @@ from bdc.jsonl import atomic_open, write_jsonl, write_metrics
 from bdc.llm.packaged import ensure
 from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
-from bdc.runtime import cpu_cores, state_dir
+from bdc.runtime import state_dir
 
 log = logging.getLogger(__name__)
 # the numbers `dvc metrics show` shows (the claims' solvers), under the MLflow runs' keys;
@@ -42,8 +42,6 @@ HEADLINE = tuple(f"{metric_key(solver)}.strict_accuracy" for solver in (
 def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Path,
         hypernet_dir: Path, out_dir: Path, metrics_path: Path, plots_dir: Path) -> dict:
     """The stage with its MLflow run; the table."""
-    import torch
-
     from bdc.sandbox import Sandbox
     from bdc.tracking import stage_run
 
@@ -62,10 +60,6 @@ def run(params: Params, problems_dir: Path, experts_dir: Path, clusters_dir: Pat
         tracked.dataset(problems_dir / artifacts.pool("test"), "test problems", "evaluation")
         kept = finished_dirs(params, test, experts_dir, clusters_dir, hypernet_dir, manifest,
                              state_dir() / "evaluate")
-        # the sandbox scores each batch's programs while the next batches generate; torch's
-        # OpenMP threads wait actively, and beside one busy core two of them generated 3x
-        # slower (docs/profiles.md#the-cut-in-ci): the sandbox's workers keep their cores
-        torch.set_num_threads(max(1, cpu_cores() - params.sandbox.workers))
         done = evaluate_all(params, test, experts_dir, clusters_dir, hypernet_dir, manifest,
                             sandbox, kept)
         outcomes, result, measured, order = done.outcomes, done.result, done.claims, done.order

@@ -133,11 +133,11 @@ def conflict_world(params: Params, folder: Path, max_n: int, validation_per_fami
                    sandbox) -> World:
     from bdc.evaluate.solvers import home_clusters
 
+    validation, pool = problem_pool(max_n, validation_per_family)  # a bad size fails first
     base = pretrain_base(params, folder / "base", say)
     skill = competence(base, folder / "base", sandbox)
     say(f"study: conflict base, greedy strict accuracy on explore-split problems: "
         f"{skill['neutral']['strict']:.1f} neutral, {skill['cued']['strict']:.1f} cued")
-    validation, pool = problem_pool(max_n, validation_per_family)
     quality = cluster(pool, folder / "clusters", params)
     say(f"study: conflict world clustered: k {quality['k']}, ARI with the families "
         f"{quality['families']['ari']:.2f}, with the teams {quality['teams']['ari']:.2f}, "

@@ -48,6 +48,13 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else name
 
 
+def mlflow_server(root: Path, port: int, workers: int) -> list[str]:
+    """The MLflow server's command line on ``root``'s store (its runs and artifacts)."""
+    return [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", tracking_uri(root), "--default-artifact-root",
+            artifact_root(root), "--workers", str(workers)]
+
+
 def _environment(root: Path, services: Services) -> dict[str, str]:
     configure_environment(root)
     return {**os.environ, "PREFECT_API_URL": f"{services.prefect_url}/api",
@@ -95,11 +102,7 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
                  f"server ({services.mlflow_url}); logs in {logs}")
         prefect = launch("prefect-server", [_bin("prefect"), "server", "start", "--host",
                                             "127.0.0.1", "--port", str(prefect_port)])
-        mlflow = launch("mlflow-server", [
-            _bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-            "--backend-store-uri", tracking_uri(root),
-            "--default-artifact-root", artifact_root(root),
-            "--workers", str(mlflow_workers())])
+        mlflow = launch("mlflow-server", mlflow_server(root, mlflow_port, mlflow_workers()))
         wait_http(f"{services.prefect_url}/api/health", timeout, prefect,
                    logs / "prefect-server.log")
         wait_http(f"{services.mlflow_url}/health", timeout, mlflow, logs / "mlflow-server.log")

@@ -240,17 +240,15 @@ def the_evaluate_run_in_the_browser(project: Path, run) -> None:
 
     from bdc.llm.vllm_server import free_port
     from bdc.processes import wait_http
+    from flows.services import mlflow_server
     from tests.test_ui import CHROMIUM, CHROMIUM_ARGS
 
     assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
-    url, log = f"http://127.0.0.1:{free_port()}", project / "var" / "mlflow-ui.log"
+    port, log = free_port(), project / "var" / "mlflow-ui.log"
+    url = f"http://127.0.0.1:{port}"
     with log.open("w") as out:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-             "--port", url.rsplit(":", 1)[1], "--backend-store-uri",
-             tracking.tracking_uri(project), "--default-artifact-root",
-             tracking.artifact_root(project), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(mlflow_server(project, port, 1), stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"{url}/health", 120, server, log)
         with sync_playwright() as playwright:

@@ -371,19 +371,32 @@ class CustomizeSettings(Strict):
     projections: list[str] | None = Field(None, description="adapted projections (default: "
                                           "every module the experts adapt)")
     lr: float = Field(1e-5, gt=0)
-    epochs: float = Field(5, gt=0)
+    epochs: float = Field(5, gt=0, description="epochs (with patience: the most it trains)")
+    patience: int | None = Field(None, ge=1, description="stop once the validation loss has "
+                                 "not fallen by min_improvement of its best for this many "
+                                 "epochs (a plateau); null (paper code): every epoch runs")
+    min_improvement: float = Field(0.01, ge=0, lt=1, description="the share of the best "
+                                   "validation loss an epoch must take off to count as "
+                                   "progress (relative: the loss spans 0.003-1.3 across "
+                                   "profiles and study cells)")
     batch: int = Field(1, ge=1)
     optimizer: Literal["adam", "adamw"] = "adam"
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     weight_decay: float = Field(0.0, ge=0)
     validation_share: float = Field(0.1, ge=0, lt=1, description="problems held out to "
-                                    "choose the best epoch by loss")
+                                    "choose the best epoch by loss (and to stop at a plateau)")
     seed: int = 0
     fold_precision: float = Field(0.01, gt=0, description="folded-adapter cache: weights "
                                   "rounded to this step share an adapter")
     max_new_tokens: int = Field(512, ge=8)
     generate_batch: int = Field(32, ge=1)
 
+    @model_validator(mode="after")
+    def _patience_needs_validation(self) -> CustomizeSettings:
+        if self.patience is not None and self.validation_share == 0:
+            raise ValueError("patience needs a validation split to find the plateau on: set "
+                             "validation_share above 0, or patience: null")
+        return self
 
 
 class EvaluateSettings(Strict):
@@ -531,8 +544,12 @@ class StudySettings(Strict):
     long_experts_up_to: int = Field(300, ge=0, description="the expert-equal-steps arm "
                                     "(each expert for the full LoRA's steps: K x the cost) "
                                     "only where the experts hold this many records at most")
-    router_epochs: float = Field(20, gt=0, description="the router's epochs; the best on the "
-                                 "validation records is kept (early stopping)")
+    router_epochs: float = Field(200, gt=0, description="the router's most epochs; the best "
+                                 "on the validation records is kept (early stopping)")
+    router_patience: int | None = Field(5, ge=1, description="the router stops at a plateau: "
+                                        "no epoch took customize.min_improvement of the best "
+                                        "validation loss off for this many epochs "
+                                        "(amendment 15; null: every epoch runs)")
     centroid_temperatures: list[float] = Field([0.02, 0.05, 0.1, 0.2, 0.5], min_length=1)
     arms: list[Literal["base", "full", "oracle", "oracle_long", "oracle_warm", "subset",
                        "uniform", "customized", "centroid", "shared"]] = Field(

@@ -157,6 +157,37 @@ def test_only_the_hypernetwork_trains_and_resumes(tmp_path, trained):
     assert again["resumed_from_checkpoint"] and again["steps"] == 9
 
 
+def test_training_stops_at_a_plateau_and_a_resumed_run_stops_where_it_would(tmp_path,
+                                                                           trained):
+    """The router's validation loss still fell at its last epoch (issue 28): with patience,
+    training runs until the loss stops falling. A learning rate of 1e-12 keeps the loss flat,
+    so it stops after 1 + patience epochs of the 50 allowed (without the callback: all 50).
+    Resumed from a checkpoint inside the plateau, it stops at the same step (without
+    rebuilding the count from the log history: 2 epochs later)."""
+    from bdc.customize.training import rows, train
+    from bdc.llm.system1 import MiniTemplate
+
+    model, tok = customized(trained)
+    z = {r["problem_id"]: np.zeros(Z_DIM, np.float32) for r in records()}
+    data = rows(records(), tok, MiniTemplate(tok.eos_token), 160, z)
+    s = CustomizeSettings(lr=1e-12, epochs=50, batch=2, patience=2)
+    done = train(model, data, data[:2], s, tok.pad_token_id, tmp_path / "once")
+    assert (done["steps"], done["epochs"], done["plateaued"]) == (9, 3, True)
+    assert done["max_steps"] == 150 and done["best_epoch"] == 1
+    model, _ = customized(trained)
+    first = train(model, data, data[:2], s.model_copy(update={"epochs": 2}),
+                  tok.pad_token_id, tmp_path / "twice")
+    assert (first["steps"], first["plateaued"]) == (6, False)  # ran the most epochs it had
+    again = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id,
+                  tmp_path / "twice")
+    assert again["resumed_from_checkpoint"] and (again["steps"], again["plateaued"]) == (9, True)
+
+
+def test_patience_without_a_validation_split_is_refused():
+    with pytest.raises(ValueError, match="patience needs a validation split"):
+        CustomizeSettings(patience=5, validation_share=0.0)
+
+
 def test_bdc_solve_runs_the_customized_solver(tmp_path, trained):
     import subprocess
 

@@ -97,13 +97,11 @@ def clusters_dir(folder, k: int = 3):
     return folder
 
 
-@pytest.mark.parametrize("builder", ["pipeline", "study"])
-def test_the_router_s_initialisation_follows_the_seed(tmp_path, ci_experts, builder):
+def test_the_router_s_initialisation_follows_the_seed(tmp_path, ci_experts):
     """customize.seed was applied after the router was built, so its initialisation never
-    varied: the customize stage builds with ``seed`` (fails without it: one router for
-    every seed), the study seeds before building."""
+    varied: the customize stage and the study build with ``seed`` (fails without it: one
+    router for every seed)."""
     from bdc.customize.solver import build
-    from bdc.study.arms import seeded_build
 
     base, experts = ci_experts
     names = ["cluster_0", "cluster_1", "cluster_2"]
@@ -112,7 +110,7 @@ def test_the_router_s_initialisation_follows_the_seed(tmp_path, ci_experts, buil
 
     def first_layer(seed: int) -> torch.Tensor:
         torch.manual_seed(1234)  # whatever ran before: the seed alone decides
-        solver = build(*args, seed=seed) if builder == "pipeline" else seeded_build(seed, *args)
+        solver = build(*args, seed=seed)
         return next(iter(solver.model.router.mlps.values()))[0].weight.detach().clone()
 
     assert torch.equal(first_layer(0), first_layer(0))

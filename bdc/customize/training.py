@@ -1,7 +1,7 @@
 """Training the hypernetwork alone (base and experts frozen) with transformers ``Trainer``:
 next-token loss on the output tokens (labels shifted inside the model: the authors' code
-compared logits[t] with token t), the best epoch by loss on held-out problems, checkpoints
-every epoch to resume from."""
+compared logits[t] with token t), the best epoch by loss on held-out problems, optionally
+stopped at a plateau of that loss, checkpoints every epoch to resume from."""
 
 from __future__ import annotations
 
@@ -56,6 +56,49 @@ class GatedCollator(Collator):
         return out
 
 
+def validation_losses(history: list[dict]) -> list[tuple[float, int, float]]:
+    """(epoch, step, loss) of each epoch's validation in a Trainer's log history; not the
+    untrained model's (epoch 0)."""
+    return [(h["epoch"], h["step"], h["eval_loss"]) for h in history
+            if "eval_loss" in h and h.get("epoch", 0) > 0]
+
+
+class Plateau:
+    """Stops training once the validation loss has not fallen below ``(1 - min_improvement)``
+    times its best for ``patience`` epochs in a row. transformers' ``EarlyStoppingCallback``
+    counts any fall above a fixed absolute threshold as progress; the router's loss runs from
+    ~1.3 (a real base) to ~0.003 (the study's largest cells), so no one absolute threshold
+    means "a plateau" in all of them. Its count is rebuilt from the log history at the start
+    of training, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, patience: int, min_improvement: float) -> None:
+        from transformers import TrainerCallback
+
+        self.patience, self.min_improvement = patience, min_improvement
+        self.best, self.waited = math.inf, 0
+        plateau = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                plateau.best, plateau.waited = math.inf, 0
+                for _, _, loss in validation_losses(state.log_history):
+                    plateau.see(loss)
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                if state.epoch and plateau.see(metrics["eval_loss"]):
+                    control.should_training_stop = True
+
+        self.callback = Callback()
+
+    def see(self, loss: float) -> bool:
+        """Counts one epoch's validation loss; True once the plateau is reached."""
+        if loss < self.best * (1 - self.min_improvement):
+            self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+
 def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
           settings: CustomizeSettings, pad_id: int, work: Path,
           on_log: Callable[[str, int, float], None] | None = None) -> dict:
@@ -78,6 +121,10 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
     trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                       eval_dataset=val_rows or None, data_collator=GatedCollator(pad_id))
     trainer.remove_callback(PrinterCallback)
+    if s.patience is not None:
+        if not evaluate:
+            raise ValueError("customize.patience: no validation records to find a plateau on")
+        trainer.add_callback(Plateau(s.patience, s.min_improvement).callback)
     resume = any(work.glob("checkpoint-*"))
     # the untrained hypernetwork is the uniform merge: its loss is the bar to clear
     initial = trainer.evaluate()["eval_loss"] if evaluate and not resume else None
@@ -85,12 +132,11 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
     trainer.train(resume_from_checkpoint=True if resume else None)
     history = trainer.state.log_history
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    validated = [h for h in history
-                 if "eval_loss" in h and h.get("epoch", 0) > 0]  # not the untrained one
-    evals = [(h["epoch"], h["eval_loss"]) for h in validated]
+    validated = validation_losses(history)
+    evals = [(epoch, loss) for epoch, _, loss in validated]
     # the validation loss on the training loss's axis, at the step it was measured (it was
     # drawn at x = its epoch, 1..5 on a 1..130 step axis)
-    val_steps = [(h["step"], h["eval_loss"]) for h in validated]
+    val_steps = [(step, loss) for _, step, loss in validated]
     if on_log:
         for step, loss in losses:
             on_log("train_loss", step, loss)
@@ -98,7 +144,12 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
             on_log("val_loss", step, loss)
     best = min(evals, key=lambda e: e[1]) if evals else None
     return {"train_records": len(train_rows), "val_records": len(val_rows),
-            "steps": trainer.state.global_step, "resumed_from_checkpoint": resume,
+            "steps": trainer.state.global_step, "max_steps": trainer.state.max_steps,
+            "epochs": trainer.state.epoch,
+            # stopped at a plateau before the most epochs (with patience); False: it ran them
+            # all, and the best may still have been falling
+            "plateaued": trainer.state.global_step < trainer.state.max_steps,
+            "resumed_from_checkpoint": resume,
             "losses": losses, "val_losses": evals, "val_steps": val_steps,
             "initial_val_loss": initial,
             "best_epoch": best[0] if best else None, "best_val_loss": best[1] if best else None,

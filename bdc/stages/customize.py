@@ -77,6 +77,7 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
             cache.adapter(torch.as_tensor(row[None]))
         metrics = {"reused": record["reused"], "steps": record.get("steps"),
                    "train_seconds": record.get("train_seconds"),
+                   "epochs": record.get("epochs"), "plateaued": record.get("plateaued"),
                    "best_epoch": record.get("best_epoch"),
                    "best_val_loss": record.get("best_val_loss"),
                    "initial_val_loss": record.get("initial_val_loss"),

@@ -120,16 +120,6 @@ def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan
     return experts, records
 
 
-def seeded_build(seed: int, *args, **kwargs):
-    """:func:`bdc.customize.solver.build` with the router's initialisation seeded: the
-    pipeline's customize stage seeds only after building, so there its router's first layer
-    never varied with ``customize.seed`` (issue 28)."""
-    from bdc.customize.solver import build
-
-    torch.manual_seed(seed)
-    return build(*args, **kwargs)
-
-
 class CentroidRouter(nn.Module):
     """The training-free router: each expert weighted by a softmax over the input's cosine
     similarity to the cluster centroids (the last K entries of z), divided by a

@@ -37,7 +37,6 @@ from bdc.study.arms import (
     CentroidRouter,
     expert_steps,
     mean_loss,
-    seeded_build,
     settings_for,
     train_adapters,
 )
@@ -146,6 +145,7 @@ def run_cell(world: World, cell: Cell, params: Params, temperature: float | None
     """The cell's result: each arm's per-problem strict accuracy (x100, mean over the
     decoding seeds), the adapters' steps and seconds, the router's record; kept in the
     cell's folder and restored from there when nothing that made it changed."""
+    from bdc.customize.solver import build
     from bdc.customize.training import rows, train
     from bdc.disentangle.experts import device_and_dtype
     from bdc.llm.system1 import solve
@@ -192,15 +192,16 @@ def run_cell(world: World, cell: Cell, params: Params, temperature: float | None
     halves_ = [f"half_{c}" for c in sorted(records)]
     device, dtype = device_and_dtype(settings)
     _, router_records = halves(records, cell.seed)
-    cs = params.customize.model_copy(update={"epochs": s.router_epochs, "seed": cell.seed})
+    cs = params.customize.model_copy(update={"epochs": s.router_epochs, "seed": cell.seed,
+                                             "patience": s.router_patience})
     info: dict = {}
 
     def trained_router(names: list[str], tag: str):
         """A hypernetwork over ``names``, seeded before it is built, trained on the router
         half and early-stopped on the validation records."""
-        solver = seeded_build(cell.seed, world.base, folder / "adapters", names,
-                              world.clusters_dir, "all", None, cs.hidden, cs.normalisation,
-                              settings.template, device, dtype)
+        solver = build(world.base, folder / "adapters", names, world.clusters_dir, "all",
+                       None, cs.hidden, cs.normalisation, settings.template, device, dtype,
+                       seed=cell.seed)
         problems = {r["problem_id"]: r["prompt"] for r in
                     [*router_records, *world.validation_records]}
         z = dict(zip(problems, solver.z(list(problems.values())), strict=True))
@@ -284,5 +285,6 @@ def run_cell(world: World, cell: Cell, params: Params, temperature: float | None
 
 def _router_record(record: dict) -> dict:
     return {key: record[key] for key in ("train_records", "val_records", "steps",
+                                         "max_steps", "epochs", "plateaued",
                                          "initial_val_loss", "best_epoch", "best_val_loss",
                                          "val_losses", "train_seconds")}

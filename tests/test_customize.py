@@ -163,7 +163,9 @@ def test_training_stops_at_a_plateau_and_a_resumed_run_stops_where_it_would(tmp_
     training runs until the loss stops falling. A learning rate of 1e-12 keeps the loss flat,
     so it stops after 1 + patience epochs of the 50 allowed (without the callback: all 50).
     Resumed from a checkpoint inside the plateau, it stops at the same step (without
-    rebuilding the count from the log history: 2 epochs later)."""
+    rebuilding the count from the log history: 2 epochs later); resumed from where it
+    stopped, it trains nothing more (Trainer ran one more epoch before the callback could
+    stop it)."""
     from bdc.customize.training import rows, train
     from bdc.llm.system1 import MiniTemplate
 
@@ -174,6 +176,10 @@ def test_training_stops_at_a_plateau_and_a_resumed_run_stops_where_it_would(tmp_
     done = train(model, data, data[:2], s, tok.pad_token_id, tmp_path / "once")
     assert (done["steps"], done["epochs"], done["plateaued"]) == (9, 3, True)
     assert done["max_steps"] == 150 and done["best_epoch"] == 1
+    resumed = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id,
+                    tmp_path / "once")
+    assert resumed["resumed_from_checkpoint"] and resumed["steps"] == 9
+    assert resumed["plateaued"] and resumed["best_epoch"] == 1
     model, _ = customized(trained)
     first = train(model, data, data[:2], s.model_copy(update={"epochs": 2}),
                   tok.pad_token_id, tmp_path / "twice")

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,32 +64,22 @@ def validation_losses(history: list[dict]) -> list[tuple[float, int, float]]:
             if "eval_loss" in h and h.get("epoch", 0) > 0]
 
 
+@dataclass
 class Plateau:
-    """Stops training once the validation loss has not fallen below ``(1 - min_improvement)``
-    times its best for ``patience`` epochs in a row. transformers' ``EarlyStoppingCallback``
-    counts any fall above a fixed absolute threshold as progress; the router's loss runs from
-    ~1.3 (a real base) to ~0.003 (the study's largest cells), so no one absolute threshold
-    means "a plateau" in all of them. Its count is rebuilt from the log history at the start
-    of training, so a resumed run stops where an uninterrupted one would."""
+    """The validation loss has not fallen below ``(1 - min_improvement)`` times its best for
+    ``patience`` epochs in a row. transformers' ``EarlyStoppingCallback`` counts any fall
+    above a fixed absolute threshold as progress; the router's loss runs from ~1.3 (a real
+    base) to ~0.003 (the study's largest cells), so no one absolute threshold means "a
+    plateau" in all of them."""
 
-    def __init__(self, patience: int, min_improvement: float) -> None:
-        from transformers import TrainerCallback
+    patience: int
+    min_improvement: float
+    best: float = math.inf
+    waited: int = 0
 
-        self.patience, self.min_improvement = patience, min_improvement
-        self.best, self.waited = math.inf, 0
-        plateau = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                plateau.best, plateau.waited = math.inf, 0
-                for _, _, loss in validation_losses(state.log_history):
-                    plateau.see(loss)
-
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                if state.epoch and plateau.see(metrics["eval_loss"]):
-                    control.should_training_stop = True
-
-        self.callback = Callback()
+    @property
+    def reached(self) -> bool:
+        return self.waited >= self.patience
 
     def see(self, loss: float) -> bool:
         """Counts one epoch's validation loss; True once the plateau is reached."""
@@ -96,20 +87,59 @@ class Plateau:
             self.best, self.waited = loss, 0
         else:
             self.waited += 1
-        return self.waited >= self.patience
+        return self.reached
+
+    def replay(self, history: list[dict]) -> bool:
+        """The count rebuilt from a Trainer's log history (a checkpoint's), so that a
+        resumed run stops where an uninterrupted one would."""
+        self.best, self.waited = math.inf, 0
+        for _, _, loss in validation_losses(history):
+            self.see(loss)
+        return self.reached
+
+    def callback(self):
+        """The ``Trainer`` callback that stops training at the plateau."""
+        from transformers import TrainerCallback
+
+        plateau = self
+
+        class StopAtPlateau(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                plateau.replay(state.log_history)
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                if state.epoch and plateau.see(metrics["eval_loss"]):
+                    control.should_training_stop = True
+
+        return StopAtPlateau()
 
 
 def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
           settings: CustomizeSettings, pad_id: int, work: Path,
           on_log: Callable[[str, int, float], None] | None = None) -> dict:
     from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     s = settings
     steps = math.ceil(math.ceil(len(train_rows) / s.batch) * s.epochs)
     evaluate = bool(val_rows)
+    plateau = None
+    if s.patience is not None:
+        if not evaluate:
+            raise ValueError("customize.patience: no validation records to find a plateau on")
+        plateau = Plateau(s.patience, s.min_improvement)
+    last = get_last_checkpoint(str(work)) if work.is_dir() else None
+    # resumed from the checkpoint where the plateau was reached, it trains nothing more
+    # (Trainer runs a step before any callback can stop it: one more epoch, maybe a new best)
+    stopped_at = None
+    if plateau and last:
+        state = json.loads((Path(last) / "trainer_state.json").read_text())
+        if plateau.replay(state["log_history"]):
+            stopped_at = state["global_step"]
     args = TrainingArguments(
         output_dir=str(work), per_device_train_batch_size=s.batch,
         per_device_eval_batch_size=max(s.batch, 8), num_train_epochs=s.epochs,
+        max_steps=stopped_at or -1,
         learning_rate=s.lr, weight_decay=s.weight_decay, optim="adamw_torch",
         lr_scheduler_type=s.scheduler, logging_steps=max(1, steps // 200),
         eval_strategy="epoch" if evaluate else "no", save_strategy="epoch",
@@ -121,11 +151,9 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
     trainer = Trainer(model=model, args=args, train_dataset=train_rows,
                       eval_dataset=val_rows or None, data_collator=GatedCollator(pad_id))
     trainer.remove_callback(PrinterCallback)
-    if s.patience is not None:
-        if not evaluate:
-            raise ValueError("customize.patience: no validation records to find a plateau on")
-        trainer.add_callback(Plateau(s.patience, s.min_improvement).callback)
-    resume = any(work.glob("checkpoint-*"))
+    if plateau:
+        trainer.add_callback(plateau.callback())
+    resume = last is not None
     # the untrained hypernetwork is the uniform merge: its loss is the bar to clear
     initial = trainer.evaluate()["eval_loss"] if evaluate and not resume else None
     started = time.perf_counter()
@@ -144,11 +172,11 @@ def train(model: CustomizedModel, train_rows: list[dict], val_rows: list[dict],
             on_log("val_loss", step, loss)
     best = min(evals, key=lambda e: e[1]) if evals else None
     return {"train_records": len(train_rows), "val_records": len(val_rows),
-            "steps": trainer.state.global_step, "max_steps": trainer.state.max_steps,
+            "steps": trainer.state.global_step, "max_steps": steps,
             "epochs": trainer.state.epoch,
-            # stopped at a plateau before the most epochs (with patience); False: it ran them
-            # all, and the best may still have been falling
-            "plateaued": trainer.state.global_step < trainer.state.max_steps,
+            # the plateau was reached (False: it ran every epoch it had, the loss maybe still
+            # falling; None: no patience, not looked for)
+            "plateaued": plateau.reached if plateau else None,
             "resumed_from_checkpoint": resume,
             "losses": losses, "val_losses": evals, "val_steps": val_steps,
             "initial_val_loss": initial,

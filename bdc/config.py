@@ -487,11 +487,11 @@ class StudyCapacity(Strict):
 
 
 class PoolSizes(Strict):
-    """Per world, the N its reference pool is sized for (amendment 14 of docs/study.md:
-    the conflict world's for N = 1,000; the mini world's kept at 100, so its cells stand)."""
+    """Per world, the N its reference pool is sized for (amendments 14 and 16 of
+    docs/study.md: the conflict world's for N = 1,000, the mini world's for 250)."""
 
     conflict: int = Field(1000, ge=1)
-    mini: int = Field(100, ge=1)
+    mini: int = Field(250, ge=1)
 
 
 class StudyCells(Strict):
@@ -502,7 +502,7 @@ class StudyCells(Strict):
         ["conflict", "mini"], description="the worlds studied: mini (the pipeline's) and conflict "
         "(conventions keyed by a cue: bdc/problems/conflict.py)")
     records_per_cluster: dict[Literal["mini", "conflict"], list[int | Literal["explored"]]] = \
-        Field({"conflict": [100, 25, 50, 250, 500, 1000], "mini": ["explored", 100, 25, 50]},
+        Field({"conflict": [100, 25, 50, 250, 500, 1000], "mini": ["explored", 100, 25, 50, 250]},
               description="N per world: records per cluster (a world's first N chooses its "
               "decoding temperature); "
               "explored: every explored record as clustered (mini); a number tops explored "

@@ -161,11 +161,11 @@ def test_training_stops_at_a_plateau_and_a_resumed_run_stops_where_it_would(tmp_
                                                                            trained):
     """The router's validation loss still fell at its last epoch (issue 28): with patience,
     training runs until the loss stops falling. A learning rate of 1e-12 keeps the loss flat,
-    so it stops after 1 + patience epochs of the 50 allowed (without the callback: all 50).
-    Resumed from a checkpoint inside the plateau, it stops at the same step (without
-    rebuilding the count from the log history: 2 epochs later); resumed from where it
-    stopped, it trains nothing more (Trainer ran one more epoch before the callback could
-    stop it)."""
+    so it stops after 1 + patience = 3 epochs of the 50 allowed (without the callback: all
+    50). Resumed from a checkpoint inside the plateau (after 2 epochs), it stops there at
+    step 9 (without rebuilding the count from the log history: 2 epochs later); resumed
+    from where it stopped, it trains nothing more (Trainer ran one more epoch before the
+    callback could stop it: step 12)."""
     from bdc.customize.training import rows, train
     from bdc.llm.system1 import MiniTemplate
 
@@ -173,20 +173,15 @@ def test_training_stops_at_a_plateau_and_a_resumed_run_stops_where_it_would(tmp_
     z = {r["problem_id"]: np.zeros(Z_DIM, np.float32) for r in records()}
     data = rows(records(), tok, MiniTemplate(tok.eos_token), 160, z)
     s = CustomizeSettings(lr=1e-12, epochs=50, batch=2, patience=2)
-    done = train(model, data, data[:2], s, tok.pad_token_id, tmp_path / "once")
+    first = train(model, data, data[:2], s.model_copy(update={"epochs": 2}),
+                  tok.pad_token_id, tmp_path / "work")
+    assert (first["steps"], first["plateaued"]) == (6, False)  # ran the most epochs it had
+    done = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id, tmp_path / "work")
+    assert done["resumed_from_checkpoint"]
     assert (done["steps"], done["epochs"], done["plateaued"]) == (9, 3, True)
     assert done["max_steps"] == 150 and done["best_epoch"] == 1
-    resumed = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id,
-                    tmp_path / "once")
-    assert resumed["resumed_from_checkpoint"] and resumed["steps"] == 9
-    assert resumed["plateaued"] and resumed["best_epoch"] == 1
-    model, _ = customized(trained)
-    first = train(model, data, data[:2], s.model_copy(update={"epochs": 2}),
-                  tok.pad_token_id, tmp_path / "twice")
-    assert (first["steps"], first["plateaued"]) == (6, False)  # ran the most epochs it had
-    again = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id,
-                  tmp_path / "twice")
-    assert again["resumed_from_checkpoint"] and (again["steps"], again["plateaued"]) == (9, True)
+    again = train(customized(trained)[0], data, data[:2], s, tok.pad_token_id, tmp_path / "work")
+    assert (again["steps"], again["plateaued"], again["best_epoch"]) == (9, True, 1)
 
 
 def test_patience_without_a_validation_split_is_refused():

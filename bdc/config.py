@@ -520,6 +520,9 @@ class StudyCells(Strict):
         = Field({"all-linear-r32": {"conflict": [250], "mini": ["explored"]}},
                 description="per capacity and world, the N it runs at (the trimming); not "
                 "named: the world's whole grid")
+    k: dict[Literal["mini", "conflict"], list[Annotated[int, Field(ge=2)] | None]] = Field(
+        {}, description="per world, the cluster counts its cells run at, each its own world "
+        "(mini-k3); null: the silhouette's choice (the pipeline's clusters); not named: [null]")
 
 
 class StudySettings(Strict):

@@ -285,3 +285,68 @@ def test_the_plan_gives_the_primary_cells_their_seeds_and_trims_as_pre_registere
         worlds=["conflict"], records_per_cluster={"conflict": ["explored"]})})
     with pytest.raises(ValueError, match="nothing is explored"):
         cells_of(bad)
+
+
+def test_a_fixed_k_is_a_world_of_its_own_with_its_world_s_predictions():
+    """Issue 28's control, k = 3 (the paper's) beside the silhouette's: its cells must not
+    pool with the silhouette's cells of the same world, N and capacity (they train other
+    experts), and the mini world's prediction for D (H5: oracle - full <= 0) holds for mini
+    at any k."""
+    from bdc.config import Params, StudyCapacity, StudyCells, StudySettings
+    from bdc.study.report import summaries
+    from bdc.study.run import cells_of
+
+    params = Params(study=StudySettings(capacities={"all": StudyCapacity()}),
+                    study_cells=StudyCells(worlds=["mini"],
+                                           records_per_cluster={"mini": ["explored"]},
+                                           primary_n=None, primary_seeds=[0, 1],
+                                           capacity_n={}, k={"mini": [None, 3]}))
+    cells = cells_of(params)
+    assert [c.key for c in cells] == [
+        "mini/N=explored/all/seed0", "mini/N=explored/all/seed1",
+        "mini-k3/N=explored/all/seed0", "mini-k3/N=explored/all/seed1"]
+    problems = [f"mini/test/arith/{i}" for i in range(20)]
+
+    def result(cell, oracle: float) -> dict:
+        arms = {"full": dict.fromkeys(problems, 50.0), "oracle": dict.fromkeys(problems, oracle)}
+        return {"cell": {"world": cell.world, "n": cell.n, "capacity": cell.capacity,
+                         "seed": cell.seed, "k": cell.k},
+                "arms": arms, "tokens": dict.fromkeys(arms, 10.0), "temperature": 0.0,
+                "records": {}, "experts": cell.k or 5, "seconds": 1.0}
+
+    out = summaries([result(c, 0.0 if c.k else 100.0) for c in cells])
+    assert set(out) == {("mini", "explored", "all"), ("mini-k3", "explored", "all")}
+    for world, held in (("mini", "fails"), ("mini-k3", "holds")):
+        d = out[(world, "explored", "all")]["comparisons"]["D: oracle expert - full"]
+        assert (d["hypothesis"], d["predicted"]) == ("H5", "-")
+        assert held in d["verdict_claim"], d
+    with pytest.raises(ValueError, match="greater than or equal to 2"):
+        StudyCells(k={"mini": [1]})
+
+
+def test_the_mini_world_reclustered_at_a_fixed_k(tmp_path):
+    """The k = 3 control clusters the explored problems anew into exactly 3 clusters (the
+    pipeline's silhouette picks 5 on the same data), every record of a problem in its
+    problem's cluster, and writes what routing and the oracle read; a record whose problem
+    is not in the explore pool is an error naming it."""
+    from bdc.config import Params
+    from bdc.disentangle.routing import route
+    from bdc.evaluate.solvers import home_clusters
+    from bdc.problems import mini
+    from bdc.study.data import reclustered
+
+    pool = [p for f in mini.FAMILIES for p in family_stream(f, "explore", 4)]
+    sft = [{"problem_id": p.id, "task": task} for p in pool for task in ("p2t", "t2s")]
+    assignments = reclustered(sft, pool, tmp_path / "clusters-k3", Params(), 3)
+    assert [(a["problem_id"], a["task"]) for a in assignments] == \
+        [(r["problem_id"], r["task"]) for r in sft]
+    label = {}
+    for a in assignments:
+        assert label.setdefault(a["problem_id"], a["cluster"]) == a["cluster"]
+    assert sorted(set(label.values())) == [0, 1, 2]
+    assert np.load(tmp_path / "clusters-k3" / "centroids.npy").shape[0] == 3
+    assert set(home_clusters(tmp_path / "clusters-k3")) == set(mini.FAMILIES)
+    assert route(pool, tmp_path / "clusters-k3").tolist() == [label[p.id] for p in pool]
+    with pytest.raises(ValueError, match="mini/explore/nowhere/1"):
+        reclustered([{"problem_id": "mini/explore/nowhere/1", "task": "p2t"}], pool,
+                    tmp_path / "other", Params(), 3)

@@ -40,7 +40,15 @@ from bdc.study.arms import (
     settings_for,
     train_adapters,
 )
-from bdc.study.data import EXPLORED, World, at_n, halves, records_digest, subset
+from bdc.study.data import (
+    EXPLORED,
+    World,
+    at_n,
+    halves,
+    records_digest,
+    subset,
+    world_label,
+)
 
 log = logging.getLogger(__name__)
 CELL_CODE = (*STUDY_CODE, "study/cells.py", "study/data.py", "customize", "llm/system1.py",
@@ -54,10 +62,16 @@ class Cell:
     n: int | str
     capacity: str
     seed: int
+    k: int | None = None  # clusters; None: the silhouette's choice (the pipeline's)
+
+    @property
+    def label(self) -> str:
+        """The world as clustered: ``mini``, or ``mini-k3`` at a fixed k."""
+        return world_label(self.world, self.k)
 
     @property
     def key(self) -> str:
-        return f"{self.world}/N={self.n}/{self.capacity}/seed{self.seed}"
+        return f"{self.label}/N={self.n}/{self.capacity}/seed{self.seed}"
 
 
 def plans(records: dict[int, list[dict]], cell: Cell, params: Params, arms: list[str]
@@ -108,7 +122,7 @@ def cell_folder(root: Path, cell: Cell, world: World, records: dict[int, list[di
                      "customize": params.customize.model_dump(mode="json"),
                      "sandbox": params.sandbox.model_dump(mode="json"),
                      "code": code_version(CELL_CODE)})
-    name = f"{cell.world}-n{cell.n}-{cell.capacity}-s{cell.seed}-{print_[:12]}"
+    name = f"{cell.label}-n{cell.n}-{cell.capacity}-s{cell.seed}-{print_[:12]}"
     return root / name
 
 

@@ -12,12 +12,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from bdc.config import Params, PretrainModel
-from bdc.jsonl import atomic_open, write_jsonl
+from bdc.jsonl import atomic_open
 from bdc.problems import conflict
-from bdc.study.data import World, reference_records
+from bdc.study.data import World, cluster_problems, clusters_name, reference_records
 
 NEUTRAL_PER_SURFACE = 600
 
@@ -77,26 +75,13 @@ def competence(base: str, folder: Path, sandbox, per_surface: int = 30) -> dict:
     return out
 
 
-def cluster(problems: list, folder: Path, params: Params) -> dict:
-    """The training pool's problems embedded and clustered (k by silhouette in the
-    disentangle stage's range); the folder the hypernetwork and the routing read."""
-    from bdc.disentangle.clustering import agreement, choose_k
-    from bdc.disentangle.embedding import Embedder, EmbedderSpec
+def cluster(problems: list, folder: Path, params: Params, k: int | None) -> dict:
+    """The training pool clustered (:func:`bdc.study.data.cluster_problems`) and how well
+    the clusters recover its families, teams and surfaces (``quality.json``)."""
+    from bdc.disentangle.clustering import agreement
 
-    d = params.disentangle
-    spec = EmbedderSpec(d.embedder, d.trust_remote_code)
-    vectors = Embedder(spec).embed([p.prompt for p in problems])
-    best, curve = choose_k(vectors, list(range(d.k_min, d.k_max + 1)), params.seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "centroids.npy", best.centroids)
-    (folder / "embedder.json").write_text(json.dumps({
-        "model": d.embedder, "identity": spec.identity(), "trust_remote_code":
-        d.trust_remote_code, "dimension": int(vectors.shape[1]), "normalised": True,
-        "embed": "problem", "k": best.k}, indent=2))
+    best, curve = cluster_problems(problems, folder, params, k)
     families = [p.meta["family"] for p in problems]
-    write_jsonl(folder / "problems.jsonl", [
-        {"problem_id": p.id, "cluster": int(c), "family": f}
-        for p, c, f in zip(problems, best.labels.tolist(), families, strict=True)])
     quality = {"k": best.k, "silhouette": best.silhouette, "curve": curve,
                "families": agreement(best.labels, families),
                "teams": agreement(best.labels, [f.split("-")[1] for f in families]),
@@ -130,7 +115,8 @@ def problem_pool(max_n: int, validation_per_family: int) -> tuple[list, list]:
 
 def conflict_world(params: Params, folder: Path, max_n: int, validation_per_family: int,
                    test_per_family: int | None, say: Callable[[str], None],
-                   sandbox) -> World:
+                   sandbox, k: int | None = None) -> World:
+    """The conflict world; its pool clustered into ``k`` clusters (None: by silhouette)."""
     from bdc.evaluate.solvers import home_clusters
 
     validation, pool = problem_pool(max_n, validation_per_family)  # a bad size fails first
@@ -138,12 +124,13 @@ def conflict_world(params: Params, folder: Path, max_n: int, validation_per_fami
     skill = competence(base, folder / "base", sandbox)
     say(f"study: conflict base, greedy strict accuracy on explore-split problems: "
         f"{skill['neutral']['strict']:.1f} neutral, {skill['cued']['strict']:.1f} cued")
-    quality = cluster(pool, folder / "clusters", params)
+    clusters = folder / clusters_name(k)
+    quality = cluster(pool, clusters, params, k)
     say(f"study: conflict world clustered: k {quality['k']}, ARI with the families "
         f"{quality['families']['ari']:.2f}, with the teams {quality['teams']['ari']:.2f}, "
         f"with the surfaces {quality['surfaces']['ari']:.2f}")
     labels = {r["problem_id"]: r["cluster"] for r in map(json.loads, (
-        folder / "clusters" / "problems.jsonl").read_text().splitlines())}
+        clusters / "problems.jsonl").read_text().splitlines())}
     reference: dict[int, list[dict]] = {}
     for p in pool:
         reference.setdefault(labels[p.id], []).extend(reference_records(p))
@@ -151,4 +138,4 @@ def conflict_world(params: Params, folder: Path, max_n: int, validation_per_fami
             for p in conflict.problems(f, "test", test_per_family or 30)]
     return World("conflict", {}, dict(sorted(reference.items())), validation,
                  [r for p in validation for r in reference_records(p)], test,
-                 home_clusters(folder / "clusters"), folder / "clusters", base)
+                 home_clusters(clusters), clusters, base)

@@ -18,6 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from bdc import artifacts
+from bdc.config import Params
+from bdc.jsonl import write_jsonl
 from bdc.problems import mini
 from bdc.problems.format import Problem
 
@@ -137,6 +140,60 @@ def subset(records: dict[int, list[dict]], cluster: int, seed: int) -> list[dict
 
 def records_digest(records) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+
+
+def world_label(world: str, k: int | None) -> str:
+    """A world as clustered: ``mini``, or ``mini-k3`` where the study fixed its k."""
+    return world if k is None else f"{world}-k{k}"
+
+
+def clusters_name(k: int | None) -> str:
+    """A world's clusters folder: ``clusters`` (k by silhouette) or ``clusters-k3``."""
+    return "clusters" if k is None else f"clusters-k{k}"
+
+
+def cluster_problems(problems: list[Problem], folder: Path, params: Params, k: int | None):
+    """``problems`` embedded (their text, as the disentangle stage's ``embed: problem``) and
+    clustered as that stage clusters, into ``k`` clusters (None: its own ``k``, or the best
+    silhouette in its ``[k_min, k_max]``); writes what the routing and the hypernetwork
+    read (centroids, the embedder, each problem's cluster and family). The clustering and
+    its silhouette curve."""
+    import numpy as np
+
+    from bdc.disentangle.embedding import Embedder, EmbedderSpec
+    from bdc.disentangle.partition import cluster
+
+    d = params.disentangle.model_copy(update={"k": k} if k else {})
+    spec = EmbedderSpec(d.embedder, d.trust_remote_code)
+    vectors = Embedder(spec).embed([p.prompt for p in problems])
+    best, curve = cluster(vectors, d, params.seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / artifacts.CENTROIDS, best.centroids)
+    (folder / artifacts.EMBEDDER).write_text(json.dumps({
+        "model": d.embedder, "identity": spec.identity(), "trust_remote_code":
+        d.trust_remote_code, "dimension": int(vectors.shape[1]), "normalised": True,
+        "embed": "problem", "k": best.k}, indent=2))
+    write_jsonl(folder / artifacts.CLUSTER_PROBLEMS, [
+        {"problem_id": p.id, "cluster": int(c), "family": p.meta.get("family")}
+        for p, c in zip(problems, best.labels.tolist(), strict=True)])
+    return best, curve
+
+
+def reclustered(sft: list[dict], explore_pool: list[Problem], folder: Path, params: Params,
+                k: int) -> list[dict]:
+    """The explored records' assignments with their problems clustered into ``k`` clusters
+    (the control of the paper's k beside the silhouette's): every record of a problem in
+    its problem's cluster, as the pipeline's ``embed: problem``; ``folder`` gets the
+    clusters."""
+    ids = set(r["problem_id"] for r in sft)
+    problems = [p for p in explore_pool if p.id in ids]
+    missing = ids - {p.id for p in problems}
+    if missing:
+        raise ValueError(f"explore pool: no problem {sorted(missing)[0]} of the SFT records")
+    best, _ = cluster_problems(problems, folder, params, k)
+    label = {p.id: int(c) for p, c in zip(problems, best.labels.tolist(), strict=True)}
+    return [{"problem_id": r["problem_id"], "task": r["task"], "cluster": label[r["problem_id"]]}
+            for r in sft]
 
 
 @dataclass

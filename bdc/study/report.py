@@ -15,6 +15,7 @@ from collections import defaultdict
 import numpy as np
 
 from bdc.evaluate.table import DRAWS, interval, paired
+from bdc.study.data import world_label
 
 # (name, a, b, the predicted sign, hypothesis): a claim holds where a - b lies wholly on the
 # predicted side of zero (in the mini world the first is H5, predicted <= 0: PREDICTED_IN);
@@ -41,12 +42,18 @@ ARMS = ("base", "full", "oracle", "oracle_long", "oracle_warm", "subset", "unifo
 
 
 def group(results: list[dict]) -> dict[tuple, list[dict]]:
-    """Cell results by (world, N, capacity): their training seeds together."""
+    """Cell results by (world as clustered, N, capacity): their training seeds together."""
     out: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         c = r["cell"]
-        out[(c["world"], c["n"], c["capacity"])].append(r)
+        out[(world_label(c["world"], c.get("k")), c["n"], c["capacity"])].append(r)
     return dict(out)
+
+
+def summaries(results: list[dict]) -> dict[tuple, dict]:
+    """Every group's summary; a world's predictions hold at any k (mini-k3 is mini's)."""
+    return {key: summarise(mine, mine[0]["cell"]["world"])
+            for key, mine in group(results).items()}
 
 
 def pooled(cells: list[dict]) -> dict[str, dict[str, float]]:

@@ -24,14 +24,13 @@ from bdc.problems.format import read_problems
 from bdc.problems.mini import first_per_family
 from bdc.study.cells import Cell, run_cell
 from bdc.study.conflict import conflict_world
-from bdc.study.data import EXPLORED, World, at_n, mini_world
+from bdc.study.data import EXPLORED, World, at_n, clusters_name, mini_world, reclustered
 from bdc.study.report import (
     COMPARISONS,
-    group,
     markdown,
     scaling,
     scaling_text,
-    summarise,
+    summaries,
 )
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,10 @@ log = logging.getLogger(__name__)
 
 def cells_of(params: Params) -> list[Cell]:
     """The study's cells in the order they run: world, capacity, N as listed, then training
-    seed. The primary cells (the first capacity at ``primary_n``, or else the largest N) take
-    ``primary_seeds``. A world's first cell chooses its decoding temperature."""
+    seed, for each of the world's cluster counts (``study_cells.k``; None first: the
+    silhouette's). The primary cells (the first capacity at ``primary_n``, or else the
+    largest N) take ``primary_seeds``. A world's first cell at each k chooses its decoding
+    temperature."""
     s = params.study_cells
     cells = []
     for w in s.worlds:
@@ -50,13 +51,15 @@ def cells_of(params: Params) -> list[Cell]:
                              "the conflict world; give numbers")
         numeric = [n for n in grid if n != EXPLORED]
         primary = s.primary_n or (max(numeric) if numeric else EXPLORED)
-        for index, name in enumerate(params.study.capacities):
-            only = s.capacity_n.get(name, {})
-            for n in grid:
-                if w in only and n not in only[w]:
-                    continue
-                seeds = s.primary_seeds if index == 0 and n == primary else s.training_seeds
-                cells += [Cell(w, n, name, seed) for seed in seeds]
+        for k in s.k.get(w, [None]):
+            for index, name in enumerate(params.study.capacities):
+                only = s.capacity_n.get(name, {})
+                for n in grid:
+                    if w in only and n not in only[w]:
+                        continue
+                    seeds = s.primary_seeds if index == 0 and n == primary \
+                        else s.training_seeds
+                    cells += [Cell(w, n, name, seed, k) for seed in seeds]
     return cells
 
 
@@ -104,30 +107,37 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
     from bdc.tracking import stage_run
 
     s, plan = params.study, params.study_cells
-    worlds: dict[str, World] = {}
+    worlds: dict[tuple[str, int | None], World] = {}
 
     sandbox = None  # the study's, once open
 
-    def world_of(name: str) -> World:
-        if name not in worlds:
-            worlds[name] = make_world(name)
-            w = worlds[name]
-            say(f"study: the {name} world: {len(w.test)} test problems, "
+    def world_of(cell: Cell) -> World:
+        if (cell.world, cell.k) not in worlds:
+            worlds[cell.world, cell.k] = make_world(cell.world, cell.k)
+            w = worlds[cell.world, cell.k]
+            say(f"study: the {cell.label} world: {len(w.explored or w.reference)} clusters, "
+                f"{len(w.test)} test problems, "
                 f"{len(w.validation)} validation problems, "
                 f"{sum(map(len, w.explored.values()))} explored and "
                 f"{sum(map(len, w.reference.values()))} reference records")
-        return worlds[name]
+        return worlds[cell.world, cell.k]
 
-    def make_world(name: str) -> World:
+    def make_world(name: str, k: int | None) -> World:
         if name == "conflict":
             return conflict_world(params, state / "study" / "conflict", plan.pool_n.conflict,
-                                  s.validation_per_family, s.test_per_family, say, sandbox)
+                                  s.validation_per_family, s.test_per_family, say, sandbox, k)
+        sft = list(read_jsonl(explore_dir / artifacts.SFT, dict))
+        clusters = clusters_dir  # the pipeline's, or the explored problems clustered anew
+        assignments = list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict))
+        if k is not None:
+            clusters = state / "study" / "mini" / clusters_name(k)
+            assignments = reclustered(sft, read_problems(problems_dir / artifacts.pool(
+                "explore")), clusters, params, k)
         return mini_world(
-            list(read_jsonl(explore_dir / artifacts.SFT, dict)),
-            list(read_jsonl(clusters_dir / artifacts.ASSIGNMENTS, dict)),
-            first_per_family(read_problems(problems_dir / artifacts.pool("test")),
-                             s.test_per_family), clusters_dir, params.experts.base,
-            params.problems.explore[0].limit or 50, s.validation_per_family, plan.pool_n.mini)
+            sft, assignments, first_per_family(read_problems(
+                problems_dir / artifacts.pool("test")), s.test_per_family), clusters,
+            params.experts.base, params.problems.explore[0].limit or 50,
+            s.validation_per_family, plan.pool_n.mini)
 
     cells = cells_of(params)
     results, temperature = [], {}
@@ -140,51 +150,51 @@ def run_study(params: Params, explore_dir: Path, clusters_dir: Path, problems_di
             say(f"study: cell {i}/{len(cells)} {cell.key}")
             with mlflow.start_run(run_name=cell.key, nested=True,
                                   tags={"bdc.stage": "study.cell"}):
-                mlflow.log_params({"world": cell.world, "n": cell.n,
+                mlflow.log_params({"world": cell.world, "n": cell.n, "k": cell.k,
                                    "capacity": cell.capacity, "seed": cell.seed})
 
                 def progress(name: str, reused: bool, index: int, total: int) -> None:
                     say(f"study:   adapter {index + 1}/{total} {name}"
                         + (" (kept)" if reused else ""))
 
-                short = {c: len(v) for c, v in at_n(world_of(cell.world).explored,
-                                                     world_of(cell.world).reference,
+                short = {c: len(v) for c, v in at_n(world_of(cell).explored,
+                                                     world_of(cell).reference,
                                                      cell.n).items()
                          if cell.n != EXPLORED and len(v) < int(cell.n)}
                 if short:  # the table says how many each cluster had
                     say(f"study: {cell.key}: clusters {short} hold fewer than N = {cell.n} "
                         "records (study_cells.pool_n sizes the reference pool)")
-                result = run_cell(world_of(cell.world), cell, params,
-                                  temperature.get(cell.world), sandbox, state / "study",
+                result = run_cell(world_of(cell), cell, params,
+                                  temperature.get(cell.label), sandbox, state / "study",
                                   progress)
-                temperature[cell.world] = result["temperature"]
+                temperature[cell.label] = result["temperature"]
                 mlflow.log_metrics({f"{arm}.strict_accuracy": round(
                     sum(v.values()) / len(v), 2) for arm, v in result["arms"].items()}
                     | {"seconds": result["seconds"]})
             say(f"study: cell {i}/{len(cells)} done in {result['seconds']:.0f} s: " + ", ".join(
                 f"{arm} {sum(v.values()) / len(v):.1f}" for arm, v in result["arms"].items()))
             results.append(result)
-        summaries = {key: summarise(mine, key[0]) for key, mine in group(results).items()}
+        summary = summaries(results)
         scale = scaling(results)
-        text = markdown(summaries) + scaling_text(scale)
+        text = markdown(summary) + scaling_text(scale)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_open(out_dir / "table.md") as f:
             f.write(text)
         with atomic_open(out_dir / "table.json") as f:
             json.dump({"summaries": [{"world": w, "n": n, "capacity": c, **v}
-                                     for (w, n, c), v in summaries.items()],
+                                     for (w, n, c), v in summary.items()],
                        "scaling": scale, "cells": results,
                        "seconds": round(time.perf_counter() - started, 1)}, f, indent=1)
         parent.artifact(out_dir / "table.md")
         parent.artifact(out_dir / "table.json")
-        if len({n for _, n, _ in summaries}) > 1:
-            fig = scaling_figure(summaries)
+        if len({n for _, n, _ in summary}) > 1:
+            fig = scaling_figure(summary)
             fig.savefig(out_dir / "scaling.png", dpi=110)
             parent.artifact(out_dir / "scaling.png")
         parent.metrics({f"{w}.n{n}.{cap}.{a}_minus_{b}": round(
             v["comparisons"][name]["difference"], 2)
-            for (w, n, cap), v in summaries.items()
+            for (w, n, cap), v in summary.items()
             for name, a, b, _, _ in COMPARISONS if name in v["comparisons"]})
         parent.metrics({"cells": len(cells),
                         "minutes": round((time.perf_counter() - started) / 60, 1)})
-    return {"summaries": summaries, "table": text}
+    return {"summaries": summary, "table": text}

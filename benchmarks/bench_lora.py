@@ -3,6 +3,7 @@ only) against plain PEFT + transformers Trainer (the model's own loss: the head 
 token) on the same data, settings and model, in the same run.
 
     .venv/bin/python benchmarks/bench_lora.py [--model smollm2-135m-instruct] [--records 48]
+        [--precision fp32 bf16]
 
 The data: the pipeline's SFT records (data/explore/sft.jsonl, `dvc repro explore` first),
 rendered through the model's own chat template as the experts stage renders them. The model:
@@ -43,11 +44,36 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"],
+                    help="each is measured for both trainers (the model loaded in it; bf16: "
+                    "autocast, fast only where the CPU computes bf16 natively); every ratio "
+                    "is against plain PEFT + Trainer in fp32, the first measured")
     args = ap.parse_args()
     from bdc.runtime import configure_environment
 
     configure_environment()
     import torch
+
+    from bdc.llm.pretraining import fast_bf16
+
+    torch.set_num_threads(2)
+    precisions = ["fp32", *[p for p in args.precision if p != "fp32"]]
+    rates, bound = {}, None
+    for precision in precisions:
+        measured, bound = measure(args, precision)
+        rates.update(measured)
+    first = next(iter(rates.values()))
+    print(f"native bf16 on this CPU: {fast_bf16()}")
+    for (trainer, precision), rate in rates.items():
+        print(f"{trainer:<34} {precision}: {rate:6.0f} tokens/s  {rate / first:.2f}x")
+    ours = rates["experts' trainer (head on loss tokens)", "fp32"]
+    print(f"ratio: {ours / first:.2f}x at fp32 (goal: at least 2x; the most the head on the "
+          f"loss tokens can give here, by multiply-adds: {bound:.2f}x)")
+
+
+def measure(args, precision: str) -> tuple[dict, float]:
+    """Tokens per second of plain PEFT + Trainer and of the experts' trainer, both on the
+    model loaded in ``precision``; and :func:`ceiling` for this model and data."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from bdc.config import ExpertsSettings, LoraSettings
@@ -55,9 +81,9 @@ def main() -> None:
     from bdc.jsonl import read_jsonl
     from bdc.llm.system1 import template_for
 
-    torch.set_num_threads(2)
     settings = ExpertsSettings(base=args.model, micro_batch=args.batch, accumulation=1,
                                epochs=1, max_length=args.max_length, save_steps=1_000_000,
+                               precision=precision, device="cpu",
                                lora=LoraSettings(r=8, alpha=16, dropout=0.0,
                                                  target_modules=["q_proj", "v_proj"]))
     records = list(read_jsonl("data/explore/sft.jsonl", dict))[:args.records]
@@ -88,8 +114,9 @@ def main() -> None:
                             output_dir=f"{tmp}/plain", per_device_train_batch_size=args.batch,
                             num_train_epochs=1, learning_rate=settings.lr, report_to=[],
                             save_strategy="no", disable_tqdm=True, use_cpu=True,
-                            seed=settings.seed, data_seed=settings.seed,
-                            remove_unused_columns=False, logging_steps=1),
+                            bf16=precision == "bf16", seed=settings.seed,
+                            data_seed=settings.seed, remove_unused_columns=False,
+                            logging_steps=1),
                         callbacks=[clock])
         plain.train()
         plain_s = clock.seconds
@@ -98,13 +125,11 @@ def main() -> None:
         record = train_adapter(experts, "ours", rows, Path(tmp) / "ours", callbacks=[clock])
         ours_s, steps = clock.seconds, record["steps"]
     timed = tokens - first
-    print(f"{args.model}: {len(rows)} records, {tokens} tokens ({loss_share:.0%} carry loss), "
-          f"batch {args.batch}, {steps} steps (the first left out as warm-up)")
-    print(f"plain PEFT + Trainer (head on every token): {timed / plain_s:.0f} tokens/s")
-    print(f"experts' trainer (head on the loss tokens):  {timed / ours_s:.0f} tokens/s")
+    print(f"{args.model} ({precision}): {len(rows)} records, {tokens} tokens ({loss_share:.0%} "
+          f"carry loss), batch {args.batch}, {steps} steps (the first left out as warm-up)")
     bound = ceiling(experts.peft.get_base_model().config, loss_share, tokens / len(rows))
-    print(f"ratio: {plain_s / ours_s:.2f}x (goal: at least 2x; the most the head on the loss "
-          f"tokens can give here, by multiply-adds: {bound:.2f}x)")
+    return {("plain PEFT + Trainer (head on all)", precision): timed / plain_s,
+            ("experts' trainer (head on loss tokens)", precision): timed / ours_s}, bound
 
 
 if __name__ == "__main__":

@@ -350,3 +350,70 @@ def test_the_mini_world_reclustered_at_a_fixed_k(tmp_path):
     with pytest.raises(ValueError, match="mini/explore/nowhere/1"):
         reclustered([{"problem_id": "mini/explore/nowhere/1", "task": "p2t"}], pool,
                     tmp_path / "other", Params(), 3)
+
+
+@pytest.mark.slow
+def test_bdc_study_runs_each_cell_as_a_child_run_and_a_rerun_reuses_them(project):
+    """`bdc study` end to end had only ever run by hand (its parts were tested): here a
+    study at test size (the ci base, every arm, two cells: the pipeline's clusters and
+    k = 3 clustered anew) writes its table under one MLflow `study` run with a child run
+    per cell, and a second run reuses both finished cells (no adapter trained again) and
+    writes the same table."""
+    import subprocess
+
+    import mlflow
+    import yaml
+
+    from bdc import tracking
+    from bdc.config import Params
+    from bdc.jsonl import write_jsonl
+    from bdc.problems import mini
+    from bdc.problems.format import write_problems
+    from bdc.study.data import reclustered
+
+    pool = [p for f in mini.FAMILIES for p in family_stream(f, "explore", 3)]
+    test = [p for f in mini.FAMILIES for p in family_stream(f, "test", 1)]
+    sft = [{k: v for k, v in r.items() if k != "origin"}
+           for p in pool for r in reference_records(p)]
+    inputs = project / "var" / "study-inputs"
+    write_problems(inputs / "problems" / "explore.jsonl", pool)
+    write_problems(inputs / "problems" / "test.jsonl", test)
+    write_jsonl(inputs / "explore" / "sft.jsonl", sft)
+    write_jsonl(inputs / "clusters" / "assignments.jsonl",
+                reclustered(sft, pool, inputs / "clusters", Params(), 2))
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["problems"]["explore"][0]["limit"] = 3
+    params["study"].update(
+        capacities={"tiny": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        decode_seeds=[0], temperatures=[0.0, 0.2], validation_per_family=1,
+        test_per_family=1, epochs=1, max_expert_steps=2, router_epochs=2,
+        router_patience=None, centroid_temperatures=[0.1], out="var/study-out")
+    params["study_cells"].update(
+        worlds=["mini"], records_per_cluster={"mini": ["explored"]}, pool_n={"mini": 4},
+        primary_n=None, primary_seeds=[0], capacity_n={}, k={"mini": [None, 3]})
+    (project / "study.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = ["bdc", "study", "--params", "study.yaml",
+               *[f"--{d}-dir={inputs / d}" for d in ("explore", "clusters", "problems")]]
+    first = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
+    table = (project / "var/study-out/table.md").read_text()
+    assert "### mini world, N = explored, tiny" in table
+    assert "### mini-k3 world, N = explored, tiny" in table
+    cells = json.loads((project / "var/study-out/table.json").read_text())["cells"]
+    assert [(c["key"], len(c["records"])) for c in cells] == [
+        ("mini/N=explored/tiny/seed0", 2), ("mini-k3/N=explored/tiny/seed0", 3)]
+    assert all(set(c["arms"]) == set(params["study"]["arms"]) for c in cells)
+    assert "adapter 1/" in first.stderr + first.stdout
+
+    again = subprocess.run(command, cwd=project, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "adapter " not in again.stderr + again.stdout  # both cells restored whole
+    assert (project / "var/study-out/table.md").read_text() == table
+    runs = mlflow.search_runs([tracking.setup(project)], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("bdc.stage") == "study"]
+    assert len(parents) == 2
+    for parent in parents:
+        children = [r.info.run_name for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(children) == ["mini-k3/N=explored/tiny/seed0",
+                                    "mini/N=explored/tiny/seed0"]

@@ -522,7 +522,23 @@ class StudyCells(Strict):
                 "named: the world's whole grid")
     k: dict[Literal["mini", "conflict"], list[Annotated[int, Field(ge=2)] | None]] = Field(
         {}, description="per world, the cluster counts its cells run at, each its own world "
-        "(mini-k3); null: the silhouette's choice (the pipeline's clusters); not named: [null]")
+        "(mini-k3); null: disentangle.k as the pipeline clusters (the silhouette's choice "
+        "while that is null; the mini world takes the pipeline's own clusters); not named: "
+        "[null]")
+
+    @model_validator(mode="after")
+    def _each_k_once(self) -> StudyCells:
+        """A k listed twice made two cells with one key: the second reused the first's
+        result and the report pooled it twice (its seeds' spread too low); a world not
+        studied or with no k was dropped without a word."""
+        for world, ks in self.k.items():
+            if world not in self.worlds:
+                raise ValueError(f"study_cells.k.{world}: {world} is not in study_cells.worlds "
+                                 f"{self.worlds}")
+            if not ks or len(set(ks)) != len(ks):
+                raise ValueError(f"study_cells.k.{world}: {ks}: give each cluster count once "
+                                 "(null for the silhouette's), at least one")
+        return self
 
 
 class StudySettings(Strict):

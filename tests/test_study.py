@@ -322,6 +322,14 @@ def test_a_fixed_k_is_a_world_of_its_own_with_its_world_s_predictions():
         assert held in d["verdict_claim"], d
     with pytest.raises(ValueError, match="greater than or equal to 2"):
         StudyCells(k={"mini": [1]})
+    # a k listed twice made two cells with one key, the second's result the first's, pooled
+    # twice in the report; a world not studied or given no k was dropped without a word
+    for k, says in (({"mini": [3, 3]}, r"study_cells.k.mini: \[3, 3\]"),
+                    ({"mini": [None, None]}, "give each cluster count once"),
+                    ({"mini": []}, "at least one"),
+                    ({"conflict": [3]}, "conflict is not in study_cells.worlds")):
+        with pytest.raises(ValueError, match=says):
+            StudyCells(worlds=["mini"], k=k)
 
 
 def test_the_mini_world_reclustered_at_a_fixed_k(tmp_path):

@@ -116,7 +116,8 @@ def problem_pool(max_n: int, validation_per_family: int) -> tuple[list, list]:
 def conflict_world(params: Params, folder: Path, max_n: int, validation_per_family: int,
                    test_per_family: int | None, say: Callable[[str], None],
                    sandbox, k: int | None = None) -> World:
-    """The conflict world; its pool clustered into ``k`` clusters (None: by silhouette)."""
+    """The conflict world; its pool clustered into ``k`` clusters (None: as the disentangle
+    stage's settings say, by silhouette while its ``k`` is null)."""
     from bdc.evaluate.solvers import home_clusters
 
     validation, pool = problem_pool(max_n, validation_per_family)  # a bad size fails first

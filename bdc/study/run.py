@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 def cells_of(params: Params) -> list[Cell]:
     """The study's cells in the order they run: world, capacity, N as listed, then training
-    seed, for each of the world's cluster counts (``study_cells.k``; None first: the
-    silhouette's). The primary cells (the first capacity at ``primary_n``, or else the
+    seed, for each of the world's cluster counts in the order listed (``study_cells.k``;
+    None: the silhouette's). The primary cells (the first capacity at ``primary_n``, or else the
     largest N) take ``primary_seeds``. A world's first cell at each k chooses its decoding
     temperature."""
     s = params.study_cells

@@ -205,6 +205,19 @@ def test_a_claim_is_paired_over_problems_and_holds_only_where_its_interval_exclu
         "better)\n" in text and "- C: not measured\n" in text  # no Arrow row here
 
 
+def test_the_bootstrap_interval_is_the_hand_computed_binomial_one():
+    """A non-degenerate hand-computed case for the percentile bootstrap: 30 of 100 problems
+    solved (100 points each, 0 otherwise). A resample's mean is then exactly Binomial(100,
+    0.3) points, whose 2.5 % and 97.5 % quantiles are 21 and 39 (from its cumulative
+    distribution: P(X <= 20) = 0.0165, P(X <= 21) = 0.0288, P(X <= 38) = 0.966, P(X <= 39) =
+    0.979). One point of slack for the finite resamples; a 90 % level ([23, 38]) or the
+    spread of the values instead of their mean's ([0, 100]) misses it."""
+    from bdc.evaluate.table import interval
+
+    low, high = interval([100.0] * 30 + [0.0] * 70)
+    assert 20 <= low <= 22 and 38 <= high <= 40, (low, high)
+
+
 def test_the_oracle_takes_its_home_expert_s_rows_and_the_base_s_where_there_is_none():
     """The oracle's rows are copies of its home expert's (the same sample, so the oracle and
     the experts are compared on the same programs); a family with no expert takes the base's

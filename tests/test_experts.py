@@ -308,6 +308,47 @@ def test_a_missing_adapter_is_one_error_naming_its_folder(tmp_path, base):
         assert caught.value.__cause__ is None and caught.value.__context__ is None
 
 
+def test_a_p2t_record_folded_into_its_t2s_record_keeps_both_records_losses(base):
+    """benchmarks/bench_lora.py --shared-prefix (a prototype): each P2T record folded into
+    its problem's T2S record, whose input is the P2T record's input and output. One pass over
+    the folded rows must give the summed loss and the gradients of the records trained apart
+    (catches P2T labels folded in at the wrong positions), and a P2T row whose tokens do not
+    begin its T2S row must stay a row of its own (catches a fold that does not check)."""
+    import importlib.util
+
+    from bdc.disentangle.experts import Collator, loss_tokens_loss
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_lora",
+                                                  ROOT / "benchmarks" / "bench_lora.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = settings(base=base)
+    experts = ExpertSet(base, s, "mini")
+    experts.add("a", 0)
+    recs = records()[:4]  # two problems, a P2T and a T2S record each
+    rows = tokenize(recs, experts.tokenizer, experts.template, s.max_length)
+    shared = bench.shared_prefix_rows(recs, rows)
+    assert len(shared) == 2
+    assert sum(r["record_tokens"] for r in shared) == sum(len(r["input_ids"]) for r in rows)
+    collate = Collator(experts.tokenizer.pad_token_id)
+    loss_tokens = sum(sum(t != -100 for t in r["labels"]) for r in rows)
+    results = []
+    for batch in (rows, shared):
+        experts.peft.zero_grad()
+        loss = loss_tokens_loss(experts.peft, collate(batch), loss_tokens)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in experts.peft.parameters()
+                                        if p.requires_grad]))
+    (apart, apart_grads), (folded, folded_grads) = results
+    assert torch.allclose(apart, folded, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+               for a, b in zip(apart_grads, folded_grads, strict=True))
+    off = [dict(r) for r in rows]
+    off[0]["input_ids"] = [off[0]["input_ids"][0] + 1, *off[0]["input_ids"][1:]]
+    assert len(bench.shared_prefix_rows(recs, off)) == 3
+
+
 def test_the_loss_on_loss_tokens_only_is_the_model_s_own_loss(base):
     """The experts' trainer computes the LM head on the loss tokens only (the speed-up on
     real models, benchmarks/bench_lora.py): its loss and gradients must be the model's own

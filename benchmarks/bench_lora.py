@@ -13,9 +13,10 @@ fp32 (issue 27's goal: at least 2x), and the most the head on the loss tokens ca
 this model and data by a count of multiply-adds (:func:`ceiling`). The first step of each
 is left out of the timing (warm-up).
 
-``--shared-prefix`` measures a third way, a prototype the experts stage does not use (yet):
-each P2T record folded into its problem's T2S record, whose input is the P2T record's input
-and output (:func:`shared_prefix_rows`), so one pass computes both records' loss tokens. Its
+``--shared-prefix`` measures a third way, the experts stage's with ``experts.shared_prefix``
+on (the small and paper profiles'): each P2T record folded into its problem's T2S record,
+whose input is the P2T record's input and output (``bdc.disentangle.experts.training_rows``),
+so one pass computes both records' loss tokens, with a micro-batch of as many records. Its
 rate counts the records' tokens (as if trained apart), so all three rates are the same
 records per second.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -46,45 +46,6 @@ def ceiling(config, loss_share: float, mean_length: float) -> float:
     return (body + head) / (body + loss_share * head)
 
 
-def shared_prefix_rows(records: list[dict], rows: list[dict]) -> list[dict]:
-    """``rows`` (``tokenize``'s, one per record) with each P2T row folded into a T2S row of
-    its problem that begins with the P2T row's tokens: the System-1 template makes the T2S
-    input the P2T input plus its output, so under the causal mask every P2T loss token sees
-    the same context inside the T2S row, and one forward and backward gives both records'
-    losses (summed over the same loss tokens). A P2T row whose tokens do not line up (a
-    tokenizer that merges across the seam) stays a row of its own. Each row keeps
-    ``record_tokens``: the tokens of the records it stands for, trained apart."""
-    hosts: dict[str, list[dict]] = defaultdict(list)
-    for record, row in zip(records, rows, strict=True):
-        if record["task"] == "t2s":
-            hosts[record["problem_id"]].append(row)
-    folded: dict[int, dict] = {}  # id of a T2S row -> the P2T row folded into it
-    alone = []
-    for record, row in zip(records, rows, strict=True):
-        if record["task"] != "p2t":
-            continue
-        n = len(row["input_ids"])
-        host = next((h for h in hosts[record["problem_id"]] if id(h) not in folded
-                     and h["input_ids"][:n] == row["input_ids"]
-                     and all(label == -100 for label in h["labels"][:n])), None)
-        if host is None:
-            alone.append({**row, "record_tokens": n})
-        else:
-            folded[id(host)] = row
-    out = []
-    for record, row in zip(records, rows, strict=True):
-        if record["task"] == "p2t":
-            continue
-        p2t = folded.get(id(row))
-        if p2t is None:
-            out.append({**row, "record_tokens": len(row["input_ids"])})
-        else:
-            n = len(p2t["input_ids"])
-            out.append({"input_ids": row["input_ids"], "labels": p2t["labels"] + row["labels"][n:],
-                        "record_tokens": n + len(row["input_ids"])})
-    return out + alone
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -96,8 +57,8 @@ def main() -> None:
                     "autocast, fast only where the CPU computes bf16 natively); every ratio "
                     "is against plain PEFT + Trainer in fp32, the first measured")
     ap.add_argument("--shared-prefix", action="store_true",
-                    help="also the experts' trainer on rows with each P2T record folded into "
-                    "its T2S record (a prototype: shared_prefix_rows), batch/2 rows a step")
+                    help="also the experts' trainer with experts.shared_prefix on: each P2T "
+                    "record folded into its T2S record, a micro-batch of as many records")
     args = ap.parse_args()
     from bdc.runtime import configure_environment
 
@@ -119,10 +80,10 @@ def main() -> None:
     ours = rates["experts' trainer (head on loss tokens)", "fp32"]
     print(f"ratio: {ours / first:.2f}x at fp32 (goal: at least 2x; the most the head on the "
           f"loss tokens can give here, by multiply-adds: {bound:.2f}x)")
-    shared = rates.get(("experts' trainer, P2T in T2S (prototype)", "fp32"))
+    shared = rates.get(("experts' trainer, shared_prefix on", "fp32"))
     if shared:
-        print(f"with each P2T record folded into its T2S record (a prototype the experts stage "
-              f"does not use): {shared / first:.2f}x at fp32")
+        print(f"with each P2T record folded into its T2S record (experts.shared_prefix, on in "
+              f"the small and paper profiles): {shared / first:.2f}x at fp32")
 
 
 def measure(args, precision: str) -> tuple[dict, float]:
@@ -131,13 +92,19 @@ def measure(args, precision: str) -> tuple[dict, float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from bdc.config import ExpertsSettings, LoraSettings
-    from bdc.disentangle.experts import Collator, ExpertSet, tokenize, train_adapter
+    from bdc.disentangle.experts import (
+        Collator,
+        ExpertSet,
+        tokenize,
+        train_adapter,
+        training_rows,
+    )
     from bdc.jsonl import read_jsonl
     from bdc.llm.system1 import template_for
 
     settings = ExpertsSettings(base=args.model, micro_batch=args.batch, accumulation=1,
                                epochs=1, max_length=args.max_length, save_steps=1_000_000,
-                               precision=precision, device="cpu",
+                               precision=precision, device="cpu", shared_prefix=False,
                                lora=LoraSettings(r=8, alpha=16, dropout=0.0,
                                                  target_modules=["q_proj", "v_proj"]))
     records = list(read_jsonl("data/explore/sft.jsonl", dict))[:args.records]
@@ -179,17 +146,17 @@ def measure(args, precision: str) -> tuple[dict, float]:
         record = train_adapter(experts, "ours", rows, Path(tmp) / "ours", callbacks=[clock])
         timed["experts' trainer (head on loss tokens)"] = (clock.seconds, record["steps"], tokens)
         if args.shared_prefix:
-            shared = shared_prefix_rows(records, rows)
-            experts.settings = settings.model_copy(update={"micro_batch": max(1, args.batch // 2)})
+            experts.settings = settings.model_copy(update={"shared_prefix": True})
+            shared, micro_batch = training_rows(records, experts)
             experts.add("shared", settings.seed)
             clock = Clock()
             record = train_adapter(experts, "shared", shared, Path(tmp) / "shared",
-                                   callbacks=[clock])
-            timed["experts' trainer, P2T in T2S (prototype)"] = (
-                clock.seconds, record["steps"], sum(r["record_tokens"] for r in shared))
+                                   callbacks=[clock], micro_batch=micro_batch)
+            timed["experts' trainer, shared_prefix on"] = (clock.seconds, record["steps"],
+                                                           tokens)
             print(f"shared prefix: {len(rows)} records in {len(shared)} rows, "
                   f"{sum(len(r['input_ids']) for r in shared)} tokens a pass instead of {tokens}, "
-                  f"batch {max(1, args.batch // 2)} rows")
+                  f"{micro_batch} rows a micro-batch")
     print(f"{args.model} ({precision}): {len(rows)} records, {tokens} tokens ({loss_share:.0%} "
           f"carry loss), batch {args.batch}, the first step of each left out as warm-up")
     bound = ceiling(experts.peft.get_base_model().config, loss_share, tokens / len(rows))

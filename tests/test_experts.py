@@ -309,28 +309,20 @@ def test_a_missing_adapter_is_one_error_naming_its_folder(tmp_path, base):
 
 
 def test_a_p2t_record_folded_into_its_t2s_record_keeps_both_records_losses(base):
-    """benchmarks/bench_lora.py --shared-prefix (a prototype): each P2T record folded into
-    its problem's T2S record, whose input is the P2T record's input and output. One pass over
-    the folded rows must give the summed loss and the gradients of the records trained apart
-    (catches P2T labels folded in at the wrong positions), and a P2T row whose tokens do not
-    begin its T2S row must stay a row of its own (catches a fold that does not check)."""
-    import importlib.util
+    """experts.shared_prefix: each P2T record folded into its problem's T2S record, whose
+    input is the P2T record's input and output. One pass over the folded rows must give the
+    summed loss and the gradients of the records trained apart (catches P2T labels folded in
+    at the wrong positions), and a P2T row whose tokens do not begin its T2S row must stay a
+    row of its own (catches a fold that does not check)."""
+    from bdc.disentangle.experts import Collator, loss_tokens_loss, shared_prefix_rows
 
-    from bdc.disentangle.experts import Collator, loss_tokens_loss
-    from tests.conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("bench_lora",
-                                                  ROOT / "benchmarks" / "bench_lora.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     s = settings(base=base)
     experts = ExpertSet(base, s, "mini")
     experts.add("a", 0)
     recs = records()[:4]  # two problems, a P2T and a T2S record each
     rows = tokenize(recs, experts.tokenizer, experts.template, s.max_length)
-    shared = bench.shared_prefix_rows(recs, rows)
+    shared = shared_prefix_rows(recs, rows)
     assert len(shared) == 2
-    assert sum(r["record_tokens"] for r in shared) == sum(len(r["input_ids"]) for r in rows)
     collate = Collator(experts.tokenizer.pad_token_id)
     loss_tokens = sum(sum(t != -100 for t in r["labels"]) for r in rows)
     results = []
@@ -346,7 +338,24 @@ def test_a_p2t_record_folded_into_its_t2s_record_keeps_both_records_losses(base)
                for a, b in zip(apart_grads, folded_grads, strict=True))
     off = [dict(r) for r in rows]
     off[0]["input_ids"] = [off[0]["input_ids"][0] + 1, *off[0]["input_ids"][1:]]
-    assert len(bench.shared_prefix_rows(recs, off)) == 3
+    assert len(shared_prefix_rows(recs, off)) == 3
+
+
+def test_the_experts_stage_trains_folded_rows_with_a_micro_batch_of_as_many_records(
+        base, tmp_path):
+    """With experts.shared_prefix the stage's adapters train on the folded rows (a problem's
+    P2T and T2S records in one row) with the micro-batch scaled to hold as many records, and
+    say so in their record; off, a row per record as before. Switching it trains again
+    (it is in the fingerprint). Fails if the stage ignores the setting."""
+    data = {"full": records()}  # 3 problems: 6 records, 3 folded rows
+    on = train_all(ExpertSet(base, settings(base=base), "mini"), data, tmp_path / "on",
+                   tmp_path / "work")["full"]
+    assert (on["records"], on["rows"], on["micro_batch"]) == (6, 3, 2)
+    assert on["steps"] == 4  # 2 epochs of ceil(3 / 2): as many as 2 of ceil(6 / 4)
+    off = train_all(ExpertSet(base, settings(base=base, shared_prefix=False), "mini"), data,
+                    tmp_path / "on", tmp_path / "work")["full"]
+    assert not off["reused"] and off["fingerprint"] != on["fingerprint"]
+    assert (off["records"], off["rows"], off["micro_batch"], off["steps"]) == (6, 6, 4, 4)
 
 
 def test_the_loss_on_loss_tokens_only_is_the_model_s_own_loss(base):

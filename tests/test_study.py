@@ -79,13 +79,16 @@ def test_an_adapter_trains_exactly_its_step_budget(tmp_path, ci_pretrained):
     from bdc.study.arms import AdapterPlan, train_adapters
 
     base = str(ci_pretrained[0] / "models" / "base")
-    s = settings(base=base, template="mini")
     records = [r for p in PROBLEMS for r in reference_records(p)]  # 6 records, 2 steps/epoch
     plans = [AdapterPlan("short", records, 3), AdapterPlan("long", records[:2], 7)]
-    _, trained = train_adapters(base, s, plans, 0, tmp_path)
-    assert {n: r["steps"] for n, r in trained.items()} == {"short": 3, "long": 7}
-    _, again = train_adapters(base, s, plans, 0, tmp_path)
-    assert all(r["reused"] for r in again.values())
+    for shared_prefix in (False, True):  # rows a record each, or a problem's two in one row
+        s = settings(base=base, template="mini", shared_prefix=shared_prefix)
+        folder = tmp_path / str(shared_prefix)
+        _, trained = train_adapters(base, s, plans, 0, folder)
+        assert {n: r["steps"] for n, r in trained.items()} == {"short": 3, "long": 7}
+        assert trained["short"]["rows"] == (3 if shared_prefix else 6)
+        _, again = train_adapters(base, s, plans, 0, folder)
+        assert all(r["reused"] for r in again.values())
 
 
 def clusters_dir(folder, k: int = 3):

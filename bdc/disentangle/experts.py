@@ -75,6 +75,46 @@ def tokenize(records: list[dict], tokenizer, template, max_length: int) -> list[
     return rows
 
 
+def shared_prefix_rows(records: list[dict], rows: list[dict]) -> list[dict]:
+    """``rows`` (:func:`tokenize`'s, one per record) with each P2T row folded into a T2S row
+    of its problem that begins with the P2T row's tokens. The System-1 template makes the
+    T2S input the P2T input plus its output, so under the causal mask every P2T loss token
+    sees the same context inside the T2S row, and one forward and backward gives both
+    records' losses (summed over the same loss tokens): the prompt is computed once a
+    problem, not twice (``benchmarks/bench_lora.py``). A P2T row whose tokens do not line
+    up (a tokenizer that merges across the seam, a T2S row cut by ``max_length``) stays a
+    row of its own, after the others (``Trainer`` shuffles them)."""
+    hosts: dict[str, list[dict]] = defaultdict(list)
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] == "t2s":
+            hosts[record["problem_id"]].append(row)
+    folded: dict[int, dict] = {}  # id of a T2S row -> the P2T row folded into it
+    alone = []
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] != "p2t":
+            continue
+        n = len(row["input_ids"])
+        host = next((h for h in hosts[record["problem_id"]] if id(h) not in folded
+                     and h["input_ids"][:n] == row["input_ids"]
+                     and all(label == -100 for label in h["labels"][:n])), None)
+        if host is None:
+            alone.append(row)
+        else:
+            folded[id(host)] = row
+    out = []
+    for record, row in zip(records, rows, strict=True):
+        if record["task"] == "p2t":
+            continue
+        p2t = folded.get(id(row))
+        if p2t is None:
+            out.append(row)
+        else:
+            n = len(p2t["input_ids"])
+            out.append({"input_ids": row["input_ids"],
+                        "labels": p2t["labels"] + row["labels"][n:]})
+    return out + alone
+
+
 class Collator:
     """Right-padded batches for training; padding never carries loss."""
 
@@ -125,7 +165,8 @@ def fingerprint(name: str, base: str, settings: ExpertsSettings, template: str,
         "code": code_version(EXPERT_CODE),
         "lora": settings.lora.model_dump(), "seed": settings.seed,
         "train": settings.model_dump(include={"lr", "epochs", "micro_batch", "accumulation",
-                                               "warmup_ratio", "max_length"}),
+                                               "warmup_ratio", "max_length",
+                                               "shared_prefix"}),
         "data": hashlib.sha256(json.dumps(rows).encode()).hexdigest()})
 
 
@@ -225,12 +266,28 @@ def canonical_adapter_config(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def training_rows(records: list[dict], experts: ExpertSet) -> tuple[list[dict], int]:
+    """The rows an adapter of ``records`` trains on, and how many of them a micro-batch
+    holds: a row per record and ``micro_batch``; with ``shared_prefix``, each P2T record
+    folded into its T2S record (:func:`shared_prefix_rows`) and the micro-batch scaled by
+    rows / records, so that a step still holds ``micro_batch`` records on average and an
+    epoch about as many steps (a problem's two records now share a step)."""
+    s = experts.settings
+    rows = tokenize(records, experts.tokenizer, experts.template, s.max_length)
+    if not s.shared_prefix or not rows:
+        return rows, s.micro_batch
+    shared = shared_prefix_rows(records, rows)
+    return shared, max(1, round(s.micro_batch * len(shared) / len(rows)))
+
+
 def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
                   on_log: Callable[[str, int, float], None] | None = None,
-                  callbacks: list | None = None) -> dict:
+                  callbacks: list | None = None, micro_batch: int | None = None,
+                  records: int | None = None) -> dict:
     """Train one named adapter with ``Trainer``, resuming from its checkpoint if one is
     there; the training record (loss curve, seconds, data size). ``callbacks``: extra
-    ``TrainerCallback``s (a benchmark's clock)."""
+    ``TrainerCallback``s (a benchmark's clock); ``micro_batch`` (rows) and ``records`` (the
+    records the rows stand for): :func:`training_rows`'s, when rows were folded."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     class LossTokensTrainer(Trainer):
@@ -245,9 +302,10 @@ def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
     s = experts.settings
     experts.peft.set_adapter(name)  # only this adapter is trainable
     trainable = sum(p.numel() for p in experts.peft.parameters() if p.requires_grad)
-    steps = math.ceil(math.ceil(len(rows) / s.micro_batch) / s.accumulation * s.epochs)
+    micro_batch = micro_batch or s.micro_batch
+    steps = math.ceil(math.ceil(len(rows) / micro_batch) / s.accumulation * s.epochs)
     args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=s.micro_batch,
+        output_dir=str(work), per_device_train_batch_size=micro_batch,
         gradient_accumulation_steps=s.accumulation, num_train_epochs=s.epochs,
         learning_rate=s.lr, warmup_steps=int(s.warmup_ratio * steps),
         lr_scheduler_type="cosine",
@@ -266,7 +324,8 @@ def train_adapter(experts: ExpertSet, name: str, rows: list[dict], work: Path,
     if on_log:
         for step, loss in losses:
             on_log(name, step, loss)
-    return {"records": len(rows), "trainable_parameters": trainable,
+    return {"records": records or len(rows), "rows": len(rows), "micro_batch": micro_batch,
+            "trainable_parameters": trainable,
             "steps": trainer.state.global_step, "resumed_from_checkpoint": resume,
             "losses": losses, "train_seconds": round(time.perf_counter() - started, 1)}
 
@@ -279,7 +338,7 @@ def train_all(experts: ExpertSet, datasets: dict[str, list[dict]], out_dir: Path
     s = experts.settings
     records: dict[str, dict] = {}
     for index, (name, data) in enumerate(datasets.items()):
-        rows = tokenize(data, experts.tokenizer, experts.template, s.max_length)
+        rows, micro_batch = training_rows(data, experts)
         print_ = fingerprint(name, experts.base, s, experts.template.name, rows)
         record = finished(out_dir / name, print_)
         if on_start:
@@ -292,7 +351,8 @@ def train_all(experts: ExpertSet, datasets: dict[str, list[dict]], out_dir: Path
         experts.add(name, s.seed + index)
         work = work_dir / f"{name}-{print_}"
         record = {"fingerprint": print_, "adapter": name,
-                  **train_adapter(experts, name, rows, work, on_log)}
+                  **train_adapter(experts, name, rows, work, on_log,
+                                  micro_batch=micro_batch, records=len(data))}
         experts.save(name, out_dir / name, {}, record)
         shutil.rmtree(work, ignore_errors=True)
         records[name] = {**record, "reused": False}

@@ -21,7 +21,7 @@ from torch import nn
 
 from bdc.config import ExpertsSettings, LoraSettings, StudyCapacity
 from bdc.customize.config import HypernetConfig
-from bdc.disentangle.experts import EXPERT_CODE, ExpertSet, tokenize, train_adapter
+from bdc.disentangle.experts import EXPERT_CODE, ExpertSet, train_adapter, training_rows
 from bdc.reuse import code_version, digest, finished, identity
 from bdc.study.data import records_digest
 
@@ -84,15 +84,16 @@ def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan
     experts = ExpertSet(base, settings, settings.template)
     records: dict[str, dict] = {}
     for index, plan in enumerate(plans):
-        s = settings.model_copy(update={"epochs": epochs_for(len(plan.records), plan.steps,
-                                                             settings), "seed": seed})
-        experts.settings = s
-        rows = tokenize(plan.records, experts.tokenizer, experts.template, s.max_length)
+        experts.settings = settings.model_copy(update={"seed": seed})
+        rows, micro_batch = training_rows(plan.records, experts)
+        s = experts.settings = experts.settings.model_copy(update={"epochs": epochs_for(
+            len(rows), plan.steps, settings.model_copy(update={"micro_batch": micro_batch}))})
         print_ = digest({"name": plan.name, "base": identity(base), "seed": seed,
                          "template": experts.template.name, "steps": plan.steps,
                          "code": code_version(STUDY_CODE), "lora": s.lora.model_dump(),
                          "train": s.model_dump(include={"lr", "micro_batch", "accumulation",
-                                                        "warmup_ratio", "max_length"}),
+                                                        "warmup_ratio", "max_length",
+                                                        "shared_prefix"}),
                          "data": records_digest(rows),
                          # what it starts from: the source adapter's own fingerprint
                          **({"init": records[plan.init_from]["fingerprint"]}
@@ -108,7 +109,9 @@ def train_adapters(base: str, settings: ExpertsSettings, plans: list[AdapterPlan
         if plan.init_from:
             warm_start(experts, plan.name, plan.init_from)
         work = folder / ".work" / plan.name
-        record = {"fingerprint": print_, **train_adapter(experts, plan.name, rows, work)}
+        record = {"fingerprint": print_, **train_adapter(
+            experts, plan.name, rows, work, micro_batch=micro_batch,
+            records=len(plan.records))}
         if record["steps"] != plan.steps:
             raise RuntimeError(f"{plan.name}: trained {record['steps']} steps, planned "
                                f"{plan.steps}")

@@ -79,9 +79,12 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         metrics = {"adapters": {name: {key: r[key] for key in
                                        ("records", "steps", "train_seconds", "reused",
                                         "trainable_parameters")}
-                                | {"final_loss": r["losses"][-1][1] if r["losses"] else None}
+                                | {"rows": r.get("rows", r["records"]),  # shared_prefix
+                                   "final_loss": r["losses"][-1][1] if r["losses"] else None}
                                 for name, r in records.items()},
-                   "k": k, "competence": check,
+                   # sorted: competence() fills it in a set's order, which changed the file
+                   # (not its numbers) from run to run
+                   "k": k, "competence": dict(sorted(check.items())),
                    "train_seconds": round(sum(r["train_seconds"] for r in records.values()
                                               if not r["reused"]), 1)}
         write_metrics(metrics_path, metrics, HEADLINE)

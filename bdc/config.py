@@ -341,7 +341,8 @@ class ExpertsSettings(Strict):
     shared_prefix: bool = Field(True, description="train each P2T record inside its T2S "
                                 "record (whose input is the P2T record's input and output): "
                                 "the same loss, the prompt computed once (1.8x fewer tokens "
-                                "on SmolLM2); micro_batch still counts records")
+                                "on SmolLM2); micro_batch still counts records (at 1, a "
+                                "folded row's two records share the step)")
     seed: int = 0
     device: str = Field("auto", description="auto: cuda when present, else cpu")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on "

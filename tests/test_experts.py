@@ -346,7 +346,7 @@ def test_the_experts_stage_trains_folded_rows_with_a_micro_batch_of_as_many_reco
     """With experts.shared_prefix the stage's adapters train on the folded rows (a problem's
     P2T and T2S records in one row) with the micro-batch scaled to hold as many records, and
     say so in their record; off, a row per record as before. Switching it trains again
-    (it is in the fingerprint). Fails if the stage ignores the setting."""
+    (other rows). Fails if the stage ignores the setting."""
     data = {"full": records()}  # 3 problems: 6 records, 3 folded rows
     on = train_all(ExpertSet(base, settings(base=base), "mini"), data, tmp_path / "on",
                    tmp_path / "work")["full"]

@@ -110,8 +110,6 @@ def stand_in_params(root, urls: dict[str, str], standins) -> dict:
     return paper
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 def files_holding(roots: list[Path], secrets: list[str], skip: Path | None = None
                   ) -> list[str]:
     """Every file under ``roots`` (not under ``skip``) whose bytes hold one of ``secrets``

@@ -76,17 +76,22 @@ def test_an_adapter_trains_exactly_its_step_budget(tmp_path, ci_pretrained):
     """Equal epochs gave the full LoRA several times an expert's steps, so the comparison
     was mostly a step count: each arm's budget is a number of steps, whatever its records
     count; a second run reuses what the first trained."""
+    from bdc.problems import mini
     from bdc.study.arms import AdapterPlan, train_adapters
 
     base = str(ci_pretrained[0] / "models" / "base")
-    records = [r for p in PROBLEMS for r in reference_records(p)]  # 6 records, 2 steps/epoch
+    problems = mini.load(slice="explore", limit=1).problems[:4]
+    records = [r for p in problems for r in reference_records(p)]  # 8 records
     plans = [AdapterPlan("short", records, 3), AdapterPlan("long", records[:2], 7)]
+    # micro_batch 3: 3 steps an epoch over the 8 records apart; folded, 4 rows at 2 a
+    # micro-batch, 2 steps an epoch (a budget counted over records would train 2, not 3)
     for shared_prefix in (False, True):  # rows a record each, or a problem's two in one row
-        s = settings(base=base, template="mini", shared_prefix=shared_prefix)
+        s = settings(base=base, template="mini", micro_batch=3, shared_prefix=shared_prefix)
         folder = tmp_path / str(shared_prefix)
         _, trained = train_adapters(base, s, plans, 0, folder)
         assert {n: r["steps"] for n, r in trained.items()} == {"short": 3, "long": 7}
-        assert trained["short"]["rows"] == (3 if shared_prefix else 6)
+        assert (trained["short"]["rows"], trained["short"]["micro_batch"]) == (
+            (4, 2) if shared_prefix else (8, 3))
         _, again = train_adapters(base, s, plans, 0, folder)
         assert all(r["reused"] for r in again.values())
 

@@ -35,12 +35,15 @@ def pytest_configure(config: pytest.Config) -> None:
 # next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s);
 # test_packaged first among them, as it converts the SmolLM2 that test_vllm serves. The small
 # pipeline's end-to-end run (real models, ~4 min on one worker) starts before all of them.
+# A module not named here starts after all of these: test_study (66 s) did, alone on one
+# worker for its last ~50 s while the other had finished (2026-12-06, a timeline of the
+# suite); it now starts among the long ones.
 FIRST = ("test_small_pipeline", "test_flows", "test_packaged", "test_agents",
          "test_sandbox_hostile", "test_models", "test_tracking", "test_cli",
          "test_explore_hardening", "test_problems",
-         "test_tree_of_agents", "test_paper_pipeline", "test_explore", "test_ui", "test_vllm",
-         "test_customize", "test_dvc_pipeline", "test_validate", "test_mini",
-         "test_disentangle")
+         "test_tree_of_agents", "test_paper_pipeline", "test_explore", "test_study", "test_ui",
+         "test_vllm", "test_customize", "test_dvc_pipeline", "test_experts", "test_validate",
+         "test_mini", "test_disentangle")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -28,22 +28,22 @@ def pytest_configure(config: pytest.Config) -> None:
     tempfile.tempdir = None  # re-read TMPDIR
 
 
-# The order modules start in. With a worker per core (pytest-xdist, a module at a time per
-# worker: its module fixtures start once), the longest first, so that no long module starts
-# last and leaves one worker running alone (measured: ~1 min at the end). test_flows trains
-# the session's ci models (~100 s on its one thread); the modules that need none of them run
-# next, on the other worker, instead of it waiting on the fixture's lock (measured: ~100 s);
-# test_packaged first among them, as it converts the SmolLM2 that test_vllm serves. The small
-# pipeline's end-to-end run (real models, ~4 min on one worker) starts before all of them.
-# A module not named here starts after all of these: test_study (66 s) did, alone on one
-# worker for its last ~50 s while the other had finished (2026-12-06, a timeline of the
-# suite); it now starts among the long ones.
-FIRST = ("test_small_pipeline", "test_flows", "test_packaged", "test_agents",
-         "test_sandbox_hostile", "test_models", "test_tracking", "test_cli",
-         "test_explore_hardening", "test_problems",
-         "test_tree_of_agents", "test_paper_pipeline", "test_explore", "test_study", "test_ui",
-         "test_vllm", "test_customize", "test_dvc_pipeline", "test_experts", "test_validate",
-         "test_mini", "test_disentangle")
+# The order modules start in: the longest first, by their measured time (a timeline of the
+# suite, 2026-12-06: the small cut ~380 s, test_flows ~320, test_vllm ~130, the paper
+# pipeline and the UI path ~110, ... down to modules of a second), so that what is left at
+# the end is short. With a worker per core, pytest-xdist's loadscope hands a worker its next
+# module (whose module fixtures then start once) while the last two tests of its current
+# one still run: a 40 s module at the end of the list started beside a long last test and
+# ran on alone after the other worker had finished (~40 s of one idle core, twice measured,
+# with test_study and then test_validate last). The small cut and test_flows build the
+# session's shared fixtures (both real models; the ci models) at the start, before any
+# module that waits on them.
+FIRST = ("test_small_pipeline", "test_flows", "test_vllm", "test_paper_pipeline", "test_ui",
+         "test_explore", "test_study", "test_dvc_pipeline", "test_validate", "test_tracking",
+         "test_experts", "test_disentangle", "test_mini", "test_cli", "test_sandbox_hostile",
+         "test_models", "test_agents", "test_customize", "test_explore_hardening",
+         "test_packaged", "test_problems", "test_evaluate", "test_tree_of_agents",
+         "test_system1", "test_reuse", "test_security")
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

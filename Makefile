@@ -20,8 +20,8 @@ CHROMIUM ?= /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BIN := $(VENV)/bin
 # a pytest-xdist worker per core, a test module at a time per worker (its module fixtures
-# start once): 10.6-13.2 min on a 2-core EPYC Zen 4 with the small profile's cut (2026-12-05,
-# 380-387 tests), more on older kinds (docs/results.md#history);
+# start once): 10.6-13.2 min on a 2-core EPYC Zen 4 with the small profile's cut (2026-12-05
+# and 06, 380-388 tests), more on older kinds (docs/results.md#history);
 # one process: make test PYTEST_ARGS=
 PYTEST_ARGS ?= -n auto --dist loadscope --no-loadscope-reorder
 # a subset by marker, e.g. MARKS="not small_profile" leaves out the small profile's

@@ -77,10 +77,9 @@ def run(params: Params, explore_dir: Path, validate_dir: Path, clusters_dir: Pat
         with Sandbox(params.sandbox) as sandbox:
             check = competence(experts, test, routes, k, sandbox, s.check_per_cluster)
         metrics = {"adapters": {name: {key: r[key] for key in
-                                       ("records", "steps", "train_seconds", "reused",
-                                        "trainable_parameters")}
-                                | {"rows": r.get("rows", r["records"]),  # shared_prefix
-                                   "final_loss": r["losses"][-1][1] if r["losses"] else None}
+                                       ("records", "rows", "steps", "train_seconds",
+                                        "reused", "trainable_parameters")}
+                                | {"final_loss": r["losses"][-1][1] if r["losses"] else None}
                                 for name, r in records.items()},
                    # sorted: competence() fills it in a set's order, which changed the file
                    # (not its numbers) from run to run
